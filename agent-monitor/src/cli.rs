@@ -1,0 +1,156 @@
+//! Command line: `run`, `check-config`, `version`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+
+/// Exit status for a bad config or bad arguments (EX_USAGE in sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit status for a failure at run time (probes could not load, output failed).
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agent-monitor",
+    version,
+    about = "Watch, from the kernel, what AI agents do with their credentials.",
+    long_about = "agent-monitor loads eBPF programs that trace opens of credential files \
+(ServiceAccount tokens, Secret volumes, node kubeconfigs and PKI, cloud credential files), \
+outbound connections and process lifecycle, and prints every event as one JSON line.\n\n\
+It needs root (CAP_BPF, CAP_PERFMON) and tracefs."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level of the daemon's own log on stderr (error, warn, info, debug, trace).
+    /// RUST_LOG, when set, takes precedence.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the probes and print every event as a JSON line until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Validate a config file: exit 0 when valid, 64 with a message naming the problem.
+    CheckConfig(ConfigArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// YAML config file. Without it the built-in default is used: the standard in-container
+    /// token and secret paths, the kubelet pods directory, node kubeconfigs and PKI, and
+    /// root's cloud credential files, on every process of the node.
+    #[arg(long, short, env = "AGENT_MONITOR_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Where to write JSON lines: `-` for stdout or a file path (overrides `output`).
+    #[arg(long, short)]
+    pub output: Option<String>,
+    /// Monitor only processes in this cgroup2 directory and below; repeatable (adds to
+    /// `cgroups`).
+    #[arg(long = "cgroup", value_name = "DIR")]
+    pub cgroups: Vec<PathBuf>,
+    /// Forward kernel-side diagnostics to the log (overrides `kernel_log`).
+    #[arg(long)]
+    pub kernel_log: bool,
+}
+
+/// Loads the config named on the command line, or the built-in default.
+pub fn load_config(args: &ConfigArgs) -> Result<Config, ConfigError> {
+    match &args.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    }
+}
+
+fn load_run_config(args: &RunArgs) -> Result<Config, ConfigError> {
+    let mut config = load_config(&args.config)?;
+    if let Some(output) = &args.output {
+        config.output = output.clone();
+    }
+    config.cgroups.extend(args.cgroups.iter().cloned());
+    config.kernel_log |= args.kernel_log;
+    let source = args
+        .config
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("<command line>"));
+    config.validate(&source)?;
+    Ok(config)
+}
+
+fn init_logging(level: &str) {
+    let env = env_logger::Env::default().default_filter_or(level);
+    env_logger::Builder::from_env(env)
+        .format_timestamp_micros()
+        .target(env_logger::Target::Stderr)
+        .init();
+}
+
+/// Parses the command line, runs the command and returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    match cli.command {
+        Command::Version => {
+            println!("agent-monitor {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig(args) => match load_config(&args) {
+            Ok(_) => {
+                let name = args.config.map_or_else(
+                    || "built-in default".to_owned(),
+                    |p| p.display().to_string(),
+                );
+                println!("config {name}: ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("agent-monitor: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run(args) => {
+            let config = match load_run_config(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("agent-monitor: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("agent-monitor: starting the runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            match runtime.block_on(crate::app::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agent-monitor: {e}");
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        eprintln!("  caused by: {s}");
+                        source = s.source();
+                    }
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+    }
+}

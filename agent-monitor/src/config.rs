@@ -1,0 +1,337 @@
+//! Daemon configuration: a YAML file, parsed and validated once, before anything starts.
+//!
+//! Every error names the file, the field and what was expected, so that a bad config never
+//! starts a half-working daemon (the CLI exits 64 on [`ConfigError`]).
+
+use std::path::{Path, PathBuf};
+
+use agent_monitor_common::{BASENAME_CAP, PATH_CAP};
+use serde::Deserialize;
+
+/// Smallest ring buffer the kernel accepts: one page.
+pub const MIN_RING_BYTES: u32 = 4096;
+/// Largest ring buffer we accept (1 GiB); bigger rings are a typo, not a need.
+pub const MAX_RING_BYTES: u32 = 1 << 30;
+
+/// Paths that hold credentials on a Kubernetes node or in a container, matched as prefixes
+/// of the path an open syscall receives.
+pub const DEFAULT_PREFIXES: &[&str] = &[
+    // In-container ServiceAccount tokens, Secret volumes and projected workload-identity
+    // tokens (kubernetes.io/serviceaccount, eks.amazonaws.com/serviceaccount, azure/tokens).
+    "/var/run/secrets/",
+    "/run/secrets/",
+    // The kubelet's view of every pod volume on the node: tokens and Secrets of all pods.
+    "/var/lib/kubelet/pods/",
+    // Node credentials: kubelet kubeconfig and client certificates, admin kubeconfigs, PKI.
+    "/var/lib/kubelet/kubeconfig",
+    "/var/lib/kubelet/pki/",
+    "/etc/kubernetes/",
+    "/etc/rancher/k3s/",
+    "/var/lib/rancher/k3s/server/",
+    // Cloud and cluster credentials of the node's root user.
+    "/root/.kube/",
+    "/root/.aws/",
+    "/root/.azure/",
+    "/root/.config/gcloud/",
+    "/root/.docker/config.json",
+];
+
+/// Last path components that mark a credential when an open names a relative path.
+pub const DEFAULT_BASENAMES: &[&str] = &[
+    "token",
+    "kubeconfig",
+    "admin.conf",
+    "super-admin.conf",
+    "kubelet.conf",
+    "credentials",
+    "application_default_credentials.json",
+    "accessTokens.json",
+    "msal_token_cache.json",
+];
+
+/// A config file could not be used. Each variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, has an unknown field, or a value of the wrong type.
+    #[error("config {file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    /// A value has the right type but is not acceptable.
+    #[error("config {file}: field `{field}`: expected {expected}, got {got}")]
+    Invalid {
+        file: PathBuf,
+        field: String,
+        expected: String,
+        got: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// What counts as a credential open.
+    pub watch: WatchConfig,
+    /// cgroup2 directories whose processes (and their descendants' processes) are
+    /// monitored. Empty: every process on the node.
+    pub cgroups: Vec<PathBuf>,
+    /// Ring buffer of each lane.
+    pub lanes: LanesConfig,
+    /// How often the daemon collects records that did not wake it, in milliseconds. This
+    /// bounds the delay of a lone event; a lane that fills a quarter of its ring wakes the
+    /// daemon at once.
+    pub poll_interval_ms: u64,
+    /// Where event JSON lines go: `-` for stdout, or a file path (appended).
+    pub output: String,
+    /// Forward kernel-side diagnostics (aya-log) to the daemon's log.
+    pub kernel_log: bool,
+}
+
+/// Watched credential paths.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Absolute path prefixes.
+    pub prefixes: Vec<String>,
+    /// Basenames matched when the opened path is relative.
+    pub basenames: Vec<String>,
+    /// Report opens of `/proc/<pid>/environ`.
+    pub proc_environ: bool,
+}
+
+/// The three lanes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LanesConfig {
+    pub credential: LaneConfig,
+    pub network: LaneConfig,
+    pub process: LaneConfig,
+}
+
+/// One lane.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_bytes: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            watch: WatchConfig::default(),
+            cgroups: Vec::new(),
+            lanes: LanesConfig::default(),
+            poll_interval_ms: 10,
+            output: "-".to_owned(),
+            kernel_log: false,
+        }
+    }
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            prefixes: DEFAULT_PREFIXES.iter().map(|s| (*s).to_owned()).collect(),
+            basenames: DEFAULT_BASENAMES.iter().map(|s| (*s).to_owned()).collect(),
+            proc_environ: true,
+        }
+    }
+}
+
+impl Default for LanesConfig {
+    fn default() -> Self {
+        Self {
+            credential: LaneConfig {
+                ring_bytes: 1 << 20,
+            },
+            network: LaneConfig {
+                ring_bytes: 1 << 20,
+            },
+            process: LaneConfig {
+                ring_bytes: 1 << 20,
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, file)
+    }
+
+    /// Parses and validates config text; `file` is only used in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        // An empty file is the built-in default, not an error.
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                file: file.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, expected: &str, got: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            field,
+            expected: expected.to_owned(),
+            got,
+        };
+        for (i, p) in self.watch.prefixes.iter().enumerate() {
+            let field = format!("watch.prefixes[{i}]");
+            if !p.starts_with('/') {
+                return Err(invalid(
+                    field,
+                    "an absolute path (starting with /)",
+                    format!("{p:?}"),
+                ));
+            }
+            if p.len() >= PATH_CAP || p.contains('\0') {
+                return Err(invalid(
+                    field,
+                    &format!("at most {} bytes and no NUL", PATH_CAP - 1),
+                    format!("{} bytes", p.len()),
+                ));
+            }
+        }
+        for (i, b) in self.watch.basenames.iter().enumerate() {
+            let field = format!("watch.basenames[{i}]");
+            if b.is_empty() || b.contains('/') || b.contains('\0') || b == "." || b == ".." {
+                return Err(invalid(
+                    field,
+                    "a file name without / (e.g. token)",
+                    format!("{b:?}"),
+                ));
+            }
+            if b.len() >= BASENAME_CAP {
+                return Err(invalid(
+                    field,
+                    &format!("at most {} bytes", BASENAME_CAP - 1),
+                    format!("{} bytes", b.len()),
+                ));
+            }
+        }
+        for (name, lane) in [
+            ("credential", &self.lanes.credential),
+            ("network", &self.lanes.network),
+            ("process", &self.lanes.process),
+        ] {
+            let n = lane.ring_bytes;
+            if !n.is_power_of_two() || !(MIN_RING_BYTES..=MAX_RING_BYTES).contains(&n) {
+                return Err(invalid(
+                    format!("lanes.{name}.ring_bytes"),
+                    &format!("a power of two from {MIN_RING_BYTES} to {MAX_RING_BYTES}"),
+                    n.to_string(),
+                ));
+            }
+        }
+        for (i, c) in self.cgroups.iter().enumerate() {
+            if !c.is_absolute() {
+                return Err(invalid(
+                    format!("cgroups[{i}]"),
+                    "an absolute cgroup2 directory",
+                    format!("{:?}", c.display().to_string()),
+                ));
+            }
+        }
+        if self.poll_interval_ms == 0 || self.poll_interval_ms > 10_000 {
+            return Err(invalid(
+                "poll_interval_ms".to_owned(),
+                "1 to 10000",
+                self.poll_interval_ms.to_string(),
+            ));
+        }
+        if self.output.is_empty() {
+            return Err(invalid(
+                "output".to_owned(),
+                "`-` or a file path",
+                "\"\"".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/am.yaml"))
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c = parse("").expect("default config");
+        assert_eq!(c.watch.prefixes.len(), DEFAULT_PREFIXES.len());
+        assert!(c.watch.prefixes.iter().any(|p| p == "/var/run/secrets/"));
+        assert!(c.cgroups.is_empty());
+    }
+
+    #[test]
+    fn fields_override_defaults() {
+        let c =
+            parse("watch:\n  prefixes: [/tmp/x/]\nlanes:\n  credential:\n    ring_bytes: 4096\n")
+                .expect("valid");
+        assert_eq!(c.watch.prefixes, vec!["/tmp/x/".to_owned()]);
+        assert_eq!(c.watch.basenames.len(), DEFAULT_BASENAMES.len());
+        assert_eq!(c.lanes.credential.ring_bytes, 4096);
+        assert_eq!(c.lanes.network.ring_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_expectation() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "watch:\n  prefixes: [relative/]\n",
+                &["/etc/am.yaml", "watch.prefixes[0]", "absolute"],
+            ),
+            (
+                "watch:\n  basenames: [a/b]\n",
+                &["watch.basenames[0]", "without /"],
+            ),
+            (
+                "lanes:\n  network:\n    ring_bytes: 5000\n",
+                &["lanes.network.ring_bytes", "power of two", "5000"],
+            ),
+            (
+                "lanes:\n  network:\n    ring_bytes: big\n",
+                &["/etc/am.yaml", "lanes.network.ring_bytes", "u32"],
+            ),
+            ("wach: {}\n", &["unknown field `wach`"]),
+            ("poll_interval_ms: 0\n", &["poll_interval_ms", "1 to 10000"]),
+            ("cgroups: [kubepods]\n", &["cgroups[0]", "absolute"]),
+            ("watch: [\n", &["/etc/am.yaml"]),
+        ];
+        for (text, needles) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            for n in *needles {
+                assert!(err.contains(n), "{text:?}: {err:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn overlong_prefix_is_rejected() {
+        let long = format!("/{}", "a".repeat(PATH_CAP));
+        let err = parse(&format!("watch:\n  prefixes: [{long}]\n")).expect_err("too long");
+        assert!(err.to_string().contains("at most 255 bytes"), "{err}");
+    }
+}

@@ -1,0 +1,185 @@
+//! The event model: what the daemon reports, one record per kernel event or per loss.
+//!
+//! [`decode`] turns ring-buffer bytes into [`RawEvent`]s; the monitor enriches them with
+//! the process table into [`Record`]s, which every output prints as one JSON object.
+
+pub mod decode;
+pub mod errno;
+
+use serde::{Deserialize, Serialize};
+
+pub use decode::{decode, DecodeError, RawEvent};
+
+/// Who did it and when; common to every kernel event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Wall-clock time of the syscall, RFC 3339 with nanoseconds.
+    pub time: String,
+    /// CLOCK_BOOTTIME nanoseconds, as the kernel stamped it.
+    pub ts_boot_ns: u64,
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// Parent process id, when known.
+    pub ppid: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    /// The thread's command name (up to 15 bytes, set by the process itself).
+    pub comm: String,
+    /// Resolved path of the executable, when known.
+    pub exe: Option<String>,
+    /// Inode number of the task's cgroup2 directory.
+    pub cgroup_id: u64,
+}
+
+/// An open of a watched path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenRecord {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub task: Task,
+    /// `open`, `openat` or `openat2`.
+    pub syscall: String,
+    /// Absolute path: as passed, or a relative path resolved against the cwd or dirfd.
+    pub path: String,
+    /// The path exactly as the process passed it.
+    pub raw_path: String,
+    /// False when a relative path could not be resolved (the process was already gone);
+    /// `path` is then the raw path.
+    pub path_resolved: bool,
+    /// The path was longer than the capture limit and is cut.
+    pub path_truncated: bool,
+    /// Why it matched: `prefix`, `basename` or `proc_environ`.
+    pub matched_by: String,
+    pub dirfd: i32,
+    pub flags: u32,
+    pub mode: u32,
+    /// File descriptor, or `-errno`.
+    pub result: i64,
+    /// Name of the errno when the open failed.
+    pub error: Option<String>,
+}
+
+/// An outbound connect, or a datagram sent to an explicit address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectRecord {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub task: Task,
+    /// `connect`, `sendto` or `sendmsg`.
+    pub syscall: String,
+    /// `inet` or `inet6`.
+    pub family: String,
+    pub dst_addr: String,
+    pub dst_port: u16,
+    pub fd: i32,
+    /// 0, bytes sent, or `-errno`.
+    pub result: i64,
+    pub error: Option<String>,
+    /// The connection was attempted: success, or `EINPROGRESS` on a non-blocking socket.
+    pub attempted: bool,
+}
+
+/// A successful execve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub task: Task,
+    /// The path passed to execve.
+    pub filename: String,
+    /// The thread id that called execve (differs from `pid` when a non-leader thread did).
+    pub old_pid: u32,
+}
+
+/// A new task (process or thread).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkRecord {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub task: Task,
+    pub child_pid: u32,
+}
+
+/// A process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub task: Task,
+}
+
+/// Records the kernel could not deliver because a lane's ring was full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRecord {
+    pub seq: u64,
+    pub time: String,
+    /// `credential`, `network` or `process`.
+    pub lane: String,
+    /// Lost since the previous lost record of this lane.
+    pub count: u64,
+    /// Lost in this lane since the probes were loaded.
+    pub total: u64,
+}
+
+/// One line of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    Open(OpenRecord),
+    Connect(ConnectRecord),
+    Exec(ExecRecord),
+    Fork(ForkRecord),
+    Exit(ExitRecord),
+    Lost(LostRecord),
+}
+
+impl Record {
+    /// The task, for every record but `lost`.
+    pub fn task(&self) -> Option<&Task> {
+        match self {
+            Record::Open(r) => Some(&r.task),
+            Record::Connect(r) => Some(&r.task),
+            Record::Exec(r) => Some(&r.task),
+            Record::Fork(r) => Some(&r.task),
+            Record::Exit(r) => Some(&r.task),
+            Record::Lost(_) => None,
+        }
+    }
+
+    /// The sequence number, unique and increasing within one daemon run.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Record::Open(r) => r.seq,
+            Record::Connect(r) => r.seq,
+            Record::Exec(r) => r.seq,
+            Record::Fork(r) => r.seq,
+            Record::Exit(r) => r.seq,
+            Record::Lost(r) => r.seq,
+        }
+    }
+}
+
+/// Lane names, indexed by `agent_monitor_common::Lane`.
+pub const LANE_NAMES: [&str; 3] = ["credential", "network", "process"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_as_tagged_json() {
+        let rec = Record::Lost(LostRecord {
+            seq: 7,
+            time: "2026-11-23T00:00:00.000000001Z".into(),
+            lane: "credential".into(),
+            count: 3,
+            total: 5,
+        });
+        let json = serde_json::to_string(&rec).expect("serialize");
+        assert!(json.starts_with(r#"{"type":"lost","seq":7"#), "{json}");
+        let back: Record = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, rec);
+    }
+}

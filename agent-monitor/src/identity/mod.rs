@@ -1,0 +1,3 @@
+//! Who did it: the process table now; pods, containers, ServiceAccounts and agents next.
+
+pub mod process;

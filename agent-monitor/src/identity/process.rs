@@ -1,0 +1,291 @@
+//! The process table: parent and resolved executable of every process the daemon has seen,
+//! kept from exec/fork/exit records and seeded from /proc at start.
+//!
+//! Records of one process arrive on different lanes; the monitor drains the process lane
+//! before the others, so an exec is applied before the opens that follow it.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use agent_monitor_common::AT_FDCWD;
+
+/// Upper bound of the table; past it, dead entries are pruned and then new ones are not
+/// kept (lookups fall back to /proc).
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
+/// How long an exited process stays in the table. Its exit record can be read before
+/// records it wrote earlier on other lanes (the process lane is drained first), and those
+/// still need its parent and executable.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// What the table knows of one process.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcInfo {
+    pub ppid: Option<u32>,
+    pub exe: Option<String>,
+}
+
+/// Process id to [`ProcInfo`], bounded.
+pub struct ProcessTable {
+    procs: HashMap<u32, ProcInfo>,
+    /// Processes that exited, with when we learned it; removed after [`EXIT_GRACE`].
+    exited: HashMap<u32, Instant>,
+    capacity: usize,
+    proc_root: PathBuf,
+}
+
+/// The `/proc/<pid>/stat` parent pid. The comm field may contain spaces and parentheses,
+/// so parse after the last `)`.
+fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // state ppid ...
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl ProcessTable {
+    /// An empty table reading `/proc`.
+    pub fn new(capacity: usize) -> Self {
+        Self::with_proc_root(capacity, PathBuf::from("/proc"))
+    }
+
+    /// An empty table reading another procfs mount (a host's /proc mounted in a container).
+    pub fn with_proc_root(capacity: usize, proc_root: PathBuf) -> Self {
+        Self {
+            procs: HashMap::new(),
+            exited: HashMap::new(),
+            capacity,
+            proc_root,
+        }
+    }
+
+    /// Fills the table with every process now running.
+    pub fn seed(&mut self) -> usize {
+        let Ok(dir) = std::fs::read_dir(&self.proc_root) else {
+            return 0;
+        };
+        for entry in dir.flatten() {
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            {
+                if let Some(info) = self.read_proc(pid) {
+                    self.insert(pid, info);
+                }
+            }
+        }
+        self.procs.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    fn read_exe(&self, pid: u32) -> Option<String> {
+        let link = std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe")).ok()?;
+        Some(link.to_string_lossy().into_owned())
+    }
+
+    fn read_proc(&self, pid: u32) -> Option<ProcInfo> {
+        let stat =
+            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")).ok()?;
+        Some(ProcInfo {
+            ppid: parse_stat_ppid(&stat),
+            exe: self.read_exe(pid),
+        })
+    }
+
+    fn insert(&mut self, pid: u32, info: ProcInfo) {
+        if self.procs.len() >= self.capacity && !self.procs.contains_key(&pid) {
+            self.prune();
+            if self.procs.len() >= self.capacity {
+                return;
+            }
+        }
+        self.procs.insert(pid, info);
+    }
+
+    /// Drops entries of processes that exited more than [`EXIT_GRACE`] ago, or that no
+    /// longer exist although no exit was seen. Returns how many went.
+    pub fn prune(&mut self) -> usize {
+        let before = self.procs.len();
+        let now = Instant::now();
+        let root = self.proc_root.clone();
+        let exited = &mut self.exited;
+        exited.retain(|_, at| now.duration_since(*at) < EXIT_GRACE);
+        self.procs
+            .retain(|pid, _| exited.contains_key(pid) || root.join(pid.to_string()).exists());
+        before - self.procs.len()
+    }
+
+    /// What is known of `tgid`, reading /proc for a process not seen before.
+    pub fn get(&mut self, tgid: u32) -> ProcInfo {
+        if let Some(info) = self.procs.get(&tgid) {
+            return info.clone();
+        }
+        let info = self.read_proc(tgid).unwrap_or_default();
+        if info != ProcInfo::default() {
+            self.insert(tgid, info.clone());
+        }
+        info
+    }
+
+    /// A process forked: the child starts with its parent's executable.
+    pub fn on_fork(&mut self, parent_tgid: u32, child_pid: u32) {
+        // A reused pid is a new process.
+        self.exited.remove(&child_pid);
+        let exe = self.get(parent_tgid).exe;
+        self.insert(
+            child_pid,
+            ProcInfo {
+                ppid: Some(parent_tgid),
+                exe,
+            },
+        );
+    }
+
+    /// A process called execve with `filename`. The executable is read from /proc while
+    /// the process lives (symlinks resolved, as the kernel opened it); for a process that
+    /// is already gone, the filename is canonicalized here instead.
+    pub fn on_exec(&mut self, tgid: u32, filename: &str) -> Option<String> {
+        let exe = self.read_exe(tgid).or_else(|| {
+            let p = Path::new(filename);
+            if p.is_absolute() {
+                Some(
+                    std::fs::canonicalize(p)
+                        .map(|c| c.to_string_lossy().into_owned())
+                        .unwrap_or_else(|_| filename.to_owned()),
+                )
+            } else {
+                None
+            }
+        });
+        let ppid = match self.procs.get(&tgid) {
+            Some(info) => info.ppid,
+            None => self.read_proc(tgid).and_then(|i| i.ppid),
+        };
+        self.insert(
+            tgid,
+            ProcInfo {
+                ppid,
+                exe: exe.clone(),
+            },
+        );
+        exe
+    }
+
+    /// A process ended. Its entry stays for [`EXIT_GRACE`] (see there).
+    pub fn on_exit(&mut self, tgid: u32) {
+        if self.procs.contains_key(&tgid) {
+            self.exited.insert(tgid, Instant::now());
+        }
+    }
+
+    /// Forgets exited processes now, regardless of the grace period.
+    pub fn expire_exited(&mut self) {
+        for pid in std::mem::take(&mut self.exited).into_keys() {
+            self.procs.remove(&pid);
+        }
+    }
+
+    /// Makes a relative path absolute against the directory it was relative to: the
+    /// thread's cwd for `AT_FDCWD`, else the directory open as `dirfd`. `None` when the
+    /// process is already gone.
+    pub fn resolve_relative(&self, tgid: u32, pid: u32, dirfd: i32, raw: &str) -> Option<String> {
+        let task = self.proc_root.join(tgid.to_string());
+        let base = if dirfd == AT_FDCWD {
+            std::fs::read_link(task.join("task").join(pid.to_string()).join("cwd"))
+                .or_else(|_| std::fs::read_link(task.join("cwd")))
+                .ok()?
+        } else {
+            std::fs::read_link(task.join("fd").join(dirfd.to_string())).ok()?
+        };
+        if !base.is_absolute() {
+            return None;
+        }
+        Some(base.join(raw).to_string_lossy().into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ppid_after_a_tricky_comm() {
+        assert_eq!(parse_stat_ppid("42 (a) b) c) S 7 42 42 0"), Some(7));
+        assert_eq!(parse_stat_ppid("1 (init) S 0 1 1"), Some(0));
+        assert_eq!(parse_stat_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn knows_this_process_and_its_parent() {
+        let mut t = ProcessTable::new(16);
+        let me = std::process::id();
+        let info = t.get(me);
+        assert_eq!(info.ppid, Some(std::os::unix::process::parent_id()));
+        let exe = std::env::current_exe().expect("current exe");
+        assert_eq!(info.exe.as_deref(), exe.to_str());
+    }
+
+    #[test]
+    fn fork_inherits_exe_and_exit_forgets() {
+        let mut t = ProcessTable::new(16);
+        let me = std::process::id();
+        t.on_fork(me, 999_999_999);
+        assert_eq!(t.get(999_999_999).ppid, Some(me));
+        assert_eq!(t.get(999_999_999).exe, t.get(me).exe);
+        t.on_exit(999_999_999);
+        // Still known during the grace period, for records read after the exit.
+        assert_eq!(t.get(999_999_999).ppid, Some(me));
+        t.prune();
+        assert_eq!(t.get(999_999_999).ppid, Some(me));
+        t.expire_exited();
+        assert_eq!(t.get(999_999_999), ProcInfo::default());
+    }
+
+    #[test]
+    fn exec_of_a_gone_process_canonicalizes_the_filename() {
+        let mut t = ProcessTable::new(16);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real");
+        std::fs::write(&real, b"").expect("write");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let exe = t.on_exec(999_999_998, link.to_str().expect("utf-8"));
+        assert_eq!(exe.as_deref(), real.canonicalize().expect("canon").to_str());
+    }
+
+    #[test]
+    fn capacity_bounds_the_table() {
+        let mut t = ProcessTable::new(2);
+        for pid in 900_000_000..900_000_010 {
+            t.on_fork(std::process::id(), pid);
+        }
+        assert!(t.len() <= 2, "{}", t.len());
+    }
+
+    #[test]
+    fn resolves_against_cwd() {
+        let t = ProcessTable::new(4);
+        let me = std::process::id();
+        let cwd = std::env::current_dir().expect("cwd");
+        // The main thread's id is the process id.
+        let got = t.resolve_relative(me, me, AT_FDCWD, "x/token");
+        assert_eq!(
+            got,
+            Some(cwd.join("x/token").to_string_lossy().into_owned())
+        );
+        assert_eq!(
+            t.resolve_relative(999_999_997, 999_999_997, AT_FDCWD, "token"),
+            None
+        );
+    }
+}

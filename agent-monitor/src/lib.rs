@@ -1,0 +1,15 @@
+//! agent-monitor: watches, from the kernel, what AI agents running in Kubernetes do with
+//! their credentials.
+//!
+//! Data flows one way: [`probes`] (eBPF programs and their ring buffers) → [`events`]
+//! (decoding, the record model) → [`identity`] (who did it) → [`outputs`]. [`monitor`]
+//! runs that flow; [`app`] wires it to a config and owns shutdown.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod events;
+pub mod identity;
+pub mod monitor;
+pub mod outputs;
+pub mod probes;

@@ -1,0 +1,80 @@
+//! One JSON object per line, to stdout or a file.
+
+use std::{
+    fs::OpenOptions,
+    io::{BufWriter, Write},
+    path::Path,
+};
+
+use super::Sink;
+use crate::events::Record;
+
+/// Writes each record as one line of JSON.
+pub struct JsonLines<W: Write> {
+    out: BufWriter<W>,
+}
+
+impl<W: Write> JsonLines<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out: BufWriter::new(out),
+        }
+    }
+}
+
+/// Opens the configured output: `-` is stdout, anything else a file opened for append.
+pub fn open(output: &str) -> std::io::Result<JsonLines<Box<dyn Write + Send>>> {
+    let w: Box<dyn Write + Send> = if output == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(Path::new(output))?,
+        )
+    };
+    Ok(JsonLines::new(w))
+}
+
+impl<W: Write> Sink for JsonLines<W> {
+    fn write(&mut self, record: &Record) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, record)?;
+        self.out.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::LostRecord;
+
+    #[test]
+    fn one_line_per_record() {
+        let mut buf = Vec::new();
+        {
+            let mut sink = JsonLines::new(&mut buf);
+            for seq in 1..=2 {
+                let rec = Record::Lost(LostRecord {
+                    seq,
+                    time: "t".into(),
+                    lane: "network".into(),
+                    count: 1,
+                    total: seq,
+                });
+                sink.write(&rec).expect("write");
+            }
+            sink.flush().expect("flush");
+        }
+        let text = String::from_utf8(buf).expect("utf-8");
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(lines[1]).expect("json");
+        assert_eq!(v["type"], "lost");
+        assert_eq!(v["total"], 2);
+    }
+}

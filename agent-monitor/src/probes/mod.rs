@@ -1,0 +1,336 @@
+//! Loading, configuring and attaching the eBPF programs, and reading their counters.
+
+pub mod tracefs;
+
+use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
+
+use agent_monitor_common::{Lane, BASENAME_CAP, LANE_COUNT, NO_FIELD, PATH_CAP};
+use aya::{
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use log::{debug, info, warn};
+
+use crate::config::Config;
+
+/// The eBPF object, built by build.rs from agent-monitor-ebpf.
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-monitor-probes"));
+
+/// Ring-buffer map names, indexed by [`Lane`].
+pub const RING_MAPS: [&str; LANE_COUNT as usize] = ["CRED_EVENTS", "NET_EVENTS", "PROC_EVENTS"];
+
+/// A lane wakes the daemon when this fraction of its ring is waiting; below it the
+/// daemon's poll tick collects records without a wakeup per event.
+const WAKEUP_DIVISOR: u64 = 4;
+
+/// (program, tracepoint category, tracepoint name, required). Exit programs are attached
+/// before entry programs so that no entry stashes arguments that no exit will collect.
+const ATTACHMENTS: &[(&str, &str, &str, bool)] = &[
+    ("open_exit", "syscalls", "sys_exit_open", false),
+    ("open_exit", "syscalls", "sys_exit_openat", true),
+    ("open_exit", "syscalls", "sys_exit_openat2", false),
+    ("open_enter", "syscalls", "sys_enter_open", false),
+    ("openat_enter", "syscalls", "sys_enter_openat", true),
+    ("openat2_enter", "syscalls", "sys_enter_openat2", false),
+    ("net_exit", "syscalls", "sys_exit_connect", true),
+    ("net_exit", "syscalls", "sys_exit_sendto", true),
+    ("net_exit", "syscalls", "sys_exit_sendmsg", true),
+    ("connect_enter", "syscalls", "sys_enter_connect", true),
+    ("sendto_enter", "syscalls", "sys_enter_sendto", true),
+    ("sendmsg_enter", "syscalls", "sys_enter_sendmsg", true),
+    ("sched_exec", "sched", "sched_process_exec", true),
+    ("sched_fork", "sched", "sched_process_fork", true),
+    ("sched_exit", "sched", "sched_process_exit", true),
+];
+
+/// Loading or attaching the probes failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// tracefs is not mounted (needed for tracepoints and their formats).
+    #[error("tracefs is not mounted at any of {0:?}; mount it (`mount -t tracefs nodev /sys/kernel/tracing`) or run `cargo xtask setup`")]
+    NoTracefs(&'static [&'static str]),
+    /// A tracepoint format file could not be read.
+    #[error("cannot read tracepoint format {path}: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tracepoint field the programs need is missing on this kernel.
+    #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
+    MissingField {
+        tracepoint: &'static str,
+        field: &'static str,
+    },
+    /// The kernel refused the object (verifier, permissions, map creation).
+    #[error("loading the eBPF object failed (are you root, with CAP_BPF and CAP_PERFMON?): {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// The object lacks a program or map this code expects: a build mismatch.
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    /// A program could not be loaded into the kernel.
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// A required tracepoint could not be attached.
+    #[error("attaching {name} to {category}/{tracepoint}: {source}")]
+    Attach {
+        name: &'static str,
+        category: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// A map could not be opened or written.
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// A configured cgroup directory does not exist.
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {
+    move |e| ProbeError::Map {
+        name,
+        source: Box::new(e),
+    }
+}
+
+/// Loaded and attached programs; dropping this detaches them.
+pub struct Probes {
+    ebpf: Ebpf,
+    drops: PerCpuArray<MapData, u64>,
+    attached: Vec<String>,
+}
+
+/// The three ring buffers, taken out of [`Probes`] by the consumer.
+pub struct Rings {
+    pub credential: RingBuf<MapData>,
+    pub network: RingBuf<MapData>,
+    pub process: RingBuf<MapData>,
+}
+
+fn read_format(events: &std::path::Path, tracepoint: &str) -> Result<String, ProbeError> {
+    let path = events.join(tracepoint).join("format");
+    std::fs::read_to_string(&path).map_err(|source| ProbeError::Format { path, source })
+}
+
+impl Probes {
+    /// Loads the programs with the settings of `config`, fills the filter maps and attaches
+    /// every tracepoint. `own_tgid` is the process whose syscalls are never reported.
+    pub fn load(config: &Config, own_tgid: u32) -> Result<Self, ProbeError> {
+        let events = tracefs::events_dir().ok_or(ProbeError::NoTracefs(tracefs::TRACEFS_ROOTS))?;
+        let fork_format = read_format(&events, "sched/sched_process_fork")?;
+        let fork_child =
+            tracefs::field_offset(&fork_format, "child_pid").ok_or(ProbeError::MissingField {
+                tracepoint: "sched/sched_process_fork",
+                field: "child_pid",
+            })?;
+        let exit_format = read_format(&events, "sched/sched_process_exit")?;
+        let exit_group_dead = tracefs::field_offset(&exit_format, "group_dead").unwrap_or(NO_FIELD);
+        if exit_group_dead == NO_FIELD {
+            info!("sched_process_exit has no group_dead field; thread exits will be reported too");
+        }
+
+        let ring_bytes = [
+            config.lanes.credential.ring_bytes,
+            config.lanes.network.ring_bytes,
+            config.lanes.process.ring_bytes,
+        ];
+        let wakeup: [u64; LANE_COUNT as usize] = ring_bytes.map(|b| u64::from(b) / WAKEUP_DIVISOR);
+        let cgroup_ids = config
+            .cgroups
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .map(|m| m.ino())
+                    .map_err(|source| ProbeError::Cgroup {
+                        path: p.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
+        let cgroup_filter: u8 = u8::from(!cgroup_ids.is_empty());
+        let proc_environ: u8 = u8::from(config.watch.proc_environ);
+        let log_level: u8 = if config.kernel_log {
+            aya_log::Level::Trace as u8
+        } else {
+            0
+        };
+
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("OWN_TGID", &own_tgid, true)
+            .override_global("CGROUP_FILTER", &cgroup_filter, true)
+            .override_global("WATCH_PROC_ENVIRON", &proc_environ, true)
+            .override_global("WAKEUP_BYTES", &wakeup, true)
+            .override_global("FORK_CHILD_PID_OFFSET", &fork_child, true)
+            .override_global("EXIT_GROUP_DEAD_OFFSET", &exit_group_dead, true)
+            .override_global(aya_log::LEVEL, &log_level, false);
+        for (name, bytes) in RING_MAPS.iter().zip(ring_bytes) {
+            loader.map_max_entries(name, bytes);
+        }
+        let mut ebpf = loader
+            .load(PROBES_OBJECT)
+            .map_err(|e| ProbeError::Load(Box::new(e)))?;
+
+        fill_filters(&mut ebpf, config, &cgroup_ids)?;
+
+        let mut attached = Vec::new();
+        for &(name, category, tracepoint, required) in ATTACHMENTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|e| ProbeError::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
+            if program.fd().is_err() {
+                program.load().map_err(|e| ProbeError::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
+            }
+            match program.attach(category, tracepoint) {
+                Ok(_) => attached.push(format!("{category}/{tracepoint}")),
+                Err(e) if !required => {
+                    warn!("optional tracepoint {category}/{tracepoint} not attached: {e}");
+                }
+                Err(e) => {
+                    return Err(ProbeError::Attach {
+                        name,
+                        category,
+                        tracepoint,
+                        source: Box::new(e),
+                    })
+                }
+            }
+        }
+        info!(
+            "attached {} tracepoints: {}",
+            attached.len(),
+            attached.join(", ")
+        );
+
+        let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or(ProbeError::Missing {
+            kind: "map",
+            name: "DROPS",
+        })?)
+        .map_err(map_err("DROPS"))?;
+        Ok(Self {
+            ebpf,
+            drops,
+            attached,
+        })
+    }
+
+    /// The tracepoints attached, as `category/name`.
+    pub fn attached(&self) -> &[String] {
+        &self.attached
+    }
+
+    /// Takes the ring buffers out for the consumer. Fails if called twice.
+    pub fn take_rings(&mut self) -> Result<Rings, ProbeError> {
+        let mut take = |name: &'static str| -> Result<RingBuf<MapData>, ProbeError> {
+            let map = self
+                .ebpf
+                .take_map(name)
+                .ok_or(ProbeError::Missing { kind: "map", name })?;
+            RingBuf::try_from(map).map_err(map_err(name))
+        };
+        Ok(Rings {
+            credential: take(RING_MAPS[Lane::Credential as usize])?,
+            network: take(RING_MAPS[Lane::Network as usize])?,
+            process: take(RING_MAPS[Lane::Process as usize])?,
+        })
+    }
+
+    /// Records lost so far in each lane (summed over CPUs), indexed by [`Lane`].
+    pub fn drops(&self) -> Result<[u64; LANE_COUNT as usize], ProbeError> {
+        let mut out = [0u64; LANE_COUNT as usize];
+        for (lane, slot) in out.iter_mut().enumerate() {
+            let values = self
+                .drops
+                .get(&(lane as u32), 0)
+                .map_err(map_err("DROPS"))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Starts forwarding kernel-side log records to the `log` crate. Only meaningful when
+    /// the probes were loaded with `kernel_log`.
+    pub fn take_logger(
+        &mut self,
+    ) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+}
+
+/// Writes the watched prefixes, basenames and monitored cgroups into their maps.
+fn fill_filters(ebpf: &mut Ebpf, config: &Config, cgroup_ids: &[u64]) -> Result<(), ProbeError> {
+    let mut prefixes: LpmTrie<_, [u8; PATH_CAP], u8> =
+        LpmTrie::try_from(ebpf.map_mut("WATCH_PREFIXES").ok_or(ProbeError::Missing {
+            kind: "map",
+            name: "WATCH_PREFIXES",
+        })?)
+        .map_err(map_err("WATCH_PREFIXES"))?;
+    for prefix in &config.watch.prefixes {
+        let mut data = [0u8; PATH_CAP];
+        data[..prefix.len()].copy_from_slice(prefix.as_bytes());
+        let key = Key::new((prefix.len() * 8) as u32, data);
+        prefixes
+            .insert(&key, 1, 0)
+            .map_err(map_err("WATCH_PREFIXES"))?;
+    }
+    debug!("watching {} path prefixes", config.watch.prefixes.len());
+
+    let mut basenames: HashMap<_, [u8; BASENAME_CAP], u8> =
+        HashMap::try_from(ebpf.map_mut("WATCH_BASENAMES").ok_or(ProbeError::Missing {
+            kind: "map",
+            name: "WATCH_BASENAMES",
+        })?)
+        .map_err(map_err("WATCH_BASENAMES"))?;
+    for name in &config.watch.basenames {
+        let mut key = [0u8; BASENAME_CAP];
+        key[..name.len()].copy_from_slice(name.as_bytes());
+        basenames
+            .insert(key, 1, 0)
+            .map_err(map_err("WATCH_BASENAMES"))?;
+    }
+
+    let mut cgroups: HashMap<_, u64, u8> = HashMap::try_from(
+        ebpf.map_mut("MONITORED_CGROUPS")
+            .ok_or(ProbeError::Missing {
+                kind: "map",
+                name: "MONITORED_CGROUPS",
+            })?,
+    )
+    .map_err(map_err("MONITORED_CGROUPS"))?;
+    for id in cgroup_ids {
+        cgroups
+            .insert(id, 1, 0)
+            .map_err(map_err("MONITORED_CGROUPS"))?;
+    }
+    Ok(())
+}
