@@ -23,7 +23,10 @@ fn time_opens(kid: &Path, path: &Path, iterations: u64) -> Result<f64> {
         .output()
         .context("running am-testkid")?;
     if !out.status.success() {
-        bail!("am-testkid failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "am-testkid failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
@@ -109,7 +112,14 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
     cargo(
         root,
         env,
-        &["build", "--release", "-p", "agent-monitor", "-p", "agent-monitor-tests"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "agent-monitor",
+            "-p",
+            "agent-monitor-tests",
+        ],
     )?;
     let bin = root.join("target/release/agent-monitor");
     let kid = root.join("target/release/am-testkid");
@@ -150,7 +160,10 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
     let p_un = median(&mut probed.0);
     let p_w = median(&mut probed.1);
     println!("open+close, {iterations} iterations, median of {ROUNDS} rounds (ns per call)");
-    println!("{:<12} {:>12} {:>14} {:>10} {:>8}", "file", "no probes", "probes+daemon", "added", "ratio");
+    println!(
+        "{:<12} {:>12} {:>14} {:>10} {:>8}",
+        "file", "no probes", "probes+daemon", "added", "ratio"
+    );
     println!(
         "{:<12} {:>12.0} {:>14.0} {:>10.0} {:>8.3}",
         "unwatched",

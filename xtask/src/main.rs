@@ -63,7 +63,11 @@ fn main() -> Result<()> {
         }
         Task::Run { args } => {
             let env = setup()?;
-            cargo(&root, &env, &["build", "--release", "--package", "agent-monitor"])?;
+            cargo(
+                &root,
+                &env,
+                &["build", "--release", "--package", "agent-monitor"],
+            )?;
             let bin = root.join("target/release/agent-monitor");
             let mut cmd = Command::new(&bin);
             cmd.arg("run").args(&args);
@@ -76,7 +80,14 @@ fn main() -> Result<()> {
             cargo(
                 &root,
                 &env,
-                &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
             )?;
             let mut env = env;
             // Privileged tests fail instead of skipping: this command promises they ran.
@@ -121,9 +132,7 @@ fn cargo(root: &Path, env: &Env, args: &[&str]) -> Result<()> {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -168,10 +177,7 @@ fn setup() -> Result<Env> {
     let toolchain = ebpf_toolchain()?;
     rust_src(&toolchain)?;
     bpf_linker(&toolchain)?;
-    Ok(vec![(
-        "AGENT_MONITOR_EBPF_TOOLCHAIN".to_owned(),
-        toolchain,
-    )])
+    Ok(vec![("AGENT_MONITOR_EBPF_TOOLCHAIN".to_owned(), toolchain)])
 }
 
 fn apt_packages() -> Result<()> {
@@ -193,10 +199,7 @@ fn apt_packages() -> Result<()> {
 
 fn is_mountpoint(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(4) == Some(path))
-        })
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some(path)))
         .unwrap_or(false)
 }
 
@@ -230,7 +233,10 @@ fn ebpf_toolchain() -> Result<String> {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    if names.iter().any(|n| n.starts_with("nightly-x86_64") || *n == "nightly") {
+    if names
+        .iter()
+        .any(|n| n.starts_with("nightly-x86_64") || *n == "nightly")
+    {
         return Ok("nightly".to_owned());
     }
     if !names.iter().any(|n| n.starts_with(PINNED_NIGHTLY)) {
@@ -263,7 +269,11 @@ fn rust_src(toolchain: &str) -> Result<()> {
 
 /// LLVM major version and the libLLVM file of a toolchain.
 fn toolchain_llvm(toolchain: &str) -> Result<(u32, PathBuf)> {
-    let vv = output(Command::new("rustc").arg(format!("+{toolchain}")).arg("-vV"))?;
+    let vv = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .arg("-vV"),
+    )?;
     let version = vv
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))

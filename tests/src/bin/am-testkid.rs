@@ -7,7 +7,7 @@
 //! Actions:
 //! - `open:PATH`               open(2) (the legacy syscall), read-only
 //! - `openat:PATH`             openat(AT_FDCWD, PATH)
-//! - `openat-dir:DIR:NAME`     open DIR as a directory fd, then openat(fd, NAME)
+//! - `openat-dir:DIR:NAME`     open DIR as a directory fd (kept open), then openat(fd, NAME)
 //! - `openat2:PATH`            openat2(AT_FDCWD, PATH)
 //! - `chdir:DIR`               chdir(2)
 //! - `flood:PATH:N`            N × (openat + close)
@@ -57,7 +57,8 @@ fn openat(dirfd: i32, path: &str, flags: i32) -> i64 {
 }
 
 fn connect(addr: SocketAddr) -> i64 {
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+    // A blocking connect: the syscall returns 0 or the error, not EINPROGRESS.
+    match TcpStream::connect(addr) {
         Ok(_) => 0,
         Err(e) => -i64::from(e.raw_os_error().unwrap_or(0)),
     }
@@ -100,14 +101,17 @@ fn main() {
                 fd
             }
             "openat-dir" => {
-                let (dir, name) = rest.split_once(':').unwrap_or_else(|| die("openat-dir:DIR:NAME"));
+                let (dir, name) = rest
+                    .split_once(':')
+                    .unwrap_or_else(|| die("openat-dir:DIR:NAME"));
                 let dfd = openat(libc::AT_FDCWD, dir, libc::O_RDONLY | libc::O_DIRECTORY);
                 if dfd < 0 {
                     die(&format!("opening {dir}: {dfd}"));
                 }
                 let fd = openat(dfd as i32, name, libc::O_RDONLY);
                 close(fd);
-                close(dfd);
+                // The directory fd stays open until exit, as a long-lived process keeps it;
+                // the daemon resolves dirfd-relative paths through /proc/<pid>/fd.
                 fd
             }
             "openat2" => {
@@ -116,7 +120,13 @@ fn main() {
                 let how: [u64; 3] = [libc::O_RDONLY as u64, 0, 0];
                 // SAFETY: valid C string and open_how of the size passed.
                 let fd = ret(unsafe {
-                    libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, p.as_ptr(), how.as_ptr(), 24usize)
+                    libc::syscall(
+                        libc::SYS_openat2,
+                        libc::AT_FDCWD,
+                        p.as_ptr(),
+                        how.as_ptr(),
+                        24usize,
+                    )
                 });
                 close(fd);
                 fd

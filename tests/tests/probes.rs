@@ -1,0 +1,293 @@
+//! The probe layer against the real kernel: a child in a fresh cgroup2 directory makes
+//! syscalls; the monitor must report exactly those, with the right identity and results.
+//! Needs root and BPF (see `agent_monitor_tests::privileged`).
+
+use std::{net::TcpListener, path::Path, time::Duration};
+
+use agent_monitor::{
+    config::{Config, LaneConfig},
+    events::{ConnectRecord, OpenRecord, Record},
+};
+use agent_monitor_tests::{privileged, run_kid, unique, Harness, TempTree, TestCgroup};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A config watching `<tree>/watched/` and the basename `token`, limited to `cgroup`.
+fn config_for(tree: &TempTree, cgroup: Option<&TestCgroup>) -> Config {
+    let mut c = Config::default();
+    c.watch.prefixes = vec![format!("{}/watched/", tree.root.display())];
+    c.watch.basenames = vec!["token".to_owned()];
+    c.cgroups = cgroup.map(|c| c.path.clone()).into_iter().collect();
+    c
+}
+
+fn opens_of(records: &[Record], tgid: u32) -> Vec<&OpenRecord> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Open(o) if o.task.tgid == tgid => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+fn connects_of(records: &[Record], tgid: u32) -> Vec<&ConnectRecord> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Connect(c) if c.task.tgid == tgid => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn opens_by_absolute_cwd_relative_dirfd_relative_and_openat2_path() {
+    if !privileged("opens_by_absolute_cwd_relative_dirfd_relative_and_openat2_path") {
+        return;
+    }
+    let tree = TempTree::new("am-opens");
+    let watched = tree.file("watched/token");
+    let plain_token = tree.file("plain/token");
+    let unwatched = tree.file("plain/notes.txt");
+    let plain = tree.root.join("plain");
+    let missing = tree.root.join("watched/missing");
+    let cg = TestCgroup::create(&unique("am-test-opens"));
+    let mut h = Harness::start(&config_for(&tree, Some(&cg)));
+
+    let actions = vec![
+        format!("open:{}", s(&watched)),
+        format!("openat:{}", s(&unwatched)),
+        format!("chdir:{}", s(&plain)),
+        "openat:token".to_owned(),
+        "openat:notes.txt".to_owned(),
+        format!("openat-dir:{}:token", s(&plain)),
+        format!("openat2:{}", s(&watched)),
+        format!("openat:{}", s(&missing)),
+    ];
+    // Linger so the cwd and dirfd can still be read from /proc when the records arrive.
+    let kid = run_kid(&cg, 500, &actions);
+    h.wait_until(WAIT, |r| opens_of(r, kid.pid).len() >= 5);
+    h.settle(Duration::from_millis(300));
+
+    let opens = opens_of(&h.records, kid.pid);
+    let summary: Vec<_> = opens
+        .iter()
+        .map(|o| (o.syscall.as_str(), o.path.as_str(), o.result))
+        .collect();
+    assert_eq!(
+        opens.len(),
+        5,
+        "exactly the five watched opens: {summary:?}"
+    );
+    for o in &opens {
+        assert_eq!(o.task.pid, kid.pid, "{o:?}");
+        assert_eq!(o.task.cgroup_id, cg.id, "{o:?}");
+        assert!(o.path_resolved, "{o:?}");
+        assert!(Path::new(&o.path).is_absolute(), "{o:?}");
+    }
+    let abs = &opens[0];
+    assert_eq!(
+        (abs.syscall.as_str(), abs.path.as_str()),
+        ("open", s(&watched).as_str())
+    );
+    assert_eq!(abs.result, kid.result(&actions[0]));
+    assert!(abs.result >= 0 && abs.error.is_none(), "{abs:?}");
+    assert_eq!(abs.matched_by, "prefix");
+
+    let cwd_rel = &opens[1];
+    assert_eq!(cwd_rel.raw_path, "token");
+    assert_eq!(cwd_rel.path, s(&plain_token));
+    assert_eq!(cwd_rel.dirfd, libc::AT_FDCWD);
+    assert_eq!(cwd_rel.matched_by, "basename");
+    assert_eq!(cwd_rel.result, kid.result(&actions[3]));
+
+    let dirfd_rel = &opens[2];
+    assert_eq!(dirfd_rel.raw_path, "token");
+    assert_eq!(dirfd_rel.path, s(&plain_token));
+    assert!(dirfd_rel.dirfd >= 0, "{dirfd_rel:?}");
+    assert_eq!(dirfd_rel.result, kid.result(&actions[5]));
+
+    let two = &opens[3];
+    assert_eq!(
+        (two.syscall.as_str(), two.path.as_str()),
+        ("openat2", s(&watched).as_str())
+    );
+    assert_eq!(two.result, kid.result(&actions[6]));
+    assert!(two.result >= 0);
+
+    let miss = &opens[4];
+    assert_eq!(miss.path, s(&missing));
+    assert_eq!(miss.result, -i64::from(libc::ENOENT));
+    assert_eq!(miss.error.as_deref(), Some("ENOENT"));
+    assert_eq!(kid.result(&actions[7]), -i64::from(libc::ENOENT));
+
+    assert!(
+        !opens.iter().any(|o| o.path.ends_with("notes.txt")),
+        "unwatched file reported: {summary:?}"
+    );
+}
+
+#[test]
+fn connects_over_ipv4_ipv6_and_udp_sendto() {
+    if !privileged("connects_over_ipv4_ipv6_and_udp_sendto") {
+        return;
+    }
+    let tree = TempTree::new("am-net");
+    let v4 = TcpListener::bind("127.0.0.1:0").expect("bind v4");
+    let v6 = TcpListener::bind("[::1]:0").expect("bind v6");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let (p4, p6, pu) = (
+        v4.local_addr().expect("addr").port(),
+        v6.local_addr().expect("addr").port(),
+        udp.local_addr().expect("addr").port(),
+    );
+    let cg = TestCgroup::create(&unique("am-test-net"));
+    let mut h = Harness::start(&config_for(&tree, Some(&cg)));
+    let actions = vec![
+        format!("tcp4:{p4}"),
+        format!("tcp6:{p6}"),
+        format!("udp4:{pu}"),
+    ];
+    let kid = run_kid(&cg, 0, &actions);
+    h.wait_until(WAIT, |r| connects_of(r, kid.pid).len() >= 3);
+    h.settle(Duration::from_millis(200));
+
+    let c = connects_of(&h.records, kid.pid);
+    let got: Vec<_> = c
+        .iter()
+        .map(|c| {
+            (
+                c.syscall.as_str(),
+                c.family.as_str(),
+                c.dst_addr.as_str(),
+                c.dst_port,
+                c.result,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("connect", "inet", "127.0.0.1", p4, 0),
+            ("connect", "inet6", "::1", p6, 0),
+            ("sendto", "inet", "127.0.0.1", pu, 4),
+        ]
+    );
+    assert!(c.iter().all(|c| c.attempted && c.task.cgroup_id == cg.id));
+    for (rec, action) in c.iter().zip(&actions) {
+        assert_eq!(rec.result, kid.result(action), "{action}");
+    }
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        udp.recv(&mut buf).expect("datagram"),
+        4,
+        "the datagram really went out"
+    );
+}
+
+#[test]
+fn cat_reading_a_watched_file_is_named_by_its_resolved_executable() {
+    if !privileged("cat_reading_a_watched_file_is_named_by_its_resolved_executable") {
+        return;
+    }
+    let tree = TempTree::new("am-cat");
+    let watched = tree.file("watched/token");
+    let cg = TestCgroup::create(&unique("am-test-cat"));
+    let mut h = Harness::start(&config_for(&tree, Some(&cg)));
+    let kid = run_kid(&cg, 0, &[format!("exec:/bin/cat:{}", s(&watched))]);
+    h.wait_until(WAIT, |r| !opens_of(r, kid.pid).is_empty());
+    let opens = opens_of(&h.records, kid.pid);
+    let cat = std::fs::canonicalize("/bin/cat").expect("/bin/cat");
+    assert_eq!(
+        opens[0].task.exe.as_deref(),
+        Some(s(&cat).as_str()),
+        "{:?}",
+        opens[0]
+    );
+    assert_eq!(opens[0].task.comm, "cat");
+    assert_eq!(opens[0].path, s(&watched));
+    // cat never prints the file here: the test only proves the open was seen.
+    assert!(opens[0].result >= 0);
+}
+
+#[test]
+fn the_daemons_own_opens_are_not_reported() {
+    if !privileged("the_daemons_own_opens_are_not_reported") {
+        return;
+    }
+    let tree = TempTree::new("am-self");
+    let watched = tree.file("watched/token");
+    // No cgroup filter: the only thing keeping this process out is the own-pid filter.
+    let mut h = Harness::start(&config_for(&tree, None));
+    for _ in 0..20 {
+        drop(std::fs::File::open(&watched).expect("open own"));
+    }
+    // A control open from another process proves the path is watched and events flow.
+    let cg = TestCgroup::create(&unique("am-test-self"));
+    let kid = run_kid(&cg, 0, &[format!("openat:{}", s(&watched))]);
+    h.wait_until(WAIT, |r| !opens_of(r, kid.pid).is_empty());
+    h.settle(Duration::from_millis(200));
+    let me = std::process::id();
+    let mine = opens_of(&h.records, me);
+    assert!(mine.is_empty(), "own opens reported: {mine:?}");
+    let all: Vec<_> = h
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Open(o) if o.path == s(&watched) => Some(o.task.tgid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(all, vec![kid.pid]);
+}
+
+#[test]
+fn a_flood_over_a_tiny_ring_is_counted_exactly() {
+    if !privileged("a_flood_over_a_tiny_ring_is_counted_exactly") {
+        return;
+    }
+    const OPENS: u64 = 20_000;
+    let tree = TempTree::new("am-flood");
+    let watched = tree.file("watched/token");
+    let cg = TestCgroup::create(&unique("am-test-flood"));
+    let mut config = config_for(&tree, Some(&cg));
+    config.lanes.credential = LaneConfig { ring_bytes: 4096 };
+    let mut h = Harness::start(&config);
+    let kid = run_kid(&cg, 0, &[format!("flood:{}:{OPENS}", s(&watched))]);
+    assert_eq!(
+        kid.result(&format!("flood:{}:{OPENS}", s(&watched))),
+        OPENS as i64
+    );
+    h.settle(Duration::from_millis(500));
+    h.stop();
+
+    let delivered = opens_of(&h.records, kid.pid).len() as u64;
+    let lost: Vec<_> = h
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Lost(l) if l.lane == "credential" => Some((l.count, l.total)),
+            _ => None,
+        })
+        .collect();
+    let lost_sum: u64 = lost.iter().map(|(c, _)| c).sum();
+    assert!(
+        lost_sum > 0,
+        "a 4 KiB ring must overflow under {OPENS} opens"
+    );
+    assert_eq!(
+        lost.last().map(|(_, t)| *t),
+        Some(lost_sum),
+        "totals add up"
+    );
+    assert_eq!(
+        delivered + lost_sum,
+        OPENS,
+        "delivered {delivered} + lost {lost_sum} must equal the opens made"
+    );
+}
