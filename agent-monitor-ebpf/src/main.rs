@@ -12,6 +12,9 @@
 //! their format files and hands the offsets in as globals.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// For `atomic_xadd`: the BPF target offers no `AtomicU64::fetch_add` (see probes.rs).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod probes;

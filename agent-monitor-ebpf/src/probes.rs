@@ -1,6 +1,10 @@
 //! The tracepoint programs. Entry points are thin wrappers around `try_*` functions.
 
-use core::{mem::size_of, ptr::addr_of_mut};
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    mem::size_of,
+    ptr::addr_of_mut,
+};
 
 use agent_monitor_common::{
     path_flags, ConnectArgs, ConnectEvent, EventHeader, EventKind, Lane, OpenArgs, OpenEvent,
@@ -8,7 +12,7 @@ use agent_monitor_common::{
     MAX_CGROUP_DEPTH, NO_FIELD, PATH_CAP,
 };
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel_buf, bpf_probe_read_user,
@@ -18,7 +22,7 @@ use aya_ebpf::{
         },
     },
     macros::{map, tracepoint},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext, Global,
 };
@@ -86,10 +90,22 @@ static MONITORED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_CGROU
 
 /// Open arguments between syscall entry and exit, by pid_tgid.
 #[map]
-static OPEN_STASH: LruHashMap<u64, OpenArgs> = LruHashMap::with_max_entries(STASH_ENTRIES, 0);
+static OPEN_STASH: LruHashMap<u64, OpenArgs> =
+    LruHashMap::with_max_entries(STASH_ENTRIES, BPF_F_NO_COMMON_LRU);
 /// Connect/send destinations between syscall entry and exit, by pid_tgid.
 #[map]
-static NET_STASH: LruHashMap<u64, ConnectArgs> = LruHashMap::with_max_entries(STASH_ENTRIES, 0);
+static NET_STASH: LruHashMap<u64, ConnectArgs> =
+    LruHashMap::with_max_entries(STASH_ENTRIES, BPF_F_NO_COMMON_LRU);
+/// Stash entries made and not yet collected, for opens (index 0) and network syscalls
+/// (index 1). An exit program whose counter is zero returns without a hash lookup, which
+/// is most of the cost it adds to every unwatched open. Entries that never meet their
+/// exit (evicted, or a thread killed in between) keep the count above zero: that only
+/// costs speed, never an event.
+#[map]
+static INFLIGHT: Array<u64> = Array::with_max_entries(2, 0);
+const INFLIGHT_OPEN: u32 = 0;
+const INFLIGHT_NET: u32 = 1;
+
 /// Per-CPU scratch: the 288-byte open arguments do not fit the 512-byte stack with the rest.
 #[map]
 static OPEN_SCRATCH: PerCpuArray<OpenArgs> = PerCpuArray::with_max_entries(1, 0);
@@ -124,6 +140,23 @@ fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
 fn field_at_runtime_offset<T: Copy>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     // SAFETY: the helper checks the read; the offset came from this kernel's format file.
     unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
+
+/// Adds `delta` (wrapping; `u64::MAX` subtracts one) to an in-flight counter.
+#[inline(always)]
+fn inflight_add(index: u32, delta: u64) {
+    if let Some(n) = INFLIGHT.get_ptr_mut(index) {
+        // SAFETY: a valid, aligned map value. The BPF target has no compare-and-swap, so
+        // `AtomicU64::fetch_add` does not exist there; the intrinsic lowers to the BPF
+        // atomic add instruction (BPF_ATOMIC | BPF_ADD), atomic across CPUs.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, delta) };
+    }
+}
+
+/// Whether any stash entry of this kind may be waiting for its exit.
+#[inline(always)]
+fn inflight(index: u32) -> bool {
+    INFLIGHT.get(index).is_some_and(|n| *n != 0)
 }
 
 #[inline(always)]
@@ -397,6 +430,8 @@ fn try_open_enter(
     args.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
     if OPEN_STASH.insert(&id, &*args, 0).is_err() {
         count_drop(Lane::Credential);
+    } else {
+        inflight_add(INFLIGHT_OPEN, 1);
     }
     Ok(0)
 }
@@ -410,6 +445,9 @@ pub fn open_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
+    if !inflight(INFLIGHT_OPEN) {
+        return Ok(0);
+    }
     let id = bpf_get_current_pid_tgid();
     let Some(args) = OPEN_STASH.get_ptr(&id) else {
         return Ok(0);
@@ -427,7 +465,9 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
                 );
                 if bpf_probe_read_kernel_buf(args as *const u8, dst).is_err() {
                     entry.discard(0);
-                    OPEN_STASH.remove(&id).ok();
+                    if OPEN_STASH.remove(&id).is_ok() {
+                        inflight_add(INFLIGHT_OPEN, u64::MAX);
+                    }
                     return Err(0);
                 }
                 fill_header(
@@ -444,7 +484,9 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
             warn!(ctx, "credential ring full: open by tid {} lost", id as u32);
         }
     }
-    OPEN_STASH.remove(&id).ok();
+    if OPEN_STASH.remove(&id).is_ok() {
+        inflight_add(INFLIGHT_OPEN, u64::MAX);
+    }
     Ok(0)
 }
 
@@ -491,6 +533,8 @@ fn stash_destination(addr: u64, fd: i32, syscall: Syscall) -> Result<u32, u32> {
     };
     if NET_STASH.insert(&id, &args, 0).is_err() {
         count_drop(Lane::Network);
+    } else {
+        inflight_add(INFLIGHT_NET, 1);
     }
     Ok(0)
 }
@@ -540,6 +584,9 @@ pub fn net_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_net_exit(ctx: &TracePointContext) -> Result<u32, u32> {
+    if !inflight(INFLIGHT_NET) {
+        return Ok(0);
+    }
     let id = bpf_get_current_pid_tgid();
     let Some(args) = NET_STASH.get_ptr(&id) else {
         return Ok(0);
@@ -565,7 +612,9 @@ fn try_net_exit(ctx: &TracePointContext) -> Result<u32, u32> {
             warn!(ctx, "network ring full: connect by tid {} lost", id as u32);
         }
     }
-    NET_STASH.remove(&id).ok();
+    if NET_STASH.remove(&id).is_ok() {
+        inflight_add(INFLIGHT_NET, u64::MAX);
+    }
     Ok(0)
 }
 

@@ -17,8 +17,31 @@ use crate::{cargo, Env};
 
 const ROUNDS: usize = 5;
 
+/// CPU pinning: the measured loop on the last CPU, the daemon on the others, so the
+/// figures compare the same core with and without probes rather than scheduler luck.
+fn pinned(cpus: &str, program: &Path) -> Command {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpus]).arg(program);
+    cmd
+}
+
+fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn kid_cpus() -> String {
+    (cpu_count() - 1).to_string()
+}
+
+fn daemon_cpus() -> String {
+    match cpu_count() {
+        1 => "0".to_owned(),
+        n => format!("0-{}", n - 2),
+    }
+}
+
 fn time_opens(kid: &Path, path: &Path, iterations: u64) -> Result<f64> {
-    let out = Command::new(kid)
+    let out = pinned(&kid_cpus(), kid)
         .arg(format!("time-opens:{}:{iterations}", path.display()))
         .output()
         .context("running am-testkid")?;
@@ -46,7 +69,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(bin: &Path, config: &Path) -> Result<Self> {
-        let mut child = Command::new(bin)
+        let mut child = pinned(&daemon_cpus(), bin)
             .args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::null())
@@ -159,7 +182,11 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
     let b_w = median(&mut base.1);
     let p_un = median(&mut probed.0);
     let p_w = median(&mut probed.1);
-    println!("open+close, {iterations} iterations, median of {ROUNDS} rounds (ns per call)");
+    println!(
+        "open+close, {iterations} iterations, median of {ROUNDS} rounds (ns per call); loop on CPU {}, daemon on CPU {}",
+        kid_cpus(),
+        daemon_cpus()
+    );
     println!(
         "{:<12} {:>12} {:>14} {:>10} {:>8}",
         "file", "no probes", "probes+daemon", "added", "ratio"
