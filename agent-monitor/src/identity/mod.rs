@@ -1,3 +1,4 @@
 //! Who did it: the process table now; pods, containers, ServiceAccounts and agents next.
 
+pub mod pods;
 pub mod process;

@@ -1,0 +1,1 @@
+//! Pod source: a pods file. (Being written.)

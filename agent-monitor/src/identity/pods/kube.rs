@@ -1,0 +1,1 @@
+//! Pod source: a `kube` watcher on the pods of this node. (Being written.)
