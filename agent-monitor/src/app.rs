@@ -1,14 +1,15 @@
 //! Wiring and shutdown: config → monitor → output writer; SIGTERM/SIGINT stop intake,
 //! drain every lane, flush the output and detach the probes.
 
-use std::thread::JoinHandle;
+use std::{sync::Arc, thread::JoinHandle};
 
 use log::{error, info};
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
-    config::Config,
+    config::{Config, PodSourceKind},
     events::Record,
+    identity::pods::{self, PodStore},
     monitor::{Monitor, MonitorError},
     outputs::{jsonl, Sink},
 };
@@ -34,6 +35,9 @@ pub enum AppError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    /// The pod source could not start.
+    #[error("pod source: {0}")]
+    PodSource(String),
     /// Writing records failed (e.g. the stdout pipe closed).
     #[error("writing records: {0}")]
     Write(#[source] std::io::Error),
@@ -56,6 +60,41 @@ fn spawn_writer(
     })
 }
 
+/// Starts the configured pod source; its task keeps `pods` current until aborted.
+async fn start_pod_source(
+    config: &Config,
+    pods: &Arc<PodStore>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, AppError> {
+    let p = &config.identity.pods;
+    Ok(match p.source {
+        PodSourceKind::None => {
+            info!("no pod source: events carry pod UIDs and container ids from cgroups only");
+            None
+        }
+        PodSourceKind::File => {
+            let file = p.file.clone().ok_or(AppError::PodSource(
+                "identity.pods.file is not set".to_owned(),
+            ))?;
+            // Fail early on a file that is unusable now; later bad versions are survived.
+            let first = pods::file::load(&file).map_err(|e| AppError::PodSource(e.to_string()))?;
+            pods.replace_all(first);
+            Some(pods::file::spawn(
+                file,
+                pods.clone(),
+                pods::file::DEFAULT_POLL,
+            ))
+        }
+        PodSourceKind::Kube => {
+            let node = p.node_name.clone().unwrap_or_default();
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| AppError::PodSource(format!("kube client: {e}")))?;
+            info!("watching pods of node {node} through the API server");
+            Some(pods::kube::spawn(client, node, pods.clone()))
+        }
+    })
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), AppError> {
     let sink = jsonl::open(&config.output).map_err(|source| AppError::Output {
@@ -67,7 +106,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
     let writer = spawn_writer(sink, rx);
-    let monitor = Monitor::start(&config, tx)?;
+    let pods = PodStore::new();
+    let _pod_source = start_pod_source(&config, &pods).await?;
+    let monitor = Monitor::start(&config, pods.clone(), tx)?;
     info!(
         "agent-monitor running: {} tracepoints, {} watched prefixes, {} basenames, cgroup filter {}; output {}",
         monitor.attached().len(),

@@ -91,6 +91,88 @@ pub struct Config {
     pub output: String,
     /// Forward kernel-side diagnostics (aya-log) to the daemon's log.
     pub kernel_log: bool,
+    /// Who did it: pods, containers, ServiceAccounts, agents.
+    pub identity: IdentityConfig,
+}
+
+/// Where pod metadata comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodSourceKind {
+    /// No pod metadata: events carry cgroup-derived pod UIDs and container ids only.
+    None,
+    /// A file as `kubectl get pods -o json` prints it, reloaded when it changes.
+    File,
+    /// The API server: a watch on this node's pods (in-cluster credentials).
+    Kube,
+}
+
+/// Identity settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// The kubelet's root directory; `<root>/pods/` is watched and owners are read from it.
+    pub kubelet_root: String,
+    /// Pod label naming the agent.
+    pub agent_label: String,
+    /// Pod label naming the agent's tier (`proxy`, `worker`).
+    pub tier_label: String,
+    pub pods: PodsConfig,
+    /// How long and how many events of a brand-new pod wait for its metadata.
+    pub pending: PendingConfig,
+}
+
+/// Pod source settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodsConfig {
+    /// `none`, `file` or `kube`.
+    pub source: PodSourceKind,
+    /// The pods file, for `source: file`.
+    pub file: Option<PathBuf>,
+    /// This node's name, for `source: kube`; the NODE_NAME environment variable overrides it.
+    pub node_name: Option<String>,
+}
+
+/// Bounds of the wait for a new pod's metadata.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PendingConfig {
+    /// Longest an event waits, in milliseconds.
+    pub max_wait_ms: u64,
+    /// Most events waiting at once; past it the oldest leaves without pod metadata.
+    pub max_events: usize,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            kubelet_root: "/var/lib/kubelet".to_owned(),
+            agent_label: "agent-monitor.dev/agent".to_owned(),
+            tier_label: "agent-monitor.dev/tier".to_owned(),
+            pods: PodsConfig::default(),
+            pending: PendingConfig::default(),
+        }
+    }
+}
+
+impl Default for PodsConfig {
+    fn default() -> Self {
+        Self {
+            source: PodSourceKind::None,
+            file: None,
+            node_name: None,
+        }
+    }
+}
+
+impl Default for PendingConfig {
+    fn default() -> Self {
+        Self {
+            max_wait_ms: 3000,
+            max_events: 10_000,
+        }
+    }
 }
 
 /// Watched credential paths.
@@ -131,6 +213,7 @@ impl Default for Config {
             poll_interval_ms: 10,
             output: "-".to_owned(),
             kernel_log: false,
+            identity: IdentityConfig::default(),
         }
     }
 }
@@ -171,10 +254,11 @@ impl Config {
         Self::parse(&text, file)
     }
 
-    /// Parses and validates config text; `file` is only used in messages.
+    /// Parses and validates config text; `file` is only used in messages. The NODE_NAME
+    /// environment variable overrides `identity.pods.node_name`.
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
         // An empty file is the built-in default, not an error.
-        let config: Config = if text.trim().is_empty() {
+        let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
             serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -182,8 +266,30 @@ impl Config {
                 message: e.to_string(),
             })?
         };
+        if let Ok(node) = std::env::var("NODE_NAME") {
+            if !node.is_empty() {
+                config.identity.pods.node_name = Some(node);
+            }
+        }
         config.validate(file)?;
         Ok(config)
+    }
+
+    /// The watched prefixes: the configured ones plus the kubelet's pod volumes, PKI and
+    /// kubeconfig under `identity.kubelet_root`, without duplicates.
+    pub fn effective_prefixes(&self) -> Vec<String> {
+        let root = self.identity.kubelet_root.trim_end_matches('/');
+        let mut out = self.watch.prefixes.clone();
+        for extra in [
+            format!("{root}/pods/"),
+            format!("{root}/pki/"),
+            format!("{root}/kubeconfig"),
+        ] {
+            if !out.contains(&extra) {
+                out.push(extra);
+            }
+        }
+        out
     }
 
     /// Checks what types alone cannot.
@@ -258,6 +364,55 @@ impl Config {
                 self.poll_interval_ms.to_string(),
             ));
         }
+        let id = &self.identity;
+        if !id.kubelet_root.starts_with('/')
+            || id.kubelet_root.len() + "/kubeconfig".len() >= PATH_CAP
+        {
+            return Err(invalid(
+                "identity.kubelet_root".to_owned(),
+                "an absolute directory path",
+                format!("{:?}", id.kubelet_root),
+            ));
+        }
+        for (field, label) in [
+            ("identity.agent_label", &id.agent_label),
+            ("identity.tier_label", &id.tier_label),
+        ] {
+            if label.is_empty() || label.contains(char::is_whitespace) {
+                return Err(invalid(
+                    field.to_owned(),
+                    "a label key such as agent-monitor.dev/agent",
+                    format!("{label:?}"),
+                ));
+            }
+        }
+        match id.pods.source {
+            PodSourceKind::File if id.pods.file.is_none() => {
+                return Err(invalid(
+                    "identity.pods.file".to_owned(),
+                    "a pods file path when identity.pods.source is file",
+                    "nothing".to_owned(),
+                ));
+            }
+            PodSourceKind::Kube if id.pods.node_name.as_deref().is_none_or(str::is_empty) => {
+                return Err(invalid(
+                    "identity.pods.node_name".to_owned(),
+                    "this node's name (or the NODE_NAME environment variable) when identity.pods.source is kube",
+                    "nothing".to_owned(),
+                ));
+            }
+            _ => {}
+        }
+        if id.pending.max_wait_ms > 60_000 || id.pending.max_events == 0 {
+            return Err(invalid(
+                "identity.pending".to_owned(),
+                "max_wait_ms at most 60000 and max_events at least 1",
+                format!(
+                    "max_wait_ms {} max_events {}",
+                    id.pending.max_wait_ms, id.pending.max_events
+                ),
+            ));
+        }
         if self.output.is_empty() {
             return Err(invalid(
                 "output".to_owned(),
@@ -319,6 +474,26 @@ mod tests {
             ("poll_interval_ms: 0\n", &["poll_interval_ms", "1 to 10000"]),
             ("cgroups: [kubepods]\n", &["cgroups[0]", "absolute"]),
             ("watch: [\n", &["/etc/am.yaml"]),
+            (
+                "identity:\n  pods:\n    source: file\n",
+                &["identity.pods.file", "source is file"],
+            ),
+            (
+                "identity:\n  pods:\n    source: cluster\n",
+                &["identity.pods.source", "unknown variant `cluster`"],
+            ),
+            (
+                "identity:\n  kubelet_root: var/lib/kubelet\n",
+                &["identity.kubelet_root", "absolute"],
+            ),
+            (
+                "identity:\n  agent_label: \"\"\n",
+                &["identity.agent_label"],
+            ),
+            (
+                "identity:\n  pending: {max_events: 0}\n",
+                &["identity.pending"],
+            ),
         ];
         for (text, needles) in cases {
             let err = parse(text).expect_err(text).to_string();
@@ -326,6 +501,16 @@ mod tests {
                 assert!(err.contains(n), "{text:?}: {err:?} lacks {n:?}");
             }
         }
+    }
+
+    #[test]
+    fn kubelet_paths_are_always_watched() {
+        let c = parse("identity:\n  kubelet_root: /tmp/k/\nwatch:\n  prefixes: [/x/]\n")
+            .expect("valid");
+        assert_eq!(
+            c.effective_prefixes(),
+            vec!["/x/", "/tmp/k/pods/", "/tmp/k/pki/", "/tmp/k/kubeconfig"]
+        );
     }
 
     #[test]

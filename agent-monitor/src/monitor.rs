@@ -6,8 +6,10 @@
 //! (a record is committed to its ring before the next syscall of that thread starts).
 
 use std::{
+    collections::{BTreeSet, VecDeque},
     net::{Ipv4Addr, Ipv6Addr},
-    time::{Duration, SystemTime},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use agent_monitor_common::{
@@ -28,7 +30,12 @@ use crate::{
         errno, ConnectRecord, ExecRecord, ExitRecord, ForkRecord, LostRecord, OpenRecord, Record,
         Task, LANE_NAMES,
     },
-    identity::process::{ProcessTable, DEFAULT_CAPACITY},
+    identity::{
+        credentials::CredentialClass,
+        pods::PodStore,
+        process::{ProcessTable, DEFAULT_CAPACITY},
+        Identity,
+    },
     probes::{ProbeError, Probes, Rings},
 };
 
@@ -91,19 +98,137 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
 }
 
+/// A record waiting for its pod's metadata.
+struct Pending {
+    record: Record,
+    deadline: Instant,
+}
+
 /// Enrichment state: owned by the consumer task alone.
 struct Enricher {
     table: ProcessTable,
+    identity: Identity,
     clock: Clock,
     seq: u64,
     lost_reported: [u64; LANE_COUNT as usize],
     decode_errors: u64,
+    pending: VecDeque<Pending>,
+    max_wait: Duration,
+    max_pending: usize,
+    /// Volume prefixes added to the kernel filter from pod specs.
+    learned_prefixes: BTreeSet<String>,
+    configured_prefixes: Vec<String>,
 }
 
 impl Enricher {
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
+    }
+
+    /// Fills in the workload (and, for opens, the credential class and owner). Returns
+    /// false while the pod may still become known.
+    fn attribute(&mut self, record: &mut Record) -> bool {
+        let Some(task) = record.task_mut() else {
+            return true;
+        };
+        let attribution = self.identity.attribute(task.cgroup_id);
+        task.workload = attribution.workload.clone();
+        if let Record::Open(open) = record {
+            let (class, owner) = self.identity.credential(&open.path, &attribution);
+            open.class = class;
+            open.owner = owner;
+        }
+        !attribution.incomplete
+    }
+
+    /// Attributes a record and sends it, or parks it until its pod is known. Records of a
+    /// pod that is already waiting wait behind it, so one pod's records stay in order.
+    async fn emit(&mut self, mut record: Record, out: &mpsc::Sender<Record>) -> bool {
+        let complete = self.attribute(&mut record);
+        let uid = record.task().and_then(|t| t.workload.pod_uid.clone());
+        let behind_waiting = uid.is_some()
+            && self
+                .pending
+                .iter()
+                .any(|p| p.record.task().and_then(|t| t.workload.pod_uid.as_ref()) == uid.as_ref());
+        if complete && !behind_waiting {
+            return self.send(record, out).await;
+        }
+        if self.pending.len() >= self.max_pending {
+            if let Some(oldest) = self.pending.pop_front() {
+                warn!(
+                    "pending queue full ({}): a record leaves without its pod",
+                    self.max_pending
+                );
+                if !self.send(oldest.record, out).await {
+                    return false;
+                }
+            }
+        }
+        self.pending.push_back(Pending {
+            record,
+            deadline: Instant::now() + self.max_wait,
+        });
+        true
+    }
+
+    /// Sends parked records whose pod became known or whose wait is over, in order.
+    async fn release_pending(&mut self, out: &mpsc::Sender<Record>) -> bool {
+        let now = Instant::now();
+        let mut keep = VecDeque::with_capacity(self.pending.len());
+        let mut blocked: BTreeSet<String> = BTreeSet::new();
+        while let Some(mut p) = self.pending.pop_front() {
+            let complete = self.attribute(&mut p.record);
+            let uid = p.record.task().and_then(|t| t.workload.pod_uid.clone());
+            let is_blocked = uid.as_ref().is_some_and(|u| blocked.contains(u));
+            if (complete || now >= p.deadline) && !is_blocked {
+                if !self.send(p.record, out).await {
+                    return false;
+                }
+            } else {
+                if let Some(u) = uid {
+                    blocked.insert(u);
+                }
+                keep.push_back(p);
+            }
+        }
+        self.pending = keep;
+        true
+    }
+
+    async fn send(&mut self, mut record: Record, out: &mpsc::Sender<Record>) -> bool {
+        record.set_seq(self.next_seq());
+        out.send(record).await.is_ok()
+    }
+
+    /// Adds the Secret and projected volume mount paths of known pods to the kernel's
+    /// watched prefixes, and removes those of pods that are gone.
+    fn sync_volume_prefixes(&mut self, probes: &mut Probes) {
+        let wanted: BTreeSet<String> = self
+            .identity
+            .custom_volume_prefixes()
+            .into_iter()
+            .filter(|p| {
+                !self
+                    .configured_prefixes
+                    .iter()
+                    .any(|c| p.starts_with(c.as_str()))
+            })
+            .filter(|p| p.len() < agent_monitor_common::PATH_CAP)
+            .collect();
+        for gone in self.learned_prefixes.difference(&wanted) {
+            if let Err(e) = probes.unwatch_prefix(gone) {
+                warn!("removing learned prefix {gone}: {e}");
+            }
+        }
+        for new in wanted.difference(&self.learned_prefixes) {
+            match probes.watch_prefix(new) {
+                Ok(()) => info!("watching volume mount path {new} learned from a pod spec"),
+                Err(e) => warn!("adding learned prefix {new}: {e}"),
+            }
+        }
+        self.learned_prefixes = wanted;
     }
 
     fn task(&mut self, h: &EventHeader) -> Task {
@@ -119,6 +244,7 @@ impl Enricher {
             comm: c_string(&h.comm, h.comm.len()),
             exe: info.exe,
             cgroup_id: h.cgroup_id,
+            workload: Default::default(),
         }
     }
 
@@ -143,7 +269,7 @@ impl Enricher {
                     "prefix"
                 };
                 Some(Record::Open(OpenRecord {
-                    seq: self.next_seq(),
+                    seq: 0,
                     task: self.task(&ev.header),
                     syscall: Syscall::from_u16(a.syscall)
                         .map_or("open", Syscall::name)
@@ -158,6 +284,8 @@ impl Enricher {
                     mode: a.mode,
                     result: ev.ret,
                     error: errno::of_result(ev.ret),
+                    class: CredentialClass::Other,
+                    owner: None,
                 }))
             }
             RawEvent::Connect(ev) => {
@@ -169,7 +297,7 @@ impl Enricher {
                     ("inet6", Ipv6Addr::from(a.addr).to_string())
                 };
                 Some(Record::Connect(ConnectRecord {
-                    seq: self.next_seq(),
+                    seq: 0,
                     task: self.task(&ev.header),
                     syscall: Syscall::from_u16(a.syscall)
                         .map_or("connect", Syscall::name)
@@ -190,7 +318,7 @@ impl Enricher {
                         let filename = c_string(&ev.filename, usize::from(ev.filename_len));
                         self.table.on_exec(h.tgid, &filename);
                         Some(Record::Exec(ExecRecord {
-                            seq: self.next_seq(),
+                            seq: 0,
                             task: self.task(h),
                             filename,
                             old_pid: ev.child_pid,
@@ -199,7 +327,7 @@ impl Enricher {
                     Some(EventKind::Fork) => {
                         self.table.on_fork(h.tgid, ev.child_pid);
                         Some(Record::Fork(ForkRecord {
-                            seq: self.next_seq(),
+                            seq: 0,
                             task: self.task(h),
                             child_pid: ev.child_pid,
                         }))
@@ -212,7 +340,7 @@ impl Enricher {
                             return None;
                         }
                         let rec = Record::Exit(ExitRecord {
-                            seq: self.next_seq(),
+                            seq: 0,
                             task: self.task(h),
                         });
                         self.table.on_exit(h.tgid);
@@ -271,7 +399,11 @@ pub struct Monitor {
 impl Monitor {
     /// Loads and attaches the probes and starts consuming their lanes into `out`. Must be
     /// called inside a tokio runtime. The daemon's own process is never reported.
-    pub fn start(config: &Config, out: mpsc::Sender<Record>) -> Result<Self, MonitorError> {
+    pub fn start(
+        config: &Config,
+        pods: Arc<PodStore>,
+        out: mpsc::Sender<Record>,
+    ) -> Result<Self, MonitorError> {
         let mut probes = Probes::load(config, std::process::id())?;
         let attached = probes.attached().to_vec();
         let Rings {
@@ -293,12 +425,19 @@ impl Monitor {
         let mut table = ProcessTable::new(DEFAULT_CAPACITY);
         let seeded = table.seed();
         info!("process table seeded with {seeded} processes");
+        let has_pod_source = config.identity.pods.source != crate::config::PodSourceKind::None;
         let enricher = Enricher {
             table,
+            identity: Identity::new(config.identity.clone(), pods, has_pod_source),
             clock: Clock::new(),
             seq: 0,
             lost_reported: [0; LANE_COUNT as usize],
             decode_errors: 0,
+            pending: VecDeque::new(),
+            max_wait: Duration::from_millis(config.identity.pending.max_wait_ms),
+            max_pending: config.identity.pending.max_events,
+            learned_prefixes: BTreeSet::new(),
+            configured_prefixes: config.effective_prefixes(),
         };
         let (stop, stop_rx) = watch::channel(false);
         let poll = Duration::from_millis(config.poll_interval_ms);
@@ -343,7 +482,7 @@ fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 }
 
 async fn consume(
-    probes: Probes,
+    mut probes: Probes,
     mut fds: LaneFds,
     mut st: Enricher,
     out: mpsc::Sender<Record>,
@@ -353,6 +492,8 @@ async fn consume(
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+    let mut pods_changed = st.identity.pods().changed();
+    st.sync_volume_prefixes(&mut probes);
     loop {
         let stopping = tokio::select! {
             _ = tick.tick() => false,
@@ -360,16 +501,31 @@ async fn consume(
                 st.table.prune();
                 false
             }
+            r = pods_changed.changed() => {
+                if r.is_ok() {
+                    st.sync_volume_prefixes(&mut probes);
+                }
+                false
+            }
             r = fds.process.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } false }
             r = fds.credential.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } false }
             r = fds.network.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } false }
             _ = stop.changed() => true,
         };
-        if !drain(&mut fds, &mut st, &out).await || !report_drops(&probes, &mut st, &out).await {
+        if !drain(&mut fds, &mut st, &out).await
+            || !report_drops(&probes, &mut st, &out).await
+            || !st.release_pending(&out).await
+        {
             info!("output closed; lane consumer stopping");
             return Ok(());
         }
         if stopping {
+            // Nothing more will arrive: what still waits for its pod leaves as it is.
+            for p in std::mem::take(&mut st.pending) {
+                if !st.send(p.record, &out).await {
+                    break;
+                }
+            }
             info!(
                 "lane consumer stopped after {} records ({} undecodable)",
                 st.seq, st.decode_errors
@@ -386,7 +542,7 @@ async fn drain(fds: &mut LaneFds, st: &mut Enricher, out: &mpsc::Sender<Record>)
         loop {
             while let Some(raw) = next_raw(fds.process.get_mut(), &mut st.decode_errors) {
                 if let Some(rec) = st.enrich(raw) {
-                    if out.send(rec).await.is_err() {
+                    if !st.emit(rec, out).await {
                         return false;
                     }
                 }
@@ -400,7 +556,7 @@ async fn drain(fds: &mut LaneFds, st: &mut Enricher, out: &mpsc::Sender<Record>)
                 break;
             };
             if let Some(rec) = st.enrich(raw) {
-                if out.send(rec).await.is_err() {
+                if !st.emit(rec, out).await {
                     return false;
                 }
             }
@@ -426,7 +582,7 @@ async fn report_drops(probes: &Probes, st: &mut Enricher, out: &mpsc::Sender<Rec
         }
         st.lost_reported[lane] = total;
         let rec = Record::Lost(LostRecord {
-            seq: st.next_seq(),
+            seq: 0,
             time: now_rfc3339(),
             lane: LANE_NAMES[lane].to_owned(),
             count: total - reported,

@@ -8,11 +8,14 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
-use agent_monitor::{config::Config, events::Record, monitor::Monitor};
+use agent_monitor::{config::Config, events::Record, identity::pods::PodStore, monitor::Monitor};
 use tokio::sync::mpsc;
 
 /// Whether root/BPF tests can run here. Panics when they cannot but are required.
@@ -185,8 +188,13 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Loads the probes with `config` and starts consuming.
+    /// Loads the probes with `config` and starts consuming, without pod metadata.
     pub fn start(config: &Config) -> Self {
+        Self::start_with_pods(config, PodStore::new())
+    }
+
+    /// Loads the probes with `config` and starts consuming, reading pods from `pods`.
+    pub fn start_with_pods(config: &Config, pods: Arc<PodStore>) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -194,7 +202,7 @@ impl Harness {
             .expect("runtime");
         let (tx, rx) = mpsc::channel(1 << 16);
         let monitor = runtime
-            .block_on(async { Monitor::start(config, tx) })
+            .block_on(async { Monitor::start(config, pods, tx) })
             .unwrap_or_else(|e| panic!("monitor start: {e}"));
         Self {
             runtime,

@@ -8,6 +8,11 @@ pub mod errno;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{
+    credentials::{CredentialClass, Owner},
+    Workload,
+};
+
 pub use decode::{decode, DecodeError, RawEvent};
 
 /// Who did it and when; common to every kernel event.
@@ -31,6 +36,8 @@ pub struct Task {
     pub exe: Option<String>,
     /// Inode number of the task's cgroup2 directory.
     pub cgroup_id: u64,
+    /// The pod, container, ServiceAccount and agent of the task.
+    pub workload: Workload,
 }
 
 /// An open of a watched path.
@@ -59,6 +66,10 @@ pub struct OpenRecord {
     pub result: i64,
     /// Name of the errno when the open failed.
     pub error: Option<String>,
+    /// What kind of credential the path holds.
+    pub class: CredentialClass,
+    /// Whose credential it is, when the path says (a pod, or a process for environ).
+    pub owner: Option<Owner>,
 }
 
 /// An outbound connect, or a datagram sent to an explicit address.
@@ -136,6 +147,30 @@ pub enum Record {
 }
 
 impl Record {
+    /// The task, for every record but `lost`.
+    pub fn task_mut(&mut self) -> Option<&mut Task> {
+        match self {
+            Record::Open(r) => Some(&mut r.task),
+            Record::Connect(r) => Some(&mut r.task),
+            Record::Exec(r) => Some(&mut r.task),
+            Record::Fork(r) => Some(&mut r.task),
+            Record::Exit(r) => Some(&mut r.task),
+            Record::Lost(_) => None,
+        }
+    }
+
+    /// Sets the sequence number.
+    pub fn set_seq(&mut self, seq: u64) {
+        match self {
+            Record::Open(r) => r.seq = seq,
+            Record::Connect(r) => r.seq = seq,
+            Record::Exec(r) => r.seq = seq,
+            Record::Fork(r) => r.seq = seq,
+            Record::Exit(r) => r.seq = seq,
+            Record::Lost(r) => r.seq = seq,
+        }
+    }
+
     /// The task, for every record but `lost`.
     pub fn task(&self) -> Option<&Task> {
         match self {

@@ -140,9 +140,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     info.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
         let mount = left.split_whitespace().nth(4)?;
-        right
-            .starts_with("cgroup2 ")
-            .then(|| PathBuf::from(mount))
+        right.starts_with("cgroup2 ").then(|| PathBuf::from(mount))
     })
 }
 
@@ -208,7 +206,11 @@ impl CgroupResolver {
                 .strip_prefix(&root)
                 .map(|p| format!("/{}", p.display()))
                 .unwrap_or_else(|_| "/".to_owned());
-            let rel = if rel == "/" { rel } else { rel.trim_end_matches('/').to_owned() };
+            let rel = if rel == "/" {
+                rel
+            } else {
+                rel.trim_end_matches('/').to_owned()
+            };
             self.cache
                 .entry(meta.ino())
                 .or_insert_with(|| Arc::new(parse_path(&rel)));
@@ -258,10 +260,30 @@ mod tests {
     fn systemd_driver_with_each_runtime() {
         for qos in ["kubepods-burstable", "kubepods-besteffort"] {
             let pod = format!("/kubepods.slice/{qos}.slice/{qos}-pod{UID_}.slice");
-            check(&format!("{pod}/cri-containerd-{ID}.scope"), Some(UID), Some(ID), Some("containerd"));
-            check(&format!("{pod}/crio-{ID}.scope"), Some(UID), Some(ID), Some("cri-o"));
-            check(&format!("{pod}/docker-{ID}.scope"), Some(UID), Some(ID), Some("docker"));
-            check(&format!("{pod}/crio-conmon-{ID}.scope"), Some(UID), None, None);
+            check(
+                &format!("{pod}/cri-containerd-{ID}.scope"),
+                Some(UID),
+                Some(ID),
+                Some("containerd"),
+            );
+            check(
+                &format!("{pod}/crio-{ID}.scope"),
+                Some(UID),
+                Some(ID),
+                Some("cri-o"),
+            );
+            check(
+                &format!("{pod}/docker-{ID}.scope"),
+                Some(UID),
+                Some(ID),
+                Some("docker"),
+            );
+            check(
+                &format!("{pod}/crio-conmon-{ID}.scope"),
+                Some(UID),
+                None,
+                None,
+            );
             check(&pod, Some(UID), None, None);
         }
         // Guaranteed QoS pods sit directly under kubepods.slice.
@@ -273,7 +295,9 @@ mod tests {
         );
         // A container's own sub-cgroups (systemd inside the container, cgroup namespaces).
         check(
-            &format!("/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope/init.scope"),
+            &format!(
+                "/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope/init.scope"
+            ),
             Some(UID),
             Some(ID),
             Some("containerd"),
@@ -299,10 +323,30 @@ mod tests {
 
     #[test]
     fn cgroupfs_driver() {
-        check(&format!("/kubepods/burstable/pod{UID}/{ID}"), Some(UID), Some(ID), None);
-        check(&format!("/kubepods/pod{UID}/{ID}"), Some(UID), Some(ID), None);
-        check(&format!("/kubepods/besteffort/pod{UID}/crio-{ID}"), Some(UID), Some(ID), Some("cri-o"));
-        check(&format!("/kubepods/besteffort/pod{UID}"), Some(UID), None, None);
+        check(
+            &format!("/kubepods/burstable/pod{UID}/{ID}"),
+            Some(UID),
+            Some(ID),
+            None,
+        );
+        check(
+            &format!("/kubepods/pod{UID}/{ID}"),
+            Some(UID),
+            Some(ID),
+            None,
+        );
+        check(
+            &format!("/kubepods/besteffort/pod{UID}/crio-{ID}"),
+            Some(UID),
+            Some(ID),
+            Some("cri-o"),
+        );
+        check(
+            &format!("/kubepods/besteffort/pod{UID}"),
+            Some(UID),
+            None,
+            None,
+        );
     }
 
     #[test]
@@ -323,15 +367,20 @@ mod tests {
         check("/user.slice/user-0.slice/session-1.scope", None, None, None);
         check("/kubepods.slice/kubepods-burstable.slice", None, None, None);
         check("/kubepods/podnot-a-uid/abc", None, None, None);
-        check(&format!("/kubepods-pod{UID_}x.slice/{ID}"), None, None, None);
+        check(
+            &format!("/kubepods-pod{UID_}x.slice/{ID}"),
+            None,
+            None,
+            None,
+        );
     }
 
     #[test]
     fn resolves_ids_by_walking_a_tree() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pod = dir
-            .path()
-            .join(format!("kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope"));
+        let pod = dir.path().join(format!(
+            "kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope"
+        ));
         std::fs::create_dir_all(&pod).expect("mkdir");
         let mut r = CgroupResolver::with_root(Some(dir.path().to_owned()));
         let id = std::fs::metadata(&pod).expect("stat").ino();

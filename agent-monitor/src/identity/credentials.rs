@@ -9,10 +9,10 @@
 
 use serde::Serialize;
 
-use super::pods::{ContainerMeta, PodMeta, VolumeKind};
+use super::pods::{ContainerMeta, VolumeKind};
 
 /// What kind of credential a path holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialClass {
     /// A ServiceAccount token (the `kube-api-access-*` projected volume's `token`).
@@ -96,14 +96,16 @@ fn projected_class(volume: &str, file: &str) -> CredentialClass {
     }
 }
 
-/// Classifies a path opened by a process of `reader` (its pod and container, when known).
+/// Classifies a path opened by a process of the pod `reader_uid` (from its cgroup), whose
+/// container spec is `reader_container` when the pod's metadata is known.
 pub fn classify(
     raw_path: &str,
     kubelet_root: &str,
-    reader: Option<(&PodMeta, Option<&ContainerMeta>)>,
+    reader_uid: Option<&str>,
+    reader_container: Option<&ContainerMeta>,
 ) -> Classified {
     let normalized = normalize(raw_path);
-    let reader_uid = reader.map(|(p, _)| p.uid.clone());
+    let reader_uid = reader_uid.map(str::to_owned);
     let done = |class, owner_pod_uid: Option<String>| Classified {
         class,
         owner_pod_uid,
@@ -123,9 +125,12 @@ pub fn classify(
             (Some("volumes"), Some("kubernetes.io~projected"), Some(v), true) => {
                 projected_class(v, file)
             }
-            (Some("volumes"), Some("kubernetes.io~secret" | "kubernetes.io~csi"), Some(_), true) => {
-                CredentialClass::SecretVolume
-            }
+            (
+                Some("volumes"),
+                Some("kubernetes.io~secret" | "kubernetes.io~csi"),
+                Some(_),
+                true,
+            ) => CredentialClass::SecretVolume,
             _ => CredentialClass::Other,
         };
         return done(class, uid);
@@ -157,7 +162,7 @@ pub fn classify(
         return done(class, reader_uid);
     }
     // Secret and projected volumes at custom mount paths, from the reader's pod spec.
-    if let Some((_, Some(container))) = reader {
+    if let Some(container) = reader_container {
         let best = container
             .mounts
             .iter()
@@ -220,7 +225,9 @@ mod tests {
 
     #[test]
     fn normalizes_every_spelling_of_one_file() {
-        let want = format!("/var/lib/kubelet/pods/{UID}/volumes/kubernetes.io~projected/kube-api-access-x/token");
+        let want = format!(
+            "/var/lib/kubelet/pods/{UID}/volumes/kubernetes.io~projected/kube-api-access-x/token"
+        );
         for p in [
             format!("/var/lib/kubelet/pods/{UID}/volumes/kubernetes.io~projected/kube-api-access-x/..data/token"),
             format!("/var/lib/kubelet/pods/{UID}/volumes/kubernetes.io~projected/kube-api-access-x/..2026_11_23_07_00_00.123456789/token"),
@@ -236,8 +243,8 @@ mod tests {
         assert_eq!(normalize("/var/runner/x"), "/var/runner/x");
     }
 
-    fn pod(mounts: Vec<MountMeta>) -> PodMeta {
-        PodMeta {
+    fn pod(mounts: Vec<MountMeta>) -> crate::identity::pods::PodMeta {
+        crate::identity::pods::PodMeta {
             uid: UID.to_owned(),
             namespace: "agents".into(),
             name: "a".into(),
@@ -256,11 +263,23 @@ mod tests {
 
     fn class_of(path: &str) -> (CredentialClass, Option<String>) {
         let p = pod(vec![
-            MountMeta { volume: "openai".into(), kind: VolumeKind::Secret, mount_path: "/etc/openai".into() },
-            MountMeta { volume: "aws-iam-token".into(), kind: VolumeKind::Projected, mount_path: "/var/run/aws/token-dir".into() },
-            MountMeta { volume: "config".into(), kind: VolumeKind::Other, mount_path: "/etc/app".into() },
+            MountMeta {
+                volume: "openai".into(),
+                kind: VolumeKind::Secret,
+                mount_path: "/etc/openai".into(),
+            },
+            MountMeta {
+                volume: "aws-iam-token".into(),
+                kind: VolumeKind::Projected,
+                mount_path: "/var/run/aws/token-dir".into(),
+            },
+            MountMeta {
+                volume: "config".into(),
+                kind: VolumeKind::Other,
+                mount_path: "/etc/app".into(),
+            },
         ]);
-        let c = classify(path, "/var/lib/kubelet", Some((&p, p.containers.first())));
+        let c = classify(path, "/var/lib/kubelet", Some(&p.uid), p.containers.first());
         (c.class, c.owner_pod_uid)
     }
 
@@ -271,23 +290,79 @@ mod tests {
         let other = "0a0a0a0a-1111-2222-3333-444444444444";
         let kubelet = |rest: &str| format!("/var/lib/kubelet/pods/{other}/volumes/{rest}");
         let cases: Vec<(String, CredentialClass, Option<String>)> = vec![
-            ("/var/run/secrets/kubernetes.io/serviceaccount/token".into(), ServiceAccountToken, own.clone()),
-            ("/run/secrets/kubernetes.io/serviceaccount/..data/token".into(), ServiceAccountToken, own.clone()),
-            ("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into(), NonSecret, own.clone()),
-            ("/var/run/secrets/kubernetes.io/serviceaccount/namespace".into(), NonSecret, own.clone()),
-            ("/var/run/secrets/eks.amazonaws.com/serviceaccount/token".into(), ProjectedToken, own.clone()),
-            ("/var/run/secrets/azure/tokens/azure-identity-token".into(), ProjectedToken, own.clone()),
+            (
+                "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+                ServiceAccountToken,
+                own.clone(),
+            ),
+            (
+                "/run/secrets/kubernetes.io/serviceaccount/..data/token".into(),
+                ServiceAccountToken,
+                own.clone(),
+            ),
+            (
+                "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into(),
+                NonSecret,
+                own.clone(),
+            ),
+            (
+                "/var/run/secrets/kubernetes.io/serviceaccount/namespace".into(),
+                NonSecret,
+                own.clone(),
+            ),
+            (
+                "/var/run/secrets/eks.amazonaws.com/serviceaccount/token".into(),
+                ProjectedToken,
+                own.clone(),
+            ),
+            (
+                "/var/run/secrets/azure/tokens/azure-identity-token".into(),
+                ProjectedToken,
+                own.clone(),
+            ),
             ("/etc/openai/api-key".into(), SecretVolume, own.clone()),
-            ("/etc/openai/..data/api-key".into(), SecretVolume, own.clone()),
-            ("/var/run/aws/token-dir/token".into(), ProjectedToken, own.clone()),
+            (
+                "/etc/openai/..data/api-key".into(),
+                SecretVolume,
+                own.clone(),
+            ),
+            (
+                "/var/run/aws/token-dir/token".into(),
+                ProjectedToken,
+                own.clone(),
+            ),
             ("/etc/app/settings.yaml".into(), Other, None),
             ("/etc/openaiX/key".into(), Other, None),
-            (kubelet("kubernetes.io~projected/kube-api-access-9z/..2026_11_23_07_00_00.1/token"), ServiceAccountToken, Some(other.into())),
-            (kubelet("kubernetes.io~projected/kube-api-access-9z/ca.crt"), NonSecret, Some(other.into())),
-            (kubelet("kubernetes.io~projected/aws-iam-token/token"), ProjectedToken, Some(other.into())),
-            (kubelet("kubernetes.io~secret/db-password/password"), SecretVolume, Some(other.into())),
-            (kubelet("kubernetes.io~csi/secrets-store/key"), SecretVolume, Some(other.into())),
-            ("/var/lib/kubelet/pki/kubelet-client-current.pem".into(), NodePki, None),
+            (
+                kubelet("kubernetes.io~projected/kube-api-access-9z/..2026_11_23_07_00_00.1/token"),
+                ServiceAccountToken,
+                Some(other.into()),
+            ),
+            (
+                kubelet("kubernetes.io~projected/kube-api-access-9z/ca.crt"),
+                NonSecret,
+                Some(other.into()),
+            ),
+            (
+                kubelet("kubernetes.io~projected/aws-iam-token/token"),
+                ProjectedToken,
+                Some(other.into()),
+            ),
+            (
+                kubelet("kubernetes.io~secret/db-password/password"),
+                SecretVolume,
+                Some(other.into()),
+            ),
+            (
+                kubelet("kubernetes.io~csi/secrets-store/key"),
+                SecretVolume,
+                Some(other.into()),
+            ),
+            (
+                "/var/lib/kubelet/pki/kubelet-client-current.pem".into(),
+                NodePki,
+                None,
+            ),
             ("/var/lib/kubelet/kubeconfig".into(), NodeKubeconfig, None),
             ("/etc/kubernetes/admin.conf".into(), NodeKubeconfig, None),
             ("/etc/kubernetes/kubelet.conf".into(), NodeKubeconfig, None),
@@ -295,8 +370,16 @@ mod tests {
             ("/etc/rancher/k3s/k3s.yaml".into(), NodeKubeconfig, None),
             ("/root/.kube/config".into(), NodeKubeconfig, None),
             ("/root/.aws/credentials".into(), CloudCredentials, None),
-            ("/root/.config/gcloud/application_default_credentials.json".into(), CloudCredentials, None),
-            ("/root/.azure/msal_token_cache.json".into(), CloudCredentials, None),
+            (
+                "/root/.config/gcloud/application_default_credentials.json".into(),
+                CloudCredentials,
+                None,
+            ),
+            (
+                "/root/.azure/msal_token_cache.json".into(),
+                CloudCredentials,
+                None,
+            ),
         ];
         for (path, class, owner) in cases {
             assert_eq!(class_of(&path), (class, owner), "{path}");
@@ -305,10 +388,13 @@ mod tests {
 
     #[test]
     fn environ_names_the_process() {
-        let c = classify("/proc/4242/environ", "/var/lib/kubelet", None);
+        let c = classify("/proc/4242/environ", "/var/lib/kubelet", None, None);
         assert_eq!(c.class, CredentialClass::ProcEnviron);
         assert_eq!(c.environ_pid, Some(4242));
-        assert_eq!(classify("/proc/self/environ", "/var/lib/kubelet", None).environ_pid, None);
+        assert_eq!(
+            classify("/proc/self/environ", "/var/lib/kubelet", None, None).environ_pid,
+            None
+        );
     }
 
     #[test]
@@ -317,13 +403,33 @@ mod tests {
             &format!("/tmp/k/pods/{UID}/volumes/kubernetes.io~secret/s/x"),
             "/tmp/k/",
             None,
+            None,
         );
-        assert_eq!((c.class, c.owner_pod_uid.as_deref()), (CredentialClass::SecretVolume, Some(UID)));
+        assert_eq!(
+            (c.class, c.owner_pod_uid.as_deref()),
+            (CredentialClass::SecretVolume, Some(UID))
+        );
     }
 
     #[test]
     fn host_readers_own_no_in_container_path() {
-        let c = classify("/run/secrets/kubernetes.io/serviceaccount/token", "/var/lib/kubelet", None);
-        assert_eq!((c.class, c.owner_pod_uid), (CredentialClass::ServiceAccountToken, None));
+        let c = classify(
+            "/run/secrets/kubernetes.io/serviceaccount/token",
+            "/var/lib/kubelet",
+            None,
+            None,
+        );
+        assert_eq!(
+            (c.class, c.owner_pod_uid),
+            (CredentialClass::ServiceAccountToken, None)
+        );
+        // A pod whose metadata is unknown still owns its in-container token.
+        let c = classify(
+            "/run/secrets/kubernetes.io/serviceaccount/token",
+            "/var/lib/kubelet",
+            Some(UID),
+            None,
+        );
+        assert_eq!(c.owner_pod_uid.as_deref(), Some(UID));
     }
 }

@@ -1,6 +1,196 @@
-//! Who did it: the process table now; pods, containers, ServiceAccounts and agents next.
+//! Who did it: the process table, and cgroup → pod → container → ServiceAccount → agent;
+//! and whose credential it was.
 
 pub mod cgroup;
 pub mod credentials;
 pub mod pods;
 pub mod process;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use self::{
+    cgroup::{CgroupInfo, CgroupResolver},
+    credentials::{classify, Classified, CredentialClass, Owner},
+    pods::{ContainerMeta, PodMeta, PodStore},
+};
+use crate::config::IdentityConfig;
+
+/// The workload an event came from. For a host process `host` is true and the rest empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Workload {
+    /// Not in any pod's cgroup.
+    pub host: bool,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container: Option<String>,
+    pub container_id: Option<String>,
+    pub service_account: Option<String>,
+    pub agent: Option<String>,
+    pub tier: Option<String>,
+    /// cgroup path relative to the cgroup2 mount; `None` when the cgroup id could not be
+    /// resolved.
+    pub cgroup: Option<String>,
+}
+
+/// The outcome of attributing one cgroup.
+pub struct Attribution {
+    pub workload: Workload,
+    pub pod: Option<Arc<PodMeta>>,
+    /// Whether more may be learned by waiting: the cgroup is unknown, or it names a pod
+    /// whose metadata has not arrived.
+    pub incomplete: bool,
+}
+
+impl Attribution {
+    /// The reader's pod and container, for credential classification.
+    pub fn reader(&self) -> Option<(&PodMeta, Option<&ContainerMeta>)> {
+        let pod = self.pod.as_deref()?;
+        let container = self
+            .workload
+            .container_id
+            .as_deref()
+            .and_then(|id| pod.container_by_id(id));
+        Some((pod, container))
+    }
+}
+
+/// Resolves cgroups to workloads and paths to credential owners.
+pub struct Identity {
+    cgroups: CgroupResolver,
+    pods: Arc<PodStore>,
+    config: IdentityConfig,
+    /// Whether pod metadata can arrive at all (a pod source is configured).
+    has_pod_source: bool,
+}
+
+impl Identity {
+    pub fn new(config: IdentityConfig, pods: Arc<PodStore>, has_pod_source: bool) -> Self {
+        Self {
+            cgroups: CgroupResolver::new(),
+            pods,
+            config,
+            has_pod_source,
+        }
+    }
+
+    /// Cached cgroups (for status).
+    pub fn cgroup_cache_len(&self) -> usize {
+        self.cgroups.len()
+    }
+
+    /// The pod store this identity reads.
+    pub fn pods(&self) -> &Arc<PodStore> {
+        &self.pods
+    }
+
+    fn workload_of(&self, info: &CgroupInfo) -> (Workload, Option<Arc<PodMeta>>) {
+        let Some(uid) = info.pod_uid.clone() else {
+            return (
+                Workload {
+                    host: true,
+                    cgroup: Some(info.path.clone()),
+                    ..Workload::default()
+                },
+                None,
+            );
+        };
+        let pod = self.pods.get(&uid);
+        let mut w = Workload {
+            host: false,
+            pod_uid: Some(uid),
+            container_id: info.container_id.clone(),
+            cgroup: Some(info.path.clone()),
+            ..Workload::default()
+        };
+        if let Some(p) = &pod {
+            w.namespace = Some(p.namespace.clone());
+            w.pod = Some(p.name.clone());
+            w.service_account = Some(p.service_account.clone());
+            w.agent = p.labels.get(&self.config.agent_label).cloned();
+            w.tier = p.labels.get(&self.config.tier_label).cloned();
+            w.container = info
+                .container_id
+                .as_deref()
+                .and_then(|id| p.container_by_id(id))
+                .map(|c| c.name.clone());
+        }
+        (w, pod)
+    }
+
+    /// Who a task of cgroup `cgroup_id` is.
+    pub fn attribute(&mut self, cgroup_id: u64) -> Attribution {
+        let Some(info) = self.cgroups.resolve(cgroup_id) else {
+            return Attribution {
+                workload: Workload::default(),
+                pod: None,
+                incomplete: true,
+            };
+        };
+        let (workload, pod) = self.workload_of(&info);
+        let incomplete = workload.pod_uid.is_some() && pod.is_none() && self.has_pod_source;
+        Attribution {
+            workload,
+            pod,
+            incomplete,
+        }
+    }
+
+    /// The cgroup of a live process, from /proc/<pid>/cgroup (cgroup2 line `0::<path>`).
+    fn cgroup_of_pid(pid: u32) -> Option<CgroupInfo> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(cgroup::parse_path(path))
+    }
+
+    /// Class and owner of a credential path opened by `reader`.
+    pub fn credential(&self, path: &str, reader: &Attribution) -> (CredentialClass, Option<Owner>) {
+        let container = reader.reader().and_then(|(_, c)| c);
+        let Classified {
+            class,
+            owner_pod_uid,
+            environ_pid,
+            ..
+        } = classify(
+            path,
+            &self.config.kubelet_root,
+            reader.workload.pod_uid.as_deref(),
+            container,
+        );
+        let owner_uid = match environ_pid {
+            Some(pid) => Self::cgroup_of_pid(pid).and_then(|c| c.pod_uid),
+            None => owner_pod_uid,
+        };
+        if owner_uid.is_none() && environ_pid.is_none() {
+            return (class, None);
+        }
+        let pod = owner_uid.as_deref().and_then(|u| self.pods.get(u));
+        let owner = Owner {
+            namespace: pod.as_ref().map(|p| p.namespace.clone()),
+            name: pod.as_ref().map(|p| p.name.clone()),
+            pod_uid: owner_uid,
+            pid: environ_pid,
+        };
+        (class, Some(owner))
+    }
+
+    /// Paths of Secret and projected volumes mounted at places outside the watched
+    /// prefixes, as prefixes (`<mount path>/`), learned from every known pod spec.
+    pub fn custom_volume_prefixes(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .pods
+            .all()
+            .iter()
+            .flat_map(|p| p.containers.iter())
+            .flat_map(|c| c.mounts.iter())
+            .filter(|m| m.kind != pods::VolumeKind::Other)
+            .map(|m| format!("{}/", m.mount_path.trim_end_matches('/')))
+            .filter(|p| p.len() > 1)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}

@@ -96,6 +96,9 @@ pub enum ProbeError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    /// A prefix is longer than the kernel side can match.
+    #[error("prefix {0:?} is longer than {max} bytes", max = PATH_CAP - 1)]
+    PrefixTooLong(String),
     /// A configured cgroup directory does not exist.
     #[error("cgroup {path}: {source}")]
     Cgroup {
@@ -249,6 +252,22 @@ impl Probes {
         &self.attached
     }
 
+    /// Adds a watched absolute path prefix at run time.
+    pub fn watch_prefix(&mut self, prefix: &str) -> Result<(), ProbeError> {
+        let key = prefix_key(prefix)?;
+        prefix_map(&mut self.ebpf)?
+            .insert(&key, 1, 0)
+            .map_err(map_err("WATCH_PREFIXES"))
+    }
+
+    /// Removes a watched prefix added with [`Probes::watch_prefix`].
+    pub fn unwatch_prefix(&mut self, prefix: &str) -> Result<(), ProbeError> {
+        let key = prefix_key(prefix)?;
+        prefix_map(&mut self.ebpf)?
+            .remove(&key)
+            .map_err(map_err("WATCH_PREFIXES"))
+    }
+
     /// Takes the ring buffers out for the consumer. Fails if called twice.
     pub fn take_rings(&mut self) -> Result<Rings, ProbeError> {
         let mut take = |name: &'static str| -> Result<RingBuf<MapData>, ProbeError> {
@@ -287,23 +306,34 @@ impl Probes {
     }
 }
 
+fn prefix_map(ebpf: &mut Ebpf) -> Result<LpmTrie<&mut MapData, [u8; PATH_CAP], u8>, ProbeError> {
+    LpmTrie::try_from(ebpf.map_mut("WATCH_PREFIXES").ok_or(ProbeError::Missing {
+        kind: "map",
+        name: "WATCH_PREFIXES",
+    })?)
+    .map_err(map_err("WATCH_PREFIXES"))
+}
+
+/// The LPM key of a prefix: its bytes, matched bit for bit.
+fn prefix_key(prefix: &str) -> Result<Key<[u8; PATH_CAP]>, ProbeError> {
+    if prefix.len() >= PATH_CAP {
+        return Err(ProbeError::PrefixTooLong(prefix.to_owned()));
+    }
+    let mut data = [0u8; PATH_CAP];
+    data[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    Ok(Key::new((prefix.len() * 8) as u32, data))
+}
+
 /// Writes the watched prefixes, basenames and monitored cgroups into their maps.
 fn fill_filters(ebpf: &mut Ebpf, config: &Config, cgroup_ids: &[u64]) -> Result<(), ProbeError> {
-    let mut prefixes: LpmTrie<_, [u8; PATH_CAP], u8> =
-        LpmTrie::try_from(ebpf.map_mut("WATCH_PREFIXES").ok_or(ProbeError::Missing {
-            kind: "map",
-            name: "WATCH_PREFIXES",
-        })?)
-        .map_err(map_err("WATCH_PREFIXES"))?;
-    for prefix in &config.watch.prefixes {
-        let mut data = [0u8; PATH_CAP];
-        data[..prefix.len()].copy_from_slice(prefix.as_bytes());
-        let key = Key::new((prefix.len() * 8) as u32, data);
+    let mut prefixes = prefix_map(ebpf)?;
+    let all = config.effective_prefixes();
+    for prefix in &all {
         prefixes
-            .insert(&key, 1, 0)
+            .insert(&prefix_key(prefix)?, 1, 0)
             .map_err(map_err("WATCH_PREFIXES"))?;
     }
-    debug!("watching {} path prefixes", config.watch.prefixes.len());
+    debug!("watching {} path prefixes", all.len());
 
     let mut basenames: HashMap<_, [u8; BASENAME_CAP], u8> =
         HashMap::try_from(ebpf.map_mut("WATCH_BASENAMES").ok_or(ProbeError::Missing {

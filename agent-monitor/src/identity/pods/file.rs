@@ -30,7 +30,9 @@ pub enum PodsFileError {
         source: std::io::Error,
     },
     /// The file is not a Pod or a List of Pods.
-    #[error("pods file {path}: not a Pod or a List of Pods (`kubectl get pods -o json`): {source}")]
+    #[error(
+        "pods file {path}: not a Pod or a List of Pods (`kubectl get pods -o json`): {source}"
+    )]
     Parse {
         path: PathBuf,
         #[source]
@@ -109,7 +111,11 @@ mod tests {
         let list = dir.path().join("pods.json");
         std::fs::write(
             &list,
-            format!(r#"{{"apiVersion":"v1","kind":"List","items":[{},{}]}}"#, pod_json("u1", "a"), pod_json("u2", "b")),
+            format!(
+                r#"{{"apiVersion":"v1","kind":"List","items":[{},{}]}}"#,
+                pod_json("u1", "a"),
+                pod_json("u2", "b")
+            ),
         )
         .expect("write");
         let pods = load(&list).expect("list");
@@ -126,8 +132,13 @@ mod tests {
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{ not json").expect("write");
         let err = load(&bad).expect_err("garbage").to_string();
-        assert!(err.contains("bad.json") && err.contains("kubectl get pods -o json"), "{err}");
-        let err = load(&dir.path().join("missing.json")).expect_err("missing").to_string();
+        assert!(
+            err.contains("bad.json") && err.contains("kubectl get pods -o json"),
+            "{err}"
+        );
+        let err = load(&dir.path().join("missing.json"))
+            .expect_err("missing")
+            .to_string();
         assert!(err.contains("cannot read"), "{err}");
     }
 
@@ -144,8 +155,15 @@ mod tests {
             .expect("first load")
             .expect("sender");
         assert!(store.get("u1").is_some());
-        std::fs::write(&path, format!(r#"{{"items":[{},{}]}}"#, pod_json("u1", "a"), pod_json("u2", "bb")))
-            .expect("rewrite");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"items":[{},{}]}}"#,
+                pod_json("u1", "a"),
+                pod_json("u2", "bb")
+            ),
+        )
+        .expect("rewrite");
         tokio::time::timeout(Duration::from_secs(5), changed.changed())
             .await
             .expect("reload")

@@ -130,7 +130,11 @@ impl PodMeta {
         };
         let mut containers = Vec::new();
         if let Some(spec) = spec {
-            for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
                 containers.push(ContainerMeta {
                     name: c.name.clone(),
                     image: c.image.clone().unwrap_or_default(),

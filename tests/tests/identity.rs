@@ -1,0 +1,325 @@
+//! Who did it and whose credential it was, on a simulated node: pod cgroups named exactly
+//! as the kubelet's systemd driver names them, pod metadata from a pods file, a kubelet
+//! root laid out as the kubelet lays out projected volumes (`..data` → timestamp dir), and
+//! the container's view of its token through a private mount namespace.
+//! Needs root and BPF (see `agent_monitor_tests::privileged`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use agent_monitor::{
+    config::{Config, PodSourceKind},
+    events::{OpenRecord, Record},
+    identity::{credentials::CredentialClass, pods::PodStore},
+};
+use agent_monitor_tests::{privileged, testkid, unique, Harness, TempTree, TestCgroup};
+
+const WAIT: Duration = Duration::from_secs(15);
+const NS: &str = "agents";
+
+struct SimPod {
+    uid: String,
+    name: String,
+    sa: String,
+    agent: String,
+    container_id: String,
+    token_volume: String,
+    cgroup: TestCgroup,
+}
+
+fn hex64(seed: u32) -> String {
+    format!("{:08x}", seed).repeat(8)
+}
+
+fn uid(seed: u32) -> String {
+    format!("{seed:08x}-5b3d-4c1a-9e8f-0a1b2c3d4e5f")
+}
+
+impl SimPod {
+    /// A pod's container cgroup under `top`, named as the systemd driver names it.
+    fn new(top: &str, seed: u32, name: &str, agent: &str) -> Self {
+        let uid = uid(seed);
+        let container_id = hex64(seed);
+        let slice = format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_"));
+        let cgroup = TestCgroup::create(&format!(
+            "{top}/kubepods.slice/kubepods-burstable.slice/{slice}/cri-containerd-{container_id}.scope"
+        ));
+        Self {
+            uid,
+            name: name.to_owned(),
+            sa: format!("sa-{name}"),
+            agent: agent.to_owned(),
+            container_id,
+            token_volume: format!("kube-api-access-{}", &name[name.len() - 1..]),
+            cgroup,
+        }
+    }
+
+    /// The pod as `kubectl get pods -o json` prints it.
+    fn json(&self, extra_volume: Option<(&str, &str)>) -> String {
+        let (extra_mount, extra_vol) = match extra_volume {
+            Some((vol, path)) => (
+                format!(r#",{{"name":"{vol}","mountPath":"{path}"}}"#),
+                format!(r#",{{"name":"{vol}","secret":{{"secretName":"{vol}"}}}}"#),
+            ),
+            None => (String::new(), String::new()),
+        };
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Pod",
+              "metadata":{{"name":"{name}","namespace":"{NS}","uid":"{uid}",
+                          "labels":{{"agent-monitor.dev/agent":"{agent}","agent-monitor.dev/tier":"worker"}}}},
+              "spec":{{"serviceAccountName":"{sa}","nodeName":"node-a",
+                      "containers":[{{"name":"agent","image":"ghcr.io/acme/agent:1",
+                        "volumeMounts":[{{"name":"{vol}","mountPath":"/var/run/secrets/kubernetes.io/serviceaccount"}}{extra_mount}]}}],
+                      "volumes":[{{"name":"{vol}","projected":{{"sources":[]}}}}{extra_vol}]}},
+              "status":{{"containerStatuses":[{{"name":"agent","containerID":"containerd://{cid}","image":"x","imageID":"y","ready":true,"restartCount":0}}]}}}}"#,
+            name = self.name,
+            uid = self.uid,
+            agent = self.agent,
+            sa = self.sa,
+            vol = self.token_volume,
+            cid = self.container_id,
+        )
+    }
+
+    /// Lays out the pod's token volume in the kubelet root with the kubelet's atomic-writer
+    /// structure; returns the volume directory.
+    fn kubelet_volume(&self, kubelet_root: &Path) -> PathBuf {
+        let vol = kubelet_root.join(format!(
+            "pods/{}/volumes/kubernetes.io~projected/{}",
+            self.uid, self.token_volume
+        ));
+        let ts = "..2026_11_23_07_00_00.000000001";
+        std::fs::create_dir_all(vol.join(ts)).expect("mkdir volume");
+        for f in ["token", "ca.crt", "namespace"] {
+            std::fs::write(vol.join(ts).join(f), "fixture, not a credential\n").expect("write");
+            std::os::unix::fs::symlink(format!("..data/{f}"), vol.join(f)).expect("symlink");
+        }
+        std::os::unix::fs::symlink(ts, vol.join("..data")).expect("..data");
+        vol
+    }
+}
+
+fn pods_file(path: &Path, pods: &[String]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+            pods.join(",")
+        ),
+    )
+    .expect("write pods file");
+    std::fs::rename(&tmp, path).expect("replace pods file");
+}
+
+fn config(kubelet_root: &Path, top: &TestCgroup, pods: &Path) -> Config {
+    let mut c = Config::default();
+    c.identity.kubelet_root = kubelet_root.display().to_string();
+    c.identity.pods.source = PodSourceKind::File;
+    c.identity.pods.file = Some(pods.to_owned());
+    c.cgroups = vec![top.path.clone()];
+    c
+}
+
+fn start(config: &Config, pods_path: &Path, expect: usize) -> (Harness, Arc<PodStore>) {
+    let store = PodStore::new();
+    let mut changed = store.changed();
+    let h = Harness::start_with_pods(config, store.clone());
+    {
+        let _in_runtime = h.runtime.enter();
+        agent_monitor::identity::pods::file::spawn(
+            pods_path.to_owned(),
+            store.clone(),
+            Duration::from_millis(50),
+        );
+    }
+    h.runtime.block_on(async {
+        while store.len() < expect {
+            tokio::time::timeout(WAIT, changed.changed())
+                .await
+                .expect("pods file loaded")
+                .expect("store alive");
+        }
+    });
+    (h, store)
+}
+
+fn opens_in(records: &[Record], cgroup_id: u64) -> Vec<&OpenRecord> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Open(o) if o.task.cgroup_id == cgroup_id && o.task.comm == "am-testkid" => {
+                Some(o)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
+    if !privileged("a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners") {
+        return;
+    }
+    let tree = TempTree::new("am-identity");
+    let kroot = tree.root.join("kubelet");
+    let top_name = unique("am-test-node");
+    let top = TestCgroup::create(&top_name);
+    let a = SimPod::new(&top_name, 0x1f7c9a2e, "agent-a", "researcher");
+    let b = SimPod::new(&top_name, 0x2e8dab3f, "agent-b", "coder");
+    let a_vol = a.kubelet_volume(&kroot);
+    let b_vol = b.kubelet_volume(&kroot);
+    // Pod A also has a Secret volume at a custom path, which only the pod spec tells about.
+    let secret_dir = kroot.join(format!(
+        "pods/{}/volumes/kubernetes.io~secret/openai",
+        a.uid
+    ));
+    std::fs::create_dir_all(&secret_dir).expect("mkdir secret");
+    std::fs::write(secret_dir.join("api-key"), "fixture, not a credential\n").expect("write");
+    let pods_path = tree.root.join("pods.json");
+    pods_file(
+        &pods_path,
+        &[
+            a.json(Some(("openai", "/run/agent-creds/openai"))),
+            b.json(None),
+        ],
+    );
+
+    let (mut h, _store) = start(&config(&kroot, &top, &pods_path), &pods_path, 2);
+    // The learned prefix is pushed to the kernel when the consumer sees the pods.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let b_token_via_data = b_vol.join("..data/token");
+    let script = format!(
+        "set -e; echo $$ > {cg}/cgroup.procs; mount -t tmpfs tmpfs /run; \
+         mkdir -p /run/secrets/kubernetes.io/serviceaccount /run/agent-creds/openai; \
+         mount --bind {a_vol} /run/secrets/kubernetes.io/serviceaccount; \
+         mount --bind {secret} /run/agent-creds/openai; \
+         exec {kid} openat:/var/run/secrets/kubernetes.io/serviceaccount/token openat:{b_token} \
+              openat:/run/agent-creds/openai/api-key",
+        cg = a.cgroup.path.display(),
+        a_vol = a_vol.display(),
+        secret = secret_dir.display(),
+        kid = testkid().display(),
+        b_token = b_token_via_data.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    assert!(
+        out.status.success(),
+        "child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let results: Vec<i64> = stdout
+        .lines()
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        results.len() == 3 && results.iter().all(|&r| r >= 0),
+        "all three opens succeeded: {stdout}"
+    );
+
+    h.wait_until(WAIT, |r| opens_in(r, a.cgroup.id).len() >= 3);
+    let opens = opens_in(&h.records, a.cgroup.id);
+    for o in &opens {
+        let w = &o.task.workload;
+        assert!(!w.host, "{o:?}");
+        assert_eq!(w.namespace.as_deref(), Some(NS));
+        assert_eq!(w.pod.as_deref(), Some("agent-a"));
+        assert_eq!(w.pod_uid.as_deref(), Some(a.uid.as_str()));
+        assert_eq!(w.container.as_deref(), Some("agent"));
+        assert_eq!(w.container_id.as_deref(), Some(a.container_id.as_str()));
+        assert_eq!(w.service_account.as_deref(), Some("sa-agent-a"));
+        assert_eq!(w.agent.as_deref(), Some("researcher"));
+        assert_eq!(w.tier.as_deref(), Some("worker"));
+    }
+    let own = &opens[0];
+    assert_eq!(
+        own.path,
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+    assert_eq!(own.class, CredentialClass::ServiceAccountToken);
+    let owner = own.owner.as_ref().expect("owner of own token");
+    assert_eq!(
+        (
+            owner.pod_uid.as_deref(),
+            owner.namespace.as_deref(),
+            owner.name.as_deref()
+        ),
+        (Some(a.uid.as_str()), Some(NS), Some("agent-a"))
+    );
+
+    let foreign = &opens[1];
+    assert_eq!(foreign.path, b_token_via_data.display().to_string());
+    assert_eq!(foreign.class, CredentialClass::ServiceAccountToken);
+    let owner = foreign.owner.as_ref().expect("owner of B's token");
+    assert_eq!(
+        (
+            owner.pod_uid.as_deref(),
+            owner.namespace.as_deref(),
+            owner.name.as_deref()
+        ),
+        (Some(b.uid.as_str()), Some(NS), Some("agent-b"))
+    );
+
+    let secret = &opens[2];
+    assert_eq!(secret.path, "/run/agent-creds/openai/api-key");
+    assert_eq!(secret.class, CredentialClass::SecretVolume);
+    assert_eq!(
+        secret.owner.as_ref().and_then(|o| o.pod_uid.as_deref()),
+        Some(a.uid.as_str())
+    );
+    drop(b);
+}
+
+#[test]
+fn a_pod_that_appears_a_second_late_still_names_its_events() {
+    if !privileged("a_pod_that_appears_a_second_late_still_names_its_events") {
+        return;
+    }
+    let tree = TempTree::new("am-late");
+    let kroot = tree.root.join("kubelet");
+    let watched = tree.file("watched/token");
+    let top_name = unique("am-test-late");
+    let top = TestCgroup::create(&top_name);
+    let early = SimPod::new(&top_name, 0x3a3a3a3a, "agent-e", "planner");
+    let late = SimPod::new(&top_name, 0x4b4b4b4b, "agent-l", "latecomer");
+    let pods_path = tree.root.join("pods.json");
+    pods_file(&pods_path, &[early.json(None)]);
+    let mut config = config(&kroot, &top, &pods_path);
+    config.watch.prefixes = vec![format!("{}/watched/", tree.root.display())];
+    let (mut h, _store) = start(&config, &pods_path, 1);
+
+    let status = Command::new(testkid())
+        .arg("--cgroup")
+        .arg(&late.cgroup.path)
+        .arg(format!("openat:{}", watched.display()))
+        .status()
+        .expect("kid");
+    assert!(status.success());
+    std::thread::sleep(Duration::from_secs(1));
+    h.settle(Duration::from_millis(100));
+    assert!(
+        opens_in(&h.records, late.cgroup.id).is_empty(),
+        "nothing may leave before the pod is known"
+    );
+    pods_file(&pods_path, &[early.json(None), late.json(None)]);
+
+    h.wait_until(WAIT, |r| !opens_in(r, late.cgroup.id).is_empty());
+    let o = opens_in(&h.records, late.cgroup.id)[0];
+    assert_eq!(o.task.workload.pod.as_deref(), Some("agent-l"));
+    assert_eq!(o.task.workload.agent.as_deref(), Some("latecomer"));
+    assert_eq!(
+        o.task.workload.service_account.as_deref(),
+        Some("sa-agent-l")
+    );
+    assert_eq!(o.task.workload.container.as_deref(), Some("agent"));
+}
