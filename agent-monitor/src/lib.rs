@@ -12,4 +12,5 @@ pub mod events;
 pub mod identity;
 pub mod monitor;
 pub mod outputs;
+pub mod policy;
 pub mod probes;

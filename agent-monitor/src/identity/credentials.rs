@@ -12,7 +12,9 @@ use serde::Serialize;
 use super::pods::{ContainerMeta, VolumeKind};
 
 /// What kind of credential a path holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialClass {
     /// A ServiceAccount token (the `kube-api-access-*` projected volume's `token`).

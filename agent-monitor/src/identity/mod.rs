@@ -30,6 +30,9 @@ pub struct Workload {
     pub service_account: Option<String>,
     pub agent: Option<String>,
     pub tier: Option<String>,
+    /// The pod's labels (policy selectors match them).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// cgroup path relative to the cgroup2 mount; `None` when the cgroup id could not be
     /// resolved.
     pub cgroup: Option<String>,
@@ -111,6 +114,7 @@ impl Identity {
             w.service_account = Some(p.service_account.clone());
             w.agent = p.labels.get(&self.config.agent_label).cloned();
             w.tier = p.labels.get(&self.config.tier_label).cloned();
+            w.labels = p.labels.clone();
             w.container = info
                 .container_id
                 .as_deref()

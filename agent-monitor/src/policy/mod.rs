@@ -1,0 +1,5 @@
+//! AgentPolicy: types shared with the CRD, loading and validation, selection.
+
+pub mod types;
+
+pub use types::*;
