@@ -1,17 +1,19 @@
 //! Wiring and shutdown: config → monitor → output writer; SIGTERM/SIGINT stop intake,
 //! drain every lane, flush the output and detach the probes.
 
-use std::{sync::Arc, thread::JoinHandle};
+use std::sync::{Arc, RwLock};
 
 use log::{error, info};
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     config::{Config, PodSourceKind},
+    detect::{Anomaly, DetectConfig, Engine},
     events::Record,
+    policy::PolicySet,
     identity::pods::{self, PodStore},
     monitor::{Monitor, MonitorError},
-    outputs::{jsonl, Sink},
+    outputs::{falco, jsonl, Sink},
 };
 
 /// Records queued between the lane consumer and the output writer. When the writer falls
@@ -43,21 +45,78 @@ pub enum AppError {
     Write(#[source] std::io::Error),
 }
 
-/// Runs a sink on its own thread until the channel closes; flushes whenever the queue is
-/// empty so a quiet stream is never left sitting in a buffer.
-fn spawn_writer(
-    mut sink: impl Sink + Send + 'static,
+/// How often rate-limit summaries are flushed.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+type EventSink = Box<dyn Sink<Record> + Send>;
+type AlertSink = Box<dyn Sink<Anomaly> + Send>;
+
+/// The stage after the monitor: every record to the event output, through detection,
+/// and every anomaly to the alert output. Flushes whenever the queue is empty, so a quiet
+/// stream is never left sitting in a buffer.
+pub async fn pipeline(
     mut rx: mpsc::Receiver<Record>,
-) -> JoinHandle<std::io::Result<()>> {
-    std::thread::spawn(move || {
-        while let Some(rec) = rx.blocking_recv() {
-            sink.write(&rec)?;
-            if rx.is_empty() {
-                sink.flush()?;
+    mut events: Option<EventSink>,
+    mut alerts: Option<AlertSink>,
+    mut engine: Engine,
+) -> std::io::Result<()> {
+    let mut flush = tokio::time::interval(FLUSH_INTERVAL);
+    loop {
+        tokio::select! {
+            rec = rx.recv() => {
+                let Some(rec) = rec else { break };
+                if let Some(s) = events.as_mut() {
+                    s.write(&rec)?;
+                }
+                for a in engine.process(&rec) {
+                    if let Some(s) = alerts.as_mut() {
+                        s.write(&a)?;
+                    }
+                }
+                if rx.is_empty() {
+                    if let Some(s) = events.as_mut() {
+                        s.flush()?;
+                    }
+                    if let Some(s) = alerts.as_mut() {
+                        s.flush()?;
+                    }
+                }
+            }
+            _ = flush.tick() => {
+                let summaries = engine.flush();
+                if let Some(s) = alerts.as_mut() {
+                    for a in &summaries {
+                        s.write(a)?;
+                    }
+                    s.flush()?;
+                }
             }
         }
-        sink.flush()
-    })
+    }
+    for a in engine.flush() {
+        if let Some(s) = alerts.as_mut() {
+            s.write(&a)?;
+        }
+    }
+    if let Some(s) = events.as_mut() {
+        s.flush()?;
+    }
+    if let Some(s) = alerts.as_mut() {
+        s.flush()?;
+    }
+    Ok(())
+}
+
+fn open_output(output: &str) -> Result<Option<Box<dyn std::io::Write + Send>>, AppError> {
+    if output == "none" {
+        return Ok(None);
+    }
+    jsonl::open_writer(output)
+        .map(Some)
+        .map_err(|source| AppError::Output {
+            output: output.to_owned(),
+            source,
+        })
 }
 
 /// Starts the configured pod source; its task keeps `pods` current until aborted.
@@ -95,27 +154,43 @@ async fn start_pod_source(
     })
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), AppError> {
-    let sink = jsonl::open(&config.output).map_err(|source| AppError::Output {
-        output: config.output.clone(),
-        source,
-    })?;
+/// Runs the daemon until SIGTERM or SIGINT, with the policies already loaded (and
+/// validated) from `config.detect.policies`.
+pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
+    let events: Option<EventSink> =
+        open_output(&config.output)?.map(|w| Box::new(jsonl::JsonLines::new(w)) as EventSink);
+    let alerts: Option<AlertSink> = open_output(&config.alerts.output)?
+        .map(|w| Box::new(falco::FalcoLines::new(w, falco::hostname())) as AlertSink);
+    let policy_count = policies.policies().len();
+    let policies = Arc::new(RwLock::new(policies));
+    let _reloader = (!config.detect.policies.is_empty()).then(|| {
+        crate::policy::spawn_reloader(
+            config.detect.policies.clone(),
+            policies.clone(),
+            std::time::Duration::from_secs(1),
+        )
+    });
+    let engine = Engine::new(
+        DetectConfig::from_settings(&config.detect, config.alerts.rate_limit_per_minute),
+        policies,
+    );
     let mut term =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
-    let writer = spawn_writer(sink, rx);
+    let writer = tokio::spawn(pipeline(rx, events, alerts, engine));
     let pods = PodStore::new();
     let _pod_source = start_pod_source(&config, &pods).await?;
     let monitor = Monitor::start(&config, pods.clone(), tx)?;
     info!(
-        "agent-monitor running: {} tracepoints, {} watched prefixes, {} basenames, cgroup filter {}; output {}",
+        "agent-monitor running: {} tracepoints, {} policies, {} watched prefixes, {} basenames, cgroup filter {}; events to {}, alerts to {}",
         monitor.attached().len(),
+        policy_count,
         config.watch.prefixes.len(),
         config.watch.basenames.len(),
         if config.cgroups.is_empty() { "off".to_owned() } else { format!("{} cgroups", config.cgroups.len()) },
         if config.output == "-" { "stdout" } else { &config.output },
+        if config.alerts.output == "-" { "stdout" } else { &config.alerts.output },
     );
     let signal = tokio::select! {
         _ = term.recv() => "SIGTERM",
@@ -123,11 +198,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     info!("{signal} received: draining lanes and flushing output");
     let stopped = monitor.stop().await;
-    let written = match writer.join() {
+    let written = match writer.await {
         Ok(r) => r.map_err(AppError::Write),
-        Err(_) => Err(AppError::Write(std::io::Error::other(
-            "output writer panicked",
-        ))),
+        Err(e) => Err(AppError::Write(std::io::Error::other(format!(
+            "output stage failed: {e}"
+        )))),
     };
     if let Err(e) = &written {
         error!("{e}");

@@ -107,12 +107,19 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig(args) => match load_config(&args) {
-            Ok(_) => {
+            Ok(config) => {
+                let policies = match crate::policy::PolicySet::load(&config.detect.policies) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("agent-monitor: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
                 let name = args.config.map_or_else(
                     || "built-in default".to_owned(),
                     |p| p.display().to_string(),
                 );
-                println!("config {name}: ok");
+                println!("config {name}: ok ({} policies)", policies.policies().len());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -123,6 +130,13 @@ pub fn main() -> ExitCode {
         Command::Run(args) => {
             let config = match load_run_config(&args) {
                 Ok(c) => c,
+                Err(e) => {
+                    eprintln!("agent-monitor: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let policies = match crate::policy::PolicySet::load(&config.detect.policies) {
+                Ok(p) => p,
                 Err(e) => {
                     eprintln!("agent-monitor: {e}");
                     return ExitCode::from(EXIT_CONFIG);
@@ -139,7 +153,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            match runtime.block_on(crate::app::run(config)) {
+            match runtime.block_on(crate::app::run(config, policies)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("agent-monitor: {e}");

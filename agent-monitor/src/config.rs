@@ -87,12 +87,66 @@ pub struct Config {
     /// bounds the delay of a lone event; a lane that fills a quarter of its ring wakes the
     /// daemon at once.
     pub poll_interval_ms: u64,
-    /// Where event JSON lines go: `-` for stdout, or a file path (appended).
+    /// Where event JSON lines go: `-` for stdout, a file path (appended), or `none`.
     pub output: String,
     /// Forward kernel-side diagnostics (aya-log) to the daemon's log.
     pub kernel_log: bool,
     /// Who did it: pods, containers, ServiceAccounts, agents.
     pub identity: IdentityConfig,
+    /// Rules and their inputs.
+    pub detect: DetectSettings,
+    /// Where alerts go.
+    pub alerts: AlertsConfig,
+}
+
+/// Detection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectSettings {
+    /// AgentPolicy YAML files or directories of them; reloaded when they change.
+    pub policies: Vec<PathBuf>,
+    /// API server endpoints (`10.96.0.1:443`, `192.168.1.10`): the `api-server` class.
+    pub api_servers: Vec<String>,
+    /// Pod and Service CIDRs: the `cluster` class.
+    pub cluster_cidrs: Vec<String>,
+    /// How long after a credential read egress counts as exfiltration, in milliseconds.
+    pub exfil_window_ms: u64,
+    /// Executable names that may never read a credential (shells, file utilities).
+    pub suspicious_readers: Vec<String>,
+}
+
+impl Default for DetectSettings {
+    fn default() -> Self {
+        Self {
+            policies: Vec::new(),
+            api_servers: Vec::new(),
+            cluster_cidrs: Vec::new(),
+            exfil_window_ms: 30_000,
+            suspicious_readers: crate::detect::DEFAULT_SUSPICIOUS_READERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }
+    }
+}
+
+/// Alert output settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Falco JSON lines: `-` for stdout, a file path (appended), or `none`.
+    pub output: String,
+    /// Alerts per rule and workload per minute; the excess is counted and reported.
+    pub rate_limit_per_minute: u32,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            output: "-".to_owned(),
+            rate_limit_per_minute: 20,
+        }
+    }
 }
 
 /// Where pod metadata comes from.
@@ -214,6 +268,8 @@ impl Default for Config {
             output: "-".to_owned(),
             kernel_log: false,
             identity: IdentityConfig::default(),
+            detect: DetectSettings::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -412,6 +468,41 @@ impl Config {
                     id.pending.max_wait_ms, id.pending.max_events
                 ),
             ));
+        }
+        for (i, a) in self.detect.api_servers.iter().enumerate() {
+            if crate::detect::destinations::Endpoint::parse(a).is_none() {
+                return Err(invalid(
+                    format!("detect.api_servers[{i}]"),
+                    "an IP address with an optional port (10.96.0.1:443)",
+                    format!("{a:?}"),
+                ));
+            }
+        }
+        for (i, c) in self.detect.cluster_cidrs.iter().enumerate() {
+            if crate::policy::Cidr::parse(c).is_err() {
+                return Err(invalid(
+                    format!("detect.cluster_cidrs[{i}]"),
+                    "a CIDR (10.244.0.0/16, fd00::/64)",
+                    format!("{c:?}"),
+                ));
+            }
+        }
+        if self.detect.exfil_window_ms == 0 || self.detect.exfil_window_ms > 3_600_000 {
+            return Err(invalid(
+                "detect.exfil_window_ms".to_owned(),
+                "1 to 3600000",
+                self.detect.exfil_window_ms.to_string(),
+            ));
+        }
+        if self.alerts.rate_limit_per_minute == 0 {
+            return Err(invalid(
+                "alerts.rate_limit_per_minute".to_owned(),
+                "at least 1".to_owned().as_str(),
+                "0".to_owned(),
+            ));
+        }
+        if self.alerts.output.is_empty() {
+            return Err(invalid("alerts.output".to_owned(), "`-`, `none` or a file path", "\"\"".to_owned()));
         }
         if self.output.is_empty() {
             return Err(invalid(

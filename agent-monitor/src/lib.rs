@@ -8,6 +8,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod detect;
 pub mod events;
 pub mod identity;
 pub mod monitor;

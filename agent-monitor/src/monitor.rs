@@ -308,7 +308,7 @@ impl Enricher {
                     fd: a.fd,
                     result: ev.ret,
                     error: errno::of_result(ev.ret),
-                    attempted: ev.ret >= 0 || ev.ret == -i64::from(libc::EINPROGRESS),
+                    attempted: attempted(ev.ret),
                 }))
             }
             RawEvent::Proc(ev) => {
@@ -351,6 +351,22 @@ impl Enricher {
             }
         }
     }
+}
+
+/// Whether a connect or send reached the network: it succeeded, is in progress on a
+/// non-blocking socket, or failed only after packets left (refused, reset, timed out,
+/// unreachable host). Local failures (bad address, permission) are not attempts.
+fn attempted(ret: i64) -> bool {
+    ret >= 0
+        || [
+            libc::EINPROGRESS,
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+        ]
+        .iter()
+        .any(|e| ret == -i64::from(*e))
 }
 
 /// Lane rings registered with the runtime.

@@ -15,6 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod netns;
+pub mod sim;
+
 use agent_monitor::{config::Config, events::Record, identity::pods::PodStore, monitor::Monitor};
 use tokio::sync::mpsc;
 

@@ -5,7 +5,7 @@
 //! Needs root and BPF (see `agent_monitor_tests::privileged`).
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::Arc,
     time::Duration,
@@ -16,106 +16,13 @@ use agent_monitor::{
     events::{OpenRecord, Record},
     identity::{credentials::CredentialClass, pods::PodStore},
 };
-use agent_monitor_tests::{privileged, testkid, unique, Harness, TempTree, TestCgroup};
+use agent_monitor_tests::{
+    privileged,
+    sim::{pods_file, run_in_pod, SimPod, NS},
+    testkid, unique, Harness, TempTree, TestCgroup,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
-const NS: &str = "agents";
-
-struct SimPod {
-    uid: String,
-    name: String,
-    sa: String,
-    agent: String,
-    container_id: String,
-    token_volume: String,
-    cgroup: TestCgroup,
-}
-
-fn hex64(seed: u32) -> String {
-    format!("{:08x}", seed).repeat(8)
-}
-
-fn uid(seed: u32) -> String {
-    format!("{seed:08x}-5b3d-4c1a-9e8f-0a1b2c3d4e5f")
-}
-
-impl SimPod {
-    /// A pod's container cgroup under `top`, named as the systemd driver names it.
-    fn new(top: &str, seed: u32, name: &str, agent: &str) -> Self {
-        let uid = uid(seed);
-        let container_id = hex64(seed);
-        let slice = format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_"));
-        let cgroup = TestCgroup::create(&format!(
-            "{top}/kubepods.slice/kubepods-burstable.slice/{slice}/cri-containerd-{container_id}.scope"
-        ));
-        Self {
-            uid,
-            name: name.to_owned(),
-            sa: format!("sa-{name}"),
-            agent: agent.to_owned(),
-            container_id,
-            token_volume: format!("kube-api-access-{}", &name[name.len() - 1..]),
-            cgroup,
-        }
-    }
-
-    /// The pod as `kubectl get pods -o json` prints it.
-    fn json(&self, extra_volume: Option<(&str, &str)>) -> String {
-        let (extra_mount, extra_vol) = match extra_volume {
-            Some((vol, path)) => (
-                format!(r#",{{"name":"{vol}","mountPath":"{path}"}}"#),
-                format!(r#",{{"name":"{vol}","secret":{{"secretName":"{vol}"}}}}"#),
-            ),
-            None => (String::new(), String::new()),
-        };
-        format!(
-            r#"{{"apiVersion":"v1","kind":"Pod",
-              "metadata":{{"name":"{name}","namespace":"{NS}","uid":"{uid}",
-                          "labels":{{"agent-monitor.dev/agent":"{agent}","agent-monitor.dev/tier":"worker"}}}},
-              "spec":{{"serviceAccountName":"{sa}","nodeName":"node-a",
-                      "containers":[{{"name":"agent","image":"ghcr.io/acme/agent:1",
-                        "volumeMounts":[{{"name":"{vol}","mountPath":"/var/run/secrets/kubernetes.io/serviceaccount"}}{extra_mount}]}}],
-                      "volumes":[{{"name":"{vol}","projected":{{"sources":[]}}}}{extra_vol}]}},
-              "status":{{"containerStatuses":[{{"name":"agent","containerID":"containerd://{cid}","image":"x","imageID":"y","ready":true,"restartCount":0}}]}}}}"#,
-            name = self.name,
-            uid = self.uid,
-            agent = self.agent,
-            sa = self.sa,
-            vol = self.token_volume,
-            cid = self.container_id,
-        )
-    }
-
-    /// Lays out the pod's token volume in the kubelet root with the kubelet's atomic-writer
-    /// structure; returns the volume directory.
-    fn kubelet_volume(&self, kubelet_root: &Path) -> PathBuf {
-        let vol = kubelet_root.join(format!(
-            "pods/{}/volumes/kubernetes.io~projected/{}",
-            self.uid, self.token_volume
-        ));
-        let ts = "..2026_11_23_07_00_00.000000001";
-        std::fs::create_dir_all(vol.join(ts)).expect("mkdir volume");
-        for f in ["token", "ca.crt", "namespace"] {
-            std::fs::write(vol.join(ts).join(f), "fixture, not a credential\n").expect("write");
-            std::os::unix::fs::symlink(format!("..data/{f}"), vol.join(f)).expect("symlink");
-        }
-        std::os::unix::fs::symlink(ts, vol.join("..data")).expect("..data");
-        vol
-    }
-}
-
-fn pods_file(path: &Path, pods: &[String]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        format!(
-            r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
-            pods.join(",")
-        ),
-    )
-    .expect("write pods file");
-    std::fs::rename(&tmp, path).expect("replace pods file");
-}
 
 fn config(kubelet_root: &Path, top: &TestCgroup, pods: &Path) -> Config {
     let mut c = Config::default();
@@ -172,7 +79,7 @@ fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
     let top = TestCgroup::create(&top_name);
     let a = SimPod::new(&top_name, 0x1f7c9a2e, "agent-a", "researcher");
     let b = SimPod::new(&top_name, 0x2e8dab3f, "agent-b", "coder");
-    let a_vol = a.kubelet_volume(&kroot);
+    a.kubelet_volume(&kroot);
     let b_vol = b.kubelet_volume(&kroot);
     // Pod A also has a Secret volume at a custom path, which only the pod spec tells about.
     let secret_dir = kroot.join(format!(
@@ -195,27 +102,16 @@ fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
     std::thread::sleep(Duration::from_millis(300));
 
     let b_token_via_data = b_vol.join("..data/token");
-    let script = format!(
-        "set -e; echo $$ > {cg}/cgroup.procs; mount -t tmpfs tmpfs /run; \
-         mkdir -p /run/secrets/kubernetes.io/serviceaccount /run/agent-creds/openai; \
-         mount --bind {a_vol} /run/secrets/kubernetes.io/serviceaccount; \
-         mount --bind {secret} /run/agent-creds/openai; \
-         exec {kid} openat:/var/run/secrets/kubernetes.io/serviceaccount/token openat:{b_token} \
-              openat:/run/agent-creds/openai/api-key",
-        cg = a.cgroup.path.display(),
-        a_vol = a_vol.display(),
-        secret = secret_dir.display(),
-        kid = testkid().display(),
-        b_token = b_token_via_data.display(),
-    );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .expect("unshare");
-    assert!(
-        out.status.success(),
-        "child failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_in_pod(
+        &a,
+        &kroot,
+        &[(secret_dir.clone(), "/run/agent-creds/openai")],
+        &[
+            "openat:/var/run/secrets/kubernetes.io/serviceaccount/token".to_owned(),
+            format!("openat:{}", b_token_via_data.display()),
+            "openat:/run/agent-creds/openai/api-key".to_owned(),
+        ],
+        false,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let results: Vec<i64> = stdout

@@ -88,7 +88,8 @@ pub struct ConnectRecord {
     /// 0, bytes sent, or `-errno`.
     pub result: i64,
     pub error: Option<String>,
-    /// The connection was attempted: success, or `EINPROGRESS` on a non-blocking socket.
+    /// The connection was attempted: success, `EINPROGRESS` on a non-blocking socket, or a
+    /// failure after packets left (refused, reset, timed out, host unreachable).
     pub attempted: bool,
 }
 

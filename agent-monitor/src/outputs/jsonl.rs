@@ -7,9 +7,8 @@ use std::{
 };
 
 use super::Sink;
-use crate::events::Record;
 
-/// Writes each record as one line of JSON.
+/// Writes each item (record or anomaly) as one line of JSON.
 pub struct JsonLines<W: Write> {
     out: BufWriter<W>,
 }
@@ -22,9 +21,9 @@ impl<W: Write> JsonLines<W> {
     }
 }
 
-/// Opens the configured output: `-` is stdout, anything else a file opened for append.
-pub fn open(output: &str) -> std::io::Result<JsonLines<Box<dyn Write + Send>>> {
-    let w: Box<dyn Write + Send> = if output == "-" {
+/// Opens a configured output: `-` is stdout, anything else a file opened for append.
+pub fn open_writer(output: &str) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(if output == "-" {
         Box::new(std::io::stdout())
     } else {
         Box::new(
@@ -33,13 +32,12 @@ pub fn open(output: &str) -> std::io::Result<JsonLines<Box<dyn Write + Send>>> {
                 .append(true)
                 .open(Path::new(output))?,
         )
-    };
-    Ok(JsonLines::new(w))
+    })
 }
 
-impl<W: Write> Sink for JsonLines<W> {
-    fn write(&mut self, record: &Record) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, record)?;
+impl<W: Write, T: serde::Serialize> Sink<T> for JsonLines<W> {
+    fn write(&mut self, item: &T) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, item)?;
         self.out.write_all(b"\n")
     }
 
@@ -51,7 +49,7 @@ impl<W: Write> Sink for JsonLines<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::LostRecord;
+    use crate::events::{LostRecord, Record};
 
     #[test]
     fn one_line_per_record() {
@@ -68,7 +66,7 @@ mod tests {
                 });
                 sink.write(&rec).expect("write");
             }
-            sink.flush().expect("flush");
+            Sink::<Record>::flush(&mut sink).expect("flush");
         }
         let text = String::from_utf8(buf).expect("utf-8");
         let lines: Vec<_> = text.lines().collect();

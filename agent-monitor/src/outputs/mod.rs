@@ -1,14 +1,13 @@
 //! Where records leave the process.
 
+pub mod falco;
 pub mod jsonl;
 
-use crate::events::Record;
-
-/// A destination for records. Implementations may buffer; `flush` pushes buffered
-/// records out.
-pub trait Sink {
-    /// Writes one record.
-    fn write(&mut self, record: &Record) -> std::io::Result<()>;
+/// A destination for records or alerts. Implementations may buffer; `flush` pushes
+/// buffered items out.
+pub trait Sink<T> {
+    /// Writes one item.
+    fn write(&mut self, item: &T) -> std::io::Result<()>;
     /// Pushes out whatever is buffered.
     fn flush(&mut self) -> std::io::Result<()>;
 }

@@ -14,6 +14,7 @@
 //! - `time-opens:PATH:N`       N × (openat + close), prints `ns_per_call <f64>`
 //! - `tcp4:PORT` `tcp6:PORT`   connect to 127.0.0.1 / ::1
 //! - `udp4:PORT`               sendto 127.0.0.1
+//! - `connect:IP:PORT`         connect to any address (IPv6 in brackets)
 //! - `exec:PROG:ARG...`        execv (must be last)
 //!
 //! Every result is printed as `<action> <return value>` on stdout.
@@ -165,6 +166,10 @@ fn main() {
                     Ipv6Addr::LOCALHOST.into()
                 };
                 connect(SocketAddr::new(ip, port))
+            }
+            "connect" => {
+                let addr: SocketAddr = rest.parse().unwrap_or_else(|_| die("connect:IP:PORT"));
+                connect(addr)
             }
             "udp4" => {
                 let port: u16 = rest.parse().unwrap_or_else(|_| die("bad port"));

@@ -1,0 +1,648 @@
+//! Detection: built-in rules over enriched records, tuned by AgentPolicy.
+//!
+//! Each rule has a stable id, a Falco priority and MITRE ATT&CK tags ([`RULES`]). The
+//! engine sees records in order, keeps bounded state ([`state`]), and returns anomalies;
+//! it never reads files or the network, so a journal replay decides exactly as live.
+
+pub mod destinations;
+pub mod state;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use self::{
+    destinations::Destinations,
+    state::{Baselines, Limit, Parents, RateLimiter, Read, Reads},
+};
+use crate::{
+    events::{ConnectRecord, LostRecord, OpenRecord, Record, Task},
+    identity::{credentials::CredentialClass, Workload},
+    policy::{policy_allows_egress, AgentPolicy, DestinationClass, PolicySet, Priority, Tier},
+};
+
+/// A built-in rule.
+#[derive(Debug, Clone, Copy)]
+pub struct RuleInfo {
+    pub id: &'static str,
+    pub priority: Priority,
+    pub tags: &'static [&'static str],
+    pub description: &'static str,
+}
+
+pub const FOREIGN_CREDENTIAL_READ: &str = "foreign-credential-read";
+pub const UNEXPECTED_EXECUTABLE: &str = "credential-read-unexpected-executable";
+pub const EXFILTRATION: &str = "credential-exfiltration";
+pub const EGRESS_OUTSIDE_ALLOWLIST: &str = "egress-outside-allowlist";
+pub const CLOUD_METADATA: &str = "cloud-metadata-contact";
+pub const API_SERVER_NOT_ALLOWED: &str = "api-server-contact-not-allowed";
+pub const NODE_CREDENTIAL_READ: &str = "node-credential-read";
+pub const PROC_ENVIRON_READ: &str = "proc-environ-read";
+pub const BASELINE_DEVIATION: &str = "baseline-deviation";
+pub const EVENTS_LOST: &str = "monitor-events-lost";
+
+/// Every built-in rule. Tags follow Falco's convention (`mitre_*` tactic, `T*` technique).
+pub const RULES: &[RuleInfo] = &[
+    RuleInfo {
+        id: FOREIGN_CREDENTIAL_READ,
+        priority: Priority::Critical,
+        tags: &["k8s", "credentials", "mitre_credential_access", "T1528", "T1552.001"],
+        description: "a process reads a credential owned by another pod",
+    },
+    RuleInfo {
+        id: UNEXPECTED_EXECUTABLE,
+        priority: Priority::Warning,
+        tags: &["k8s", "credentials", "mitre_credential_access", "T1552.001"],
+        description: "a credential is read by a shell, a file utility, or an executable the policy does not name",
+    },
+    RuleInfo {
+        id: EXFILTRATION,
+        priority: Priority::Critical,
+        tags: &["k8s", "credentials", "network", "mitre_exfiltration", "T1041", "T1528"],
+        description: "a credential read followed by egress outside the allowlist from the same process tree",
+    },
+    RuleInfo {
+        id: EGRESS_OUTSIDE_ALLOWLIST,
+        priority: Priority::Warning,
+        tags: &["k8s", "network", "mitre_command_and_control", "T1071"],
+        description: "a connection to a destination the agent's policy does not allow",
+    },
+    RuleInfo {
+        id: CLOUD_METADATA,
+        priority: Priority::Error,
+        tags: &["k8s", "network", "cloud", "mitre_credential_access", "T1552.005"],
+        description: "a pod contacts the cloud instance metadata service",
+    },
+    RuleInfo {
+        id: API_SERVER_NOT_ALLOWED,
+        priority: Priority::Warning,
+        tags: &["k8s", "network", "mitre_discovery", "T1613"],
+        description: "API server contact by a workload whose tier or policy does not allow it",
+    },
+    RuleInfo {
+        id: NODE_CREDENTIAL_READ,
+        priority: Priority::Critical,
+        tags: &["k8s", "credentials", "node", "mitre_privilege_escalation", "T1552.001", "T1611"],
+        description: "a container reads a node kubeconfig, node PKI or a cloud credential file",
+    },
+    RuleInfo {
+        id: PROC_ENVIRON_READ,
+        priority: Priority::Warning,
+        tags: &["k8s", "credentials", "process", "mitre_credential_access", "T1552"],
+        description: "a container reads the environment of another process",
+    },
+    RuleInfo {
+        id: BASELINE_DEVIATION,
+        priority: Priority::Notice,
+        tags: &["k8s", "baseline", "mitre_defense_evasion"],
+        description: "an agent does something it never did during its learning window",
+    },
+    RuleInfo {
+        id: EVENTS_LOST,
+        priority: Priority::Critical,
+        tags: &["monitor", "health"],
+        description: "the kernel dropped credential or network events (a full ring)",
+    },
+];
+
+/// The rule with this id.
+pub fn rule(id: &str) -> Option<&'static RuleInfo> {
+    RULES.iter().find(|r| r.id == id)
+}
+
+/// Readers that have no business with a credential: shells and file utilities, the tools
+/// of a prompt-injected `cat token | curl ...`.
+pub const DEFAULT_SUSPICIOUS_READERS: &[&str] = &[
+    "sh", "bash", "dash", "zsh", "ash", "ksh", "busybox", "cat", "head", "tail", "less",
+    "more", "base64", "xxd", "od", "hexdump", "strings", "curl", "wget", "nc", "ncat",
+    "socat", "cp", "scp", "dd", "tar", "grep", "awk", "sed", "vi", "vim", "nano",
+];
+
+/// An alert: what rule fired, for whom, because of which records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Anomaly {
+    /// Increasing within one engine.
+    pub seq: u64,
+    /// RFC 3339 time of the record that fired it.
+    pub time: String,
+    pub rule: String,
+    pub priority: Priority,
+    /// One line naming agent, pod, namespace, ServiceAccount, executable and target.
+    pub output: String,
+    pub tags: Vec<String>,
+    pub workload: Workload,
+    /// Falco `output_fields`.
+    pub fields: BTreeMap<String, Value>,
+    /// Sequence numbers of the records behind it (for the exfiltration rule: the read,
+    /// then the connect).
+    pub events: Vec<u64>,
+}
+
+/// Detection settings (validated in `config`).
+#[derive(Debug, Clone)]
+pub struct DetectConfig {
+    pub destinations: Destinations,
+    pub exfil_window: Duration,
+    /// Alerts per (rule, workload) per minute before suppression.
+    pub rate_limit_per_minute: u32,
+    pub suspicious_readers: Vec<String>,
+}
+
+impl DetectConfig {
+    /// From validated settings (entries that do not parse were rejected by validation).
+    pub fn from_settings(s: &crate::config::DetectSettings, rate_limit_per_minute: u32) -> Self {
+        Self {
+            destinations: Destinations {
+                api_servers: s
+                    .api_servers
+                    .iter()
+                    .filter_map(|a| destinations::Endpoint::parse(a))
+                    .collect(),
+                cluster: s
+                    .cluster_cidrs
+                    .iter()
+                    .filter_map(|c| crate::policy::Cidr::parse(c).ok())
+                    .collect(),
+            },
+            exfil_window: Duration::from_millis(s.exfil_window_ms),
+            rate_limit_per_minute,
+            suspicious_readers: s.suspicious_readers.clone(),
+        }
+    }
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            destinations: Destinations::default(),
+            exfil_window: Duration::from_secs(30),
+            rate_limit_per_minute: 20,
+            suspicious_readers: DEFAULT_SUSPICIOUS_READERS.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+const MINUTE_NS: u64 = 60_000_000_000;
+
+/// Credential classes that hold secrets.
+fn is_secret(class: CredentialClass) -> bool {
+    !matches!(class, CredentialClass::NonSecret | CredentialClass::Other)
+}
+
+fn opt(s: &Option<String>) -> Value {
+    s.as_ref().map_or(Value::Null, |v| Value::String(v.clone()))
+}
+
+fn or_dash(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("-")
+}
+
+/// Who, in words: `agent researcher (pod agents/agent-a, sa sa-agent-a, exe /usr/bin/cat)`.
+fn who(task: &Task) -> String {
+    let w = &task.workload;
+    if w.host {
+        return format!("host process {} (pid {}, exe {})", task.comm, task.tgid, or_dash(&task.exe));
+    }
+    format!(
+        "agent {} (pod {}/{}, sa {}, exe {}, pid {})",
+        or_dash(&w.agent),
+        or_dash(&w.namespace),
+        w.pod.as_deref().or(w.pod_uid.as_deref()).unwrap_or("-"),
+        or_dash(&w.service_account),
+        or_dash(&task.exe),
+        task.tgid
+    )
+}
+
+/// Falco output fields of a task.
+fn task_fields(task: &Task) -> BTreeMap<String, Value> {
+    let w = &task.workload;
+    let mut f = BTreeMap::new();
+    f.insert("k8s.ns.name".into(), opt(&w.namespace));
+    f.insert("k8s.pod.name".into(), opt(&w.pod));
+    f.insert("k8s.pod.uid".into(), opt(&w.pod_uid));
+    f.insert("k8s.sa.name".into(), opt(&w.service_account));
+    f.insert("container.id".into(), opt(&w.container_id));
+    f.insert("container.name".into(), opt(&w.container));
+    f.insert("agent.name".into(), opt(&w.agent));
+    f.insert("agent.tier".into(), opt(&w.tier));
+    f.insert("agent.host".into(), json!(w.host));
+    f.insert("proc.pid".into(), json!(task.tgid));
+    f.insert("proc.tid".into(), json!(task.pid));
+    f.insert("proc.ppid".into(), json!(task.ppid));
+    f.insert("proc.name".into(), json!(task.comm));
+    f.insert("proc.exepath".into(), opt(&task.exe));
+    f.insert("user.uid".into(), json!(task.uid));
+    f
+}
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The detection engine. One owner; records in order.
+pub struct Engine {
+    config: DetectConfig,
+    policies: Arc<RwLock<PolicySet>>,
+    parents: Parents,
+    reads: Reads,
+    baselines: Baselines,
+    limiter: RateLimiter,
+    seq: u64,
+    /// Latest record time seen, for flushing rate-limit summaries.
+    last_ts: u64,
+    last_time: String,
+}
+
+/// A candidate alert before overrides and rate limiting.
+struct Hit {
+    rule: &'static str,
+    /// Instead of the rule's default (before policy overrides).
+    priority: Option<Priority>,
+    output: String,
+    fields: BTreeMap<String, Value>,
+    events: Vec<u64>,
+}
+
+impl Engine {
+    pub fn new(config: DetectConfig, policies: Arc<RwLock<PolicySet>>) -> Self {
+        let per = config.rate_limit_per_minute;
+        Self {
+            config,
+            policies,
+            parents: Parents::default(),
+            reads: Reads::default(),
+            baselines: Baselines::default(),
+            limiter: RateLimiter::new(per, MINUTE_NS),
+            seq: 0,
+            last_ts: 0,
+            last_time: String::new(),
+        }
+    }
+
+    /// The policy for a workload, if any.
+    fn policy_for(&self, w: &Workload) -> Option<AgentPolicy> {
+        self.policies.read().ok()?.for_workload(w).cloned()
+    }
+
+    /// Runs every rule over one record.
+    pub fn process(&mut self, record: &Record) -> Vec<Anomaly> {
+        let mut hits = Vec::new();
+        let task = record.task().cloned();
+        if let Some(t) = &task {
+            self.last_ts = self.last_ts.max(t.ts_boot_ns);
+            self.last_time.clone_from(&t.time);
+            if let Some(ppid) = t.ppid {
+                self.parents.record(t.tgid, ppid, t.ts_boot_ns);
+            }
+        }
+        let policy = task.as_ref().and_then(|t| self.policy_for(&t.workload));
+        match record {
+            Record::Open(o) => self.on_open(o, policy.as_ref(), &mut hits),
+            Record::Connect(c) => self.on_connect(c, policy.as_ref(), &mut hits),
+            Record::Fork(f) => self.parents.record(f.child_pid, f.task.tgid, f.task.ts_boot_ns),
+            Record::Lost(l) => self.on_lost(l, &mut hits),
+            Record::Exec(_) | Record::Exit(_) => {}
+        }
+        let time = match record {
+            Record::Lost(l) => l.time.clone(),
+            _ => task.as_ref().map(|t| t.time.clone()).unwrap_or_default(),
+        };
+        let workload = task.as_ref().map(|t| t.workload.clone()).unwrap_or_default();
+        let ts = task.as_ref().map_or(self.last_ts, |t| t.ts_boot_ns);
+        let mut out = Vec::new();
+        for hit in hits {
+            if let Some(a) = self.finish(hit, policy.as_ref(), &workload, &time, ts) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    /// Rate-limit summaries of windows that ended: the count of alerts suppressed.
+    pub fn flush(&mut self) -> Vec<Anomaly> {
+        let expired = self.limiter.expired(self.last_ts);
+        let mut out = Vec::new();
+        for (rule_id, key, count) in expired {
+            let Some(info) = rule(&rule_id) else { continue };
+            self.seq += 1;
+            let mut fields = BTreeMap::new();
+            fields.insert("agent.rule".into(), json!(rule_id));
+            fields.insert("agent.workload".into(), json!(key));
+            fields.insert("agent.suppressed".into(), json!(count));
+            out.push(Anomaly {
+                seq: self.seq,
+                time: self.last_time.clone(),
+                rule: rule_id.clone(),
+                priority: info.priority,
+                output: format!(
+                    "Rate limit: {count} more {rule_id} alerts for {key} were suppressed in the last minute"
+                ),
+                tags: info.tags.iter().map(|t| (*t).to_owned()).collect(),
+                workload: Workload::default(),
+                fields,
+                events: Vec::new(),
+            });
+        }
+        out
+    }
+
+    /// Applies overrides and rate limiting, and builds the anomaly.
+    fn finish(
+        &mut self,
+        hit: Hit,
+        policy: Option<&AgentPolicy>,
+        workload: &Workload,
+        time: &str,
+        ts: u64,
+    ) -> Option<Anomaly> {
+        let info = rule(hit.rule)?;
+        let over = policy.and_then(|p| p.spec.rules.get(hit.rule));
+        if over.is_some_and(|o| o.disabled) {
+            return None;
+        }
+        let priority = over
+            .and_then(|o| o.priority)
+            .or(hit.priority)
+            .unwrap_or(info.priority);
+        let key = workload
+            .pod_uid
+            .clone()
+            .unwrap_or_else(|| if workload.host { "host".to_owned() } else { "unknown".to_owned() });
+        let mut fields = hit.fields;
+        match self.limiter.check(hit.rule, &key, ts) {
+            Limit::Suppressed => return None,
+            Limit::Pass { suppressed_before } => {
+                fields.insert("agent.suppressed".into(), json!(suppressed_before));
+            }
+        }
+        fields.insert("agent.rule".into(), json!(hit.rule));
+        fields.insert("agent.events".into(), json!(hit.events));
+        self.seq += 1;
+        Some(Anomaly {
+            seq: self.seq,
+            time: time.to_owned(),
+            rule: hit.rule.to_owned(),
+            priority,
+            output: hit.output,
+            tags: info.tags.iter().map(|t| (*t).to_owned()).collect(),
+            workload: workload.clone(),
+            fields,
+            events: hit.events,
+        })
+    }
+
+    fn on_open(&mut self, o: &OpenRecord, policy: Option<&AgentPolicy>, hits: &mut Vec<Hit>) {
+        let t = &o.task;
+        let w = &t.workload;
+        // A missing file reveals nothing and reads nothing.
+        if o.result == -i64::from(libc::ENOENT) || !is_secret(o.class) {
+            return;
+        }
+        let mut fields = task_fields(t);
+        fields.insert("fd.name".into(), json!(o.path));
+        fields.insert("agent.credential.class".into(), json!(o.class));
+        fields.insert("agent.owner.pod_uid".into(), o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)));
+        fields.insert("agent.owner.ns".into(), o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)));
+        fields.insert("agent.owner.pod".into(), o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)));
+        fields.insert("evt.res".into(), json!(o.result));
+        let class = serde_json::to_value(o.class).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        if o.result >= 0 {
+            self.reads.record(Read {
+                ts: t.ts_boot_ns,
+                seq: o.seq,
+                path: o.path.clone(),
+                class: o.class,
+                tgid: t.tgid,
+            });
+        }
+        if w.host {
+            return;
+        }
+        let own_uid = w.pod_uid.as_deref();
+
+        // 1. Another pod's credential.
+        if let Some(owner) = o.owner.as_ref().and_then(|x| x.pod_uid.as_deref()) {
+            if own_uid.is_some_and(|u| u != owner) {
+                let on = o.owner.as_ref();
+                hits.push(Hit {
+                    priority: None,
+                    rule: FOREIGN_CREDENTIAL_READ,
+                    output: format!(
+                        "Foreign credential read: {} read {class} of pod {}/{} at {}",
+                        who(t),
+                        on.and_then(|x| x.namespace.as_deref()).unwrap_or("-"),
+                        on.and_then(|x| x.name.as_deref()).unwrap_or(owner),
+                        o.path
+                    ),
+                    fields: fields.clone(),
+                    events: vec![o.seq],
+                });
+            }
+        }
+        // 6. Node credentials from a container; another process's environment.
+        match o.class {
+            CredentialClass::NodeKubeconfig | CredentialClass::NodePki | CredentialClass::CloudCredentials => {
+                hits.push(Hit {
+                    priority: None,
+                    rule: NODE_CREDENTIAL_READ,
+                    output: format!("Node credential read from a container: {} read {class} at {}", who(t), o.path),
+                    fields: fields.clone(),
+                    events: vec![o.seq],
+                });
+            }
+            CredentialClass::ProcEnviron => {
+                let target = o.owner.as_ref().and_then(|x| x.pid);
+                if target.is_some_and(|pid| pid != t.tgid) {
+                    hits.push(Hit {
+                        priority: None,
+                        rule: PROC_ENVIRON_READ,
+                        output: format!("Environment of another process read: {} read {}", who(t), o.path),
+                        fields: fields.clone(),
+                        events: vec![o.seq],
+                    });
+                }
+            }
+            _ => {}
+        }
+        // 2. The reader itself.
+        let exe = t.exe.as_deref().unwrap_or("");
+        let exe_name = if exe.is_empty() { t.comm.as_str() } else { basename(exe) };
+        let suspicious = self.config.suspicious_readers.iter().any(|s| s == exe_name);
+        let allowed_exes = policy.map(|p| &p.spec.credentials.executables).filter(|e| !e.is_empty());
+        let off_policy = allowed_exes.is_some_and(|list| !list.iter().any(|g| crate::policy::glob_match(g, exe)));
+        if suspicious || off_policy {
+            let why = if suspicious { "a shell or file utility" } else { "an executable its policy does not name" };
+            hits.push(Hit {
+                priority: None,
+                rule: UNEXPECTED_EXECUTABLE,
+                output: format!("Credential read by {why}: {} read {class} at {}", who(t), o.path),
+                fields: fields.clone(),
+                events: vec![o.seq],
+            });
+        }
+        // 7. Baseline: credential classes and the executables reading them.
+        if let Some(window) = policy.and_then(|p| crate::policy::learning_window(&p.spec)) {
+            if let Some(agent) = w.agent.clone() {
+                let win = window.as_nanos() as u64;
+                for (kind, item) in [("credential class", class.clone()), ("credential reader", exe.to_owned())] {
+                    if self.baselines.observe(&agent, win, t.ts_boot_ns, kind, item.clone()) {
+                        hits.push(Hit {
+                            priority: None,
+                            rule: BASELINE_DEVIATION,
+                            output: format!("Baseline deviation: {} shows a new {kind} {item}", who(t)),
+                            fields: fields.clone(),
+                            events: vec![o.seq],
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The destination classes allowed when a policy does not list any.
+    fn default_allows(tier: Option<Tier>, class: DestinationClass, has_policy: bool) -> bool {
+        match class {
+            DestinationClass::Dns | DestinationClass::Cluster | DestinationClass::Loopback => true,
+            // Without a policy nothing says the workload may not talk to the API server.
+            DestinationClass::ApiServer => tier == Some(Tier::Proxy) || (!has_policy && tier != Some(Tier::Worker)),
+            DestinationClass::Metadata | DestinationClass::External => false,
+        }
+    }
+
+    fn tier_of(policy: Option<&AgentPolicy>, w: &Workload) -> Option<Tier> {
+        policy.and_then(|p| p.spec.tier).or(match w.tier.as_deref() {
+            Some("proxy") => Some(Tier::Proxy),
+            Some("worker") => Some(Tier::Worker),
+            _ => None,
+        })
+    }
+
+    fn egress_allowed(policy: Option<&AgentPolicy>, w: &Workload, class: DestinationClass, ip: IpAddr, port: u16) -> bool {
+        let tier = Self::tier_of(policy, w);
+        match policy {
+            Some(p) if !p.spec.egress.allow.is_empty() => policy_allows_egress(&p.spec, class, ip, port),
+            _ => Self::default_allows(tier, class, policy.is_some()),
+        }
+    }
+
+    fn on_connect(&mut self, c: &ConnectRecord, policy: Option<&AgentPolicy>, hits: &mut Vec<Hit>) {
+        let t = &c.task;
+        let w = &t.workload;
+        if !c.attempted || w.host {
+            return;
+        }
+        let Ok(ip) = c.dst_addr.parse::<IpAddr>() else { return };
+        let class = self.config.destinations.classify(ip, c.dst_port);
+        let class_name = serde_json::to_value(class).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let mut fields = task_fields(t);
+        fields.insert("fd.sip".into(), json!(c.dst_addr));
+        fields.insert("fd.sport".into(), json!(c.dst_port));
+        fields.insert("agent.destination.class".into(), json!(class_name));
+        fields.insert("evt.type".into(), json!(c.syscall));
+        let dest = format!("{}:{} ({class_name})", c.dst_addr, c.dst_port);
+        let allowed = Self::egress_allowed(policy, w, class, ip, c.dst_port);
+
+        if class == DestinationClass::Metadata && !allowed {
+            hits.push(Hit {
+                priority: None,
+                rule: CLOUD_METADATA,
+                output: format!("Cloud metadata contact: {} connected to {dest}", who(t)),
+                fields: fields.clone(),
+                events: vec![c.seq],
+            });
+        }
+        if class == DestinationClass::ApiServer && !allowed {
+            hits.push(Hit {
+                priority: None,
+                rule: API_SERVER_NOT_ALLOWED,
+                output: format!(
+                    "API server contact not allowed for tier {}: {} connected to {dest}",
+                    Self::tier_of(policy, w).map_or("-", |t| if t == Tier::Proxy { "proxy" } else { "worker" }),
+                    who(t)
+                ),
+                fields: fields.clone(),
+                events: vec![c.seq],
+            });
+        }
+        if policy.is_some() && !allowed && !matches!(class, DestinationClass::Metadata | DestinationClass::ApiServer) {
+            hits.push(Hit {
+                priority: None,
+                rule: EGRESS_OUTSIDE_ALLOWLIST,
+                output: format!("Egress outside the allowlist: {} connected to {dest}", who(t)),
+                fields: fields.clone(),
+                events: vec![c.seq],
+            });
+        }
+        // 3. A credential read shortly before, anywhere up the process tree.
+        if !allowed {
+            let window = self.config.exfil_window.as_nanos() as u64;
+            let ancestry = self.parents.ancestry(t.tgid);
+            if let Some(read) = self.reads.recent(&ancestry, t.ts_boot_ns, window).cloned() {
+                let mut f = fields.clone();
+                f.insert("fd.name".into(), json!(read.path));
+                f.insert("agent.credential.class".into(), json!(read.class));
+                f.insert("agent.reader.pid".into(), json!(read.tgid));
+                f.insert("agent.read_to_connect_ms".into(), json!((t.ts_boot_ns - read.ts) / 1_000_000));
+                hits.push(Hit {
+                    priority: None,
+                    rule: EXFILTRATION,
+                    output: format!(
+                        "Credential read then egress outside the allowlist: {} connected to {dest} {} ms after pid {} read {}",
+                        who(t),
+                        (t.ts_boot_ns - read.ts) / 1_000_000,
+                        read.tgid,
+                        read.path
+                    ),
+                    fields: f,
+                    events: vec![read.seq, c.seq],
+                });
+            }
+        }
+        if let Some(window) = policy.and_then(|p| crate::policy::learning_window(&p.spec)) {
+            if let Some(agent) = w.agent.clone() {
+                if self.baselines.observe(&agent, window.as_nanos() as u64, t.ts_boot_ns, "destination class", class_name.clone()) {
+                    hits.push(Hit {
+                        priority: None,
+                        rule: BASELINE_DEVIATION,
+                        output: format!("Baseline deviation: {} shows a new destination class {class_name} ({dest})", who(t)),
+                        fields,
+                        events: vec![c.seq],
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_lost(&mut self, l: &LostRecord, hits: &mut Vec<Hit>) {
+        let mut fields = BTreeMap::new();
+        fields.insert("agent.lane".into(), json!(l.lane));
+        fields.insert("agent.lost".into(), json!(l.count));
+        fields.insert("agent.lost_total".into(), json!(l.total));
+        hits.push(Hit {
+            rule: EVENTS_LOST,
+            priority: Some(lost_priority(&l.lane)),
+            output: format!(
+                "Events lost: the kernel dropped {} {} records ({} since start); raise lanes.{}.ring_bytes",
+                l.count, l.lane, l.total, l.lane
+            ),
+            fields,
+            events: vec![l.seq],
+        });
+    }
+}
+
+/// Lost process records do not hide credential use: they are reported lower.
+pub fn lost_priority(lane: &str) -> Priority {
+    if lane == "process" {
+        Priority::Warning
+    } else {
+        Priority::Critical
+    }
+}
