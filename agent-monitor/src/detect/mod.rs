@@ -6,6 +6,8 @@
 
 pub mod destinations;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::BTreeMap,
