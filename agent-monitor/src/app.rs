@@ -10,10 +10,10 @@ use crate::{
     config::{Config, PodSourceKind},
     detect::{Anomaly, DetectConfig, Engine},
     events::Record,
-    policy::PolicySet,
     identity::pods::{self, PodStore},
     monitor::{Monitor, MonitorError},
     outputs::{falco, jsonl, Sink},
+    policy::PolicySet,
 };
 
 /// Records queued between the lane consumer and the output writer. When the writer falls

@@ -502,7 +502,11 @@ impl Config {
             ));
         }
         if self.alerts.output.is_empty() {
-            return Err(invalid("alerts.output".to_owned(), "`-`, `none` or a file path", "\"\"".to_owned()));
+            return Err(invalid(
+                "alerts.output".to_owned(),
+                "`-`, `none` or a file path",
+                "\"\"".to_owned(),
+            ));
         }
         if self.output.is_empty() {
             return Err(invalid(

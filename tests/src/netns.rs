@@ -33,11 +33,27 @@ impl NetNs {
         let ns_if = format!("amn{}{}", third_octet, std::process::id() % 10_000);
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
         ip(&["link", "set", &ns_if, "netns", &name]);
-        ip(&["addr", "add", &format!("10.213.{third_octet}.1/24"), "dev", &host_if]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{third_octet}.1/24"),
+            "dev",
+            &host_if,
+        ]);
         ip(&["link", "set", &host_if, "up"]);
-        ip(&["-n", &name, "addr", "add", &format!("10.213.{third_octet}.2/24"), "dev", &ns_if]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.213.{third_octet}.2/24"),
+            "dev",
+            &ns_if,
+        ]);
         ip(&["-n", &name, "link", "set", &ns_if, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         Self {
@@ -70,6 +86,8 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // The veth pair goes with the namespace.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }

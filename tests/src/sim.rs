@@ -109,7 +109,6 @@ pub fn pods_file(path: &Path, pods: &[String]) {
     std::fs::rename(&tmp, path).expect("replace pods file");
 }
 
-
 /// Runs am-testkid with `actions` as a process of `pod`: in its cgroup, in a private mount
 /// namespace where the pod's token volume is mounted at the in-container path
 /// `/var/run/secrets/kubernetes.io/serviceaccount` (and `extra` bind mounts, as
@@ -141,7 +140,11 @@ pub fn run_in_pod(
     if via_shell {
         script.push_str(&actions.join(" "));
     } else {
-        script.push_str(&format!("exec {} {}", testkid().display(), actions.join(" ")));
+        script.push_str(&format!(
+            "exec {} {}",
+            testkid().display(),
+            actions.join(" ")
+        ));
     }
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])

@@ -27,7 +27,14 @@ const WAIT: Duration = Duration::from_secs(15);
 /// The checks Falcosidekick applies to `POST /` before accepting an alert.
 fn falcosidekick_accepts(alert: &serde_json::Value) -> Result<(), String> {
     const PRIORITIES: &[&str] = &[
-        "emergency", "alert", "critical", "error", "warning", "notice", "informational", "debug",
+        "emergency",
+        "alert",
+        "critical",
+        "error",
+        "warning",
+        "notice",
+        "informational",
+        "debug",
     ];
     let p = alert["priority"].as_str().ok_or("no priority")?;
     if !PRIORITIES.contains(&p.to_lowercase().as_str()) {
@@ -38,7 +45,10 @@ fn falcosidekick_accepts(alert: &serde_json::Value) -> Result<(), String> {
     }
     let t = alert["time"].as_str().ok_or("no time")?;
     humantime::parse_rfc3339(t).map_err(|e| format!("bad time {t}: {e}"))?;
-    if alert["output_fields"].as_object().is_none_or(|f| f.is_empty()) {
+    if alert["output_fields"]
+        .as_object()
+        .is_none_or(|f| f.is_empty())
+    {
         return Err("empty output_fields".into());
     }
     Ok(())
@@ -59,7 +69,8 @@ impl Scene {
             r.iter()
                 .filter(|r| {
                     matches!(r, Record::Open(_) | Record::Connect(_))
-                        && r.task().is_some_and(|t| t.cgroup_id == cgroup && t.comm == comm)
+                        && r.task()
+                            .is_some_and(|t| t.cgroup_id == cgroup && t.comm == comm)
                 })
                 .count()
         };
@@ -125,37 +136,83 @@ fn benign_agent_is_quiet_and_each_misuse_raises_its_rule() {
 
     let policies = PolicySet::load(std::slice::from_ref(&policy)).expect("policy loads");
     let mut dc = DetectConfig::from_settings(&config.detect, 100);
-    assert_eq!(dc.destinations.api_servers, vec![Endpoint::parse(&api.to_string()).expect("ep")]);
+    assert_eq!(
+        dc.destinations.api_servers,
+        vec![Endpoint::parse(&api.to_string()).expect("ep")]
+    );
     dc.exfil_window = Duration::from_secs(30);
     let engine = Engine::new(dc, Arc::new(RwLock::new(policies)));
 
     let store = agent_monitor::identity::pods::PodStore::new();
     let h = Harness::start_with_pods(&config, store.clone());
     store.replace_all(agent_monitor::identity::pods::file::load(&pods_path).expect("pods"));
-    let mut s = Scene { h, engine, fed: 0, anomalies: Vec::new() };
+    let mut s = Scene {
+        h,
+        engine,
+        fed: 0,
+        anomalies: Vec::new(),
+    };
     let token = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
     // The benign agent: its own binary reads its own token, then talks to the API server.
-    run_in_pod(&a, &kroot, &[], &[format!("openat:{token}"), format!("connect:{api}")], false);
+    run_in_pod(
+        &a,
+        &kroot,
+        &[],
+        &[format!("openat:{token}"), format!("connect:{api}")],
+        false,
+    );
     let benign = s.step(a.cgroup.id, "am-testkid", 2);
-    assert!(benign.is_empty(), "benign agent raised {:?}", benign.iter().map(|a| &a.output).collect::<Vec<_>>());
+    assert!(
+        benign.is_empty(),
+        "benign agent raised {:?}",
+        benign.iter().map(|a| &a.output).collect::<Vec<_>>()
+    );
 
     // A shell reads the token.
     run_in_pod(&a, &kroot, &[], &[format!("cat {token} > /dev/null")], true);
     let shell = s.step(a.cgroup.id, "cat", 1);
-    assert_eq!(rules(&shell), vec![detect::UNEXPECTED_EXECUTABLE], "{shell:#?}");
-    assert!(shell[0].output.contains("/usr/bin/cat") || shell[0].output.contains("/bin/cat"), "{}", shell[0].output);
-    assert!(shell[0].output.contains("researcher") && shell[0].output.contains("agent-a"), "{}", shell[0].output);
+    assert_eq!(
+        rules(&shell),
+        vec![detect::UNEXPECTED_EXECUTABLE],
+        "{shell:#?}"
+    );
+    assert!(
+        shell[0].output.contains("/usr/bin/cat") || shell[0].output.contains("/bin/cat"),
+        "{}",
+        shell[0].output
+    );
+    assert!(
+        shell[0].output.contains("researcher") && shell[0].output.contains("agent-a"),
+        "{}",
+        shell[0].output
+    );
 
     // The agent reads another pod's token through the kubelet's directory.
     let foreign_path = b_vol.join("..data/token");
-    run_in_pod(&a, &kroot, &[], &[format!("openat:{}", foreign_path.display())], false);
+    run_in_pod(
+        &a,
+        &kroot,
+        &[],
+        &[format!("openat:{}", foreign_path.display())],
+        false,
+    );
     let foreign = s.step(a.cgroup.id, "am-testkid", 1);
-    assert_eq!(rules(&foreign), vec![detect::FOREIGN_CREDENTIAL_READ], "{foreign:#?}");
+    assert_eq!(
+        rules(&foreign),
+        vec![detect::FOREIGN_CREDENTIAL_READ],
+        "{foreign:#?}"
+    );
     assert_eq!(foreign[0].fields["agent.owner.pod"], "agent-b");
 
     // The agent reads its token and connects outside its allowlist.
-    run_in_pod(&a, &kroot, &[], &[format!("openat:{token}"), format!("connect:{elsewhere}")], false);
+    run_in_pod(
+        &a,
+        &kroot,
+        &[],
+        &[format!("openat:{token}"), format!("connect:{elsewhere}")],
+        false,
+    );
     let exfil = s.step(a.cgroup.id, "am-testkid", 2);
     let e = exfil
         .iter()
@@ -174,12 +231,24 @@ fn benign_agent_is_quiet_and_each_misuse_raises_its_rule() {
         .iter()
         .rev()
         .find_map(|r| match r {
-            Record::Connect(c) if c.task.cgroup_id == a.cgroup.id && c.dst_port == elsewhere.port() => Some(c.seq),
+            Record::Connect(c)
+                if c.task.cgroup_id == a.cgroup.id && c.dst_port == elsewhere.port() =>
+            {
+                Some(c.seq)
+            }
             _ => None,
         })
         .expect("connect record");
-    assert_eq!(e.events, vec![read, connect], "the alert references both events");
-    assert!(e.output.contains(&elsewhere.ip().to_string()), "{}", e.output);
+    assert_eq!(
+        e.events,
+        vec![read, connect],
+        "the alert references both events"
+    );
+    assert!(
+        e.output.contains(&elsewhere.ip().to_string()),
+        "{}",
+        e.output
+    );
 
     // Every alert is acceptable to Falcosidekick.
     let host = "node-a".to_owned();

@@ -4,12 +4,7 @@
 //! the container's view of its token through a private mount namespace.
 //! Needs root and BPF (see `agent_monitor_tests::privileged`).
 
-use std::{
-    path::Path,
-    process::Command,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
 use agent_monitor::{
     config::{Config, PodSourceKind},

@@ -27,7 +27,11 @@ impl Endpoint {
                 port: Some(sa.port()),
             });
         }
-        let ip = s.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        let ip = s
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()?;
         Some(Self { ip, port: None })
     }
 
@@ -121,7 +125,10 @@ mod tests {
 
     #[test]
     fn endpoints_parse() {
-        assert_eq!(Endpoint::parse("[fd00::1]:443").map(|e| e.port), Some(Some(443)));
+        assert_eq!(
+            Endpoint::parse("[fd00::1]:443").map(|e| e.port),
+            Some(Some(443))
+        );
         assert_eq!(Endpoint::parse("fd00::1").map(|e| e.port), Some(None));
         assert!(Endpoint::parse("kubernetes.default").is_none());
     }

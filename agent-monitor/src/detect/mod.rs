@@ -121,9 +121,9 @@ pub fn rule(id: &str) -> Option<&'static RuleInfo> {
 /// Readers that have no business with a credential: shells and file utilities, the tools
 /// of a prompt-injected `cat token | curl ...`.
 pub const DEFAULT_SUSPICIOUS_READERS: &[&str] = &[
-    "sh", "bash", "dash", "zsh", "ash", "ksh", "busybox", "cat", "head", "tail", "less",
-    "more", "base64", "xxd", "od", "hexdump", "strings", "curl", "wget", "nc", "ncat",
-    "socat", "cp", "scp", "dd", "tar", "grep", "awk", "sed", "vi", "vim", "nano",
+    "sh", "bash", "dash", "zsh", "ash", "ksh", "busybox", "cat", "head", "tail", "less", "more",
+    "base64", "xxd", "od", "hexdump", "strings", "curl", "wget", "nc", "ncat", "socat", "cp",
+    "scp", "dd", "tar", "grep", "awk", "sed", "vi", "vim", "nano",
 ];
 
 /// An alert: what rule fired, for whom, because of which records.
@@ -185,7 +185,10 @@ impl Default for DetectConfig {
             destinations: Destinations::default(),
             exfil_window: Duration::from_secs(30),
             rate_limit_per_minute: 20,
-            suspicious_readers: DEFAULT_SUSPICIOUS_READERS.iter().map(|s| (*s).to_owned()).collect(),
+            suspicious_readers: DEFAULT_SUSPICIOUS_READERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
         }
     }
 }
@@ -209,7 +212,12 @@ fn or_dash(s: &Option<String>) -> &str {
 fn who(task: &Task) -> String {
     let w = &task.workload;
     if w.host {
-        return format!("host process {} (pid {}, exe {})", task.comm, task.tgid, or_dash(&task.exe));
+        return format!(
+            "host process {} (pid {}, exe {})",
+            task.comm,
+            task.tgid,
+            or_dash(&task.exe)
+        );
     }
     format!(
         "agent {} (pod {}/{}, sa {}, exe {}, pid {})",
@@ -308,7 +316,9 @@ impl Engine {
         match record {
             Record::Open(o) => self.on_open(o, policy.as_ref(), &mut hits),
             Record::Connect(c) => self.on_connect(c, policy.as_ref(), &mut hits),
-            Record::Fork(f) => self.parents.record(f.child_pid, f.task.tgid, f.task.ts_boot_ns),
+            Record::Fork(f) => self
+                .parents
+                .record(f.child_pid, f.task.tgid, f.task.ts_boot_ns),
             Record::Lost(l) => self.on_lost(l, &mut hits),
             Record::Exec(_) | Record::Exit(_) => {}
         }
@@ -316,7 +326,10 @@ impl Engine {
             Record::Lost(l) => l.time.clone(),
             _ => task.as_ref().map(|t| t.time.clone()).unwrap_or_default(),
         };
-        let workload = task.as_ref().map(|t| t.workload.clone()).unwrap_or_default();
+        let workload = task
+            .as_ref()
+            .map(|t| t.workload.clone())
+            .unwrap_or_default();
         let ts = task.as_ref().map_or(self.last_ts, |t| t.ts_boot_ns);
         let mut out = Vec::new();
         for hit in hits {
@@ -373,10 +386,13 @@ impl Engine {
             .and_then(|o| o.priority)
             .or(hit.priority)
             .unwrap_or(info.priority);
-        let key = workload
-            .pod_uid
-            .clone()
-            .unwrap_or_else(|| if workload.host { "host".to_owned() } else { "unknown".to_owned() });
+        let key = workload.pod_uid.clone().unwrap_or_else(|| {
+            if workload.host {
+                "host".to_owned()
+            } else {
+                "unknown".to_owned()
+            }
+        });
         let mut fields = hit.fields;
         match self.limiter.check(hit.rule, &key, ts) {
             Limit::Suppressed => return None,
@@ -410,11 +426,23 @@ impl Engine {
         let mut fields = task_fields(t);
         fields.insert("fd.name".into(), json!(o.path));
         fields.insert("agent.credential.class".into(), json!(o.class));
-        fields.insert("agent.owner.pod_uid".into(), o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)));
-        fields.insert("agent.owner.ns".into(), o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)));
-        fields.insert("agent.owner.pod".into(), o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)));
+        fields.insert(
+            "agent.owner.pod_uid".into(),
+            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)),
+        );
+        fields.insert(
+            "agent.owner.ns".into(),
+            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)),
+        );
+        fields.insert(
+            "agent.owner.pod".into(),
+            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)),
+        );
         fields.insert("evt.res".into(), json!(o.result));
-        let class = serde_json::to_value(o.class).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let class = serde_json::to_value(o.class)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         if o.result >= 0 {
             self.reads.record(Read {
                 ts: t.ts_boot_ns,
@@ -450,11 +478,17 @@ impl Engine {
         }
         // 6. Node credentials from a container; another process's environment.
         match o.class {
-            CredentialClass::NodeKubeconfig | CredentialClass::NodePki | CredentialClass::CloudCredentials => {
+            CredentialClass::NodeKubeconfig
+            | CredentialClass::NodePki
+            | CredentialClass::CloudCredentials => {
                 hits.push(Hit {
                     priority: None,
                     rule: NODE_CREDENTIAL_READ,
-                    output: format!("Node credential read from a container: {} read {class} at {}", who(t), o.path),
+                    output: format!(
+                        "Node credential read from a container: {} read {class} at {}",
+                        who(t),
+                        o.path
+                    ),
                     fields: fields.clone(),
                     events: vec![o.seq],
                 });
@@ -465,7 +499,11 @@ impl Engine {
                     hits.push(Hit {
                         priority: None,
                         rule: PROC_ENVIRON_READ,
-                        output: format!("Environment of another process read: {} read {}", who(t), o.path),
+                        output: format!(
+                            "Environment of another process read: {} read {}",
+                            who(t),
+                            o.path
+                        ),
                         fields: fields.clone(),
                         events: vec![o.seq],
                     });
@@ -475,16 +513,31 @@ impl Engine {
         }
         // 2. The reader itself.
         let exe = t.exe.as_deref().unwrap_or("");
-        let exe_name = if exe.is_empty() { t.comm.as_str() } else { basename(exe) };
+        let exe_name = if exe.is_empty() {
+            t.comm.as_str()
+        } else {
+            basename(exe)
+        };
         let suspicious = self.config.suspicious_readers.iter().any(|s| s == exe_name);
-        let allowed_exes = policy.map(|p| &p.spec.credentials.executables).filter(|e| !e.is_empty());
-        let off_policy = allowed_exes.is_some_and(|list| !list.iter().any(|g| crate::policy::glob_match(g, exe)));
+        let allowed_exes = policy
+            .map(|p| &p.spec.credentials.executables)
+            .filter(|e| !e.is_empty());
+        let off_policy = allowed_exes
+            .is_some_and(|list| !list.iter().any(|g| crate::policy::glob_match(g, exe)));
         if suspicious || off_policy {
-            let why = if suspicious { "a shell or file utility" } else { "an executable its policy does not name" };
+            let why = if suspicious {
+                "a shell or file utility"
+            } else {
+                "an executable its policy does not name"
+            };
             hits.push(Hit {
                 priority: None,
                 rule: UNEXPECTED_EXECUTABLE,
-                output: format!("Credential read by {why}: {} read {class} at {}", who(t), o.path),
+                output: format!(
+                    "Credential read by {why}: {} read {class} at {}",
+                    who(t),
+                    o.path
+                ),
                 fields: fields.clone(),
                 events: vec![o.seq],
             });
@@ -493,12 +546,21 @@ impl Engine {
         if let Some(window) = policy.and_then(|p| crate::policy::learning_window(&p.spec)) {
             if let Some(agent) = w.agent.clone() {
                 let win = window.as_nanos() as u64;
-                for (kind, item) in [("credential class", class.clone()), ("credential reader", exe.to_owned())] {
-                    if self.baselines.observe(&agent, win, t.ts_boot_ns, kind, item.clone()) {
+                for (kind, item) in [
+                    ("credential class", class.clone()),
+                    ("credential reader", exe.to_owned()),
+                ] {
+                    if self
+                        .baselines
+                        .observe(&agent, win, t.ts_boot_ns, kind, item.clone())
+                    {
                         hits.push(Hit {
                             priority: None,
                             rule: BASELINE_DEVIATION,
-                            output: format!("Baseline deviation: {} shows a new {kind} {item}", who(t)),
+                            output: format!(
+                                "Baseline deviation: {} shows a new {kind} {item}",
+                                who(t)
+                            ),
                             fields: fields.clone(),
                             events: vec![o.seq],
                         });
@@ -513,23 +575,35 @@ impl Engine {
         match class {
             DestinationClass::Dns | DestinationClass::Cluster | DestinationClass::Loopback => true,
             // Without a policy nothing says the workload may not talk to the API server.
-            DestinationClass::ApiServer => tier == Some(Tier::Proxy) || (!has_policy && tier != Some(Tier::Worker)),
+            DestinationClass::ApiServer => {
+                tier == Some(Tier::Proxy) || (!has_policy && tier != Some(Tier::Worker))
+            }
             DestinationClass::Metadata | DestinationClass::External => false,
         }
     }
 
     fn tier_of(policy: Option<&AgentPolicy>, w: &Workload) -> Option<Tier> {
-        policy.and_then(|p| p.spec.tier).or(match w.tier.as_deref() {
-            Some("proxy") => Some(Tier::Proxy),
-            Some("worker") => Some(Tier::Worker),
-            _ => None,
-        })
+        policy
+            .and_then(|p| p.spec.tier)
+            .or(match w.tier.as_deref() {
+                Some("proxy") => Some(Tier::Proxy),
+                Some("worker") => Some(Tier::Worker),
+                _ => None,
+            })
     }
 
-    fn egress_allowed(policy: Option<&AgentPolicy>, w: &Workload, class: DestinationClass, ip: IpAddr, port: u16) -> bool {
+    fn egress_allowed(
+        policy: Option<&AgentPolicy>,
+        w: &Workload,
+        class: DestinationClass,
+        ip: IpAddr,
+        port: u16,
+    ) -> bool {
         let tier = Self::tier_of(policy, w);
         match policy {
-            Some(p) if !p.spec.egress.allow.is_empty() => policy_allows_egress(&p.spec, class, ip, port),
+            Some(p) if !p.spec.egress.allow.is_empty() => {
+                policy_allows_egress(&p.spec, class, ip, port)
+            }
             _ => Self::default_allows(tier, class, policy.is_some()),
         }
     }
@@ -540,9 +614,14 @@ impl Engine {
         if !c.attempted || w.host {
             return;
         }
-        let Ok(ip) = c.dst_addr.parse::<IpAddr>() else { return };
+        let Ok(ip) = c.dst_addr.parse::<IpAddr>() else {
+            return;
+        };
         let class = self.config.destinations.classify(ip, c.dst_port);
-        let class_name = serde_json::to_value(class).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let class_name = serde_json::to_value(class)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         let mut fields = task_fields(t);
         fields.insert("fd.sip".into(), json!(c.dst_addr));
         fields.insert("fd.sport".into(), json!(c.dst_port));
@@ -566,18 +645,31 @@ impl Engine {
                 rule: API_SERVER_NOT_ALLOWED,
                 output: format!(
                     "API server contact not allowed for tier {}: {} connected to {dest}",
-                    Self::tier_of(policy, w).map_or("-", |t| if t == Tier::Proxy { "proxy" } else { "worker" }),
+                    Self::tier_of(policy, w).map_or("-", |t| if t == Tier::Proxy {
+                        "proxy"
+                    } else {
+                        "worker"
+                    }),
                     who(t)
                 ),
                 fields: fields.clone(),
                 events: vec![c.seq],
             });
         }
-        if policy.is_some() && !allowed && !matches!(class, DestinationClass::Metadata | DestinationClass::ApiServer) {
+        if policy.is_some()
+            && !allowed
+            && !matches!(
+                class,
+                DestinationClass::Metadata | DestinationClass::ApiServer
+            )
+        {
             hits.push(Hit {
                 priority: None,
                 rule: EGRESS_OUTSIDE_ALLOWLIST,
-                output: format!("Egress outside the allowlist: {} connected to {dest}", who(t)),
+                output: format!(
+                    "Egress outside the allowlist: {} connected to {dest}",
+                    who(t)
+                ),
                 fields: fields.clone(),
                 events: vec![c.seq],
             });
@@ -591,7 +683,10 @@ impl Engine {
                 f.insert("fd.name".into(), json!(read.path));
                 f.insert("agent.credential.class".into(), json!(read.class));
                 f.insert("agent.reader.pid".into(), json!(read.tgid));
-                f.insert("agent.read_to_connect_ms".into(), json!((t.ts_boot_ns - read.ts) / 1_000_000));
+                f.insert(
+                    "agent.read_to_connect_ms".into(),
+                    json!((t.ts_boot_ns - read.ts) / 1_000_000),
+                );
                 hits.push(Hit {
                     priority: None,
                     rule: EXFILTRATION,
@@ -609,7 +704,13 @@ impl Engine {
         }
         if let Some(window) = policy.and_then(|p| crate::policy::learning_window(&p.spec)) {
             if let Some(agent) = w.agent.clone() {
-                if self.baselines.observe(&agent, window.as_nanos() as u64, t.ts_boot_ns, "destination class", class_name.clone()) {
+                if self.baselines.observe(
+                    &agent,
+                    window.as_nanos() as u64,
+                    t.ts_boot_ns,
+                    "destination class",
+                    class_name.clone(),
+                ) {
                     hits.push(Hit {
                         priority: None,
                         rule: BASELINE_DEVIATION,

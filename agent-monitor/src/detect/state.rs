@@ -136,15 +136,25 @@ pub struct Baselines {
 impl Baselines {
     /// Notes that `agent` did `(kind, item)` at `ts`. Returns true when this is a first-seen
     /// deviation (after the window, never seen before). Learned either way.
-    pub fn observe(&mut self, agent: &str, window_ns: u64, ts: u64, kind: &'static str, item: String) -> bool {
+    pub fn observe(
+        &mut self,
+        agent: &str,
+        window_ns: u64,
+        ts: u64,
+        kind: &'static str,
+        item: String,
+    ) -> bool {
         if !self.map.contains_key(agent) && self.map.len() >= MAX_BASELINES {
             return false;
         }
-        let b = self.map.entry(agent.to_owned()).or_insert_with(|| Baseline {
-            first_seen: ts,
-            window_ns,
-            items: BTreeSet::new(),
-        });
+        let b = self
+            .map
+            .entry(agent.to_owned())
+            .or_insert_with(|| Baseline {
+                first_seen: ts,
+                window_ns,
+                items: BTreeSet::new(),
+            });
         b.window_ns = window_ns;
         let key = (kind, item);
         if b.items.contains(&key) {
@@ -333,11 +343,26 @@ mod tests {
     #[test]
     fn rate_limit_counts_and_reports_suppressed() {
         let mut l = RateLimiter::new(2, 60 * S);
-        assert_eq!(l.check("r", "k", 0), Limit::Pass { suppressed_before: 0 });
-        assert_eq!(l.check("r", "k", S), Limit::Pass { suppressed_before: 0 });
+        assert_eq!(
+            l.check("r", "k", 0),
+            Limit::Pass {
+                suppressed_before: 0
+            }
+        );
+        assert_eq!(
+            l.check("r", "k", S),
+            Limit::Pass {
+                suppressed_before: 0
+            }
+        );
         assert_eq!(l.check("r", "k", 2 * S), Limit::Suppressed);
         assert_eq!(l.check("r", "k", 3 * S), Limit::Suppressed);
-        assert_eq!(l.check("r", "other", 3 * S), Limit::Pass { suppressed_before: 0 });
+        assert_eq!(
+            l.check("r", "other", 3 * S),
+            Limit::Pass {
+                suppressed_before: 0
+            }
+        );
         assert!(l.expired(59 * S).is_empty());
         assert_eq!(l.expired(61 * S), vec![("r".into(), "k".into(), 2)]);
         assert!(l.expired(62 * S).is_empty(), "reported once");
@@ -346,8 +371,18 @@ mod tests {
     #[test]
     fn a_new_window_carries_what_was_suppressed() {
         let mut l = RateLimiter::new(1, 60 * S);
-        assert_eq!(l.check("r", "k", 0), Limit::Pass { suppressed_before: 0 });
+        assert_eq!(
+            l.check("r", "k", 0),
+            Limit::Pass {
+                suppressed_before: 0
+            }
+        );
         assert_eq!(l.check("r", "k", S), Limit::Suppressed);
-        assert_eq!(l.check("r", "k", 70 * S), Limit::Pass { suppressed_before: 1 });
+        assert_eq!(
+            l.check("r", "k", 70 * S),
+            Limit::Pass {
+                suppressed_before: 1
+            }
+        );
     }
 }

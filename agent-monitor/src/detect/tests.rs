@@ -45,7 +45,13 @@ fn task(tgid: u32, ppid: u32, exe: &str, w: Workload, ts: u64) -> Task {
         ppid: Some(ppid),
         uid: 0,
         gid: 0,
-        comm: exe.rsplit('/').next().unwrap_or(exe).chars().take(15).collect(),
+        comm: exe
+            .rsplit('/')
+            .next()
+            .unwrap_or(exe)
+            .chars()
+            .take(15)
+            .collect(),
         exe: Some(exe.into()),
         cgroup_id: 42,
         workload: w,
@@ -99,17 +105,23 @@ fn engine(policy_yaml: &str) -> Engine {
     let set = if policy_yaml.is_empty() {
         PolicySet::default()
     } else {
-        let policies = parse_policies(policy_yaml, std::path::Path::new("test.yaml")).expect("policy");
+        let policies =
+            parse_policies(policy_yaml, std::path::Path::new("test.yaml")).expect("policy");
         PolicySet::from(policies)
     };
     let mut cfg = DetectConfig::default();
-    cfg.destinations.api_servers = vec![destinations::Endpoint::parse("10.96.0.1:443").expect("ep")];
+    cfg.destinations.api_servers =
+        vec![destinations::Endpoint::parse("10.96.0.1:443").expect("ep")];
     cfg.destinations.cluster = vec![crate::policy::Cidr::parse("10.244.0.0/16").expect("cidr")];
     Engine::new(cfg, Arc::new(RwLock::new(set)))
 }
 
 fn fired(e: &mut Engine, records: &[Record]) -> Vec<String> {
-    records.iter().flat_map(|r| e.process(r)).map(|a| a.rule).collect()
+    records
+        .iter()
+        .flat_map(|r| e.process(r))
+        .map(|a| a.rule)
+        .collect()
 }
 
 const POLICY: &str = "apiVersion: agent-monitor.dev/v1alpha1
@@ -132,15 +144,42 @@ spec:
 fn foreign_credential_read() {
     let mut e = engine("");
     let a = pod_workload(A, "a", None);
-    let own = open(1, task(10, 1, AGENT, a.clone(), S), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
-    let other = open(2, task(10, 1, AGENT, a.clone(), S), "/var/lib/kubelet/pods/b/volumes/x/token", CredentialClass::ServiceAccountToken, Some(B));
+    let own = open(
+        1,
+        task(10, 1, AGENT, a.clone(), S),
+        TOKEN,
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
+    let other = open(
+        2,
+        task(10, 1, AGENT, a.clone(), S),
+        "/var/lib/kubelet/pods/b/volumes/x/token",
+        CredentialClass::ServiceAccountToken,
+        Some(B),
+    );
     assert_eq!(fired(&mut e, &[own]), Vec::<String>::new());
-    assert_eq!(fired(&mut e, &[other.clone()]), vec![FOREIGN_CREDENTIAL_READ]);
+    assert_eq!(
+        fired(&mut e, std::slice::from_ref(&other)),
+        vec![FOREIGN_CREDENTIAL_READ]
+    );
     // The kubelet (a host process) reads every pod's volumes.
-    let kubelet = open(3, task(11, 1, "/usr/bin/kubelet", host(), S), "/var/lib/kubelet/pods/b/volumes/x/token", CredentialClass::ServiceAccountToken, Some(B));
+    let kubelet = open(
+        3,
+        task(11, 1, "/usr/bin/kubelet", host(), S),
+        "/var/lib/kubelet/pods/b/volumes/x/token",
+        CredentialClass::ServiceAccountToken,
+        Some(B),
+    );
     assert!(fired(&mut e, &[kubelet]).is_empty());
     // ca.crt of another pod is not a secret; a missing file was not read.
-    let ca = open(4, task(10, 1, AGENT, a.clone(), S), "/x/ca.crt", CredentialClass::NonSecret, Some(B));
+    let ca = open(
+        4,
+        task(10, 1, AGENT, a.clone(), S),
+        "/x/ca.crt",
+        CredentialClass::NonSecret,
+        Some(B),
+    );
     assert!(fired(&mut e, &[ca]).is_empty());
     let mut missing = other;
     if let Record::Open(o) = &mut missing {
@@ -153,46 +192,117 @@ fn foreign_credential_read() {
 fn unexpected_executable() {
     let mut e = engine("");
     let a = pod_workload(A, "a", None);
-    let by_cat = open(1, task(10, 1, "/usr/bin/cat", a.clone(), S), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
-    let by_agent = open(2, task(11, 1, AGENT, a.clone(), S), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
+    let by_cat = open(
+        1,
+        task(10, 1, "/usr/bin/cat", a.clone(), S),
+        TOKEN,
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
+    let by_agent = open(
+        2,
+        task(11, 1, AGENT, a.clone(), S),
+        TOKEN,
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
     assert_eq!(fired(&mut e, &[by_cat]), vec![UNEXPECTED_EXECUTABLE]);
     assert!(fired(&mut e, &[by_agent]).is_empty());
     // With a policy, anything it does not name.
     let mut e = engine(POLICY);
-    let by_python = open(3, task(12, 1, "/usr/bin/python3", a.clone(), S), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
-    let by_agent = open(4, task(13, 1, AGENT, a, S), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
+    let by_python = open(
+        3,
+        task(12, 1, "/usr/bin/python3", a.clone(), S),
+        TOKEN,
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
+    let by_agent = open(
+        4,
+        task(13, 1, AGENT, a, S),
+        TOKEN,
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
     assert_eq!(fired(&mut e, &[by_python]), vec![UNEXPECTED_EXECUTABLE]);
     assert!(fired(&mut e, &[by_agent]).is_empty());
     // Host processes are not judged by pod policy.
     let mut e = engine("");
-    let host_cat = open(5, task(14, 1, "/usr/bin/cat", host(), S), "/root/.aws/credentials", CredentialClass::CloudCredentials, None);
+    let host_cat = open(
+        5,
+        task(14, 1, "/usr/bin/cat", host(), S),
+        "/root/.aws/credentials",
+        CredentialClass::CloudCredentials,
+        None,
+    );
     assert!(fired(&mut e, &[host_cat]).is_empty());
 }
 
 #[test]
 fn exfiltration_within_the_window_and_up_the_process_tree() {
     let a = pod_workload(A, "a", None);
-    let read = open(1, task(10, 1, AGENT, a.clone(), S), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
+    let read = open(
+        1,
+        task(10, 1, AGENT, a.clone(), S),
+        TOKEN,
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
     // A child of the reader connects outside: fires, referencing both records.
     let mut e = engine("");
-    let out = [read.clone(), connect(2, task(20, 10, "/usr/bin/curl", a.clone(), 5 * S), "198.51.100.7", 443)]
+    let out = [
+        read.clone(),
+        connect(
+            2,
+            task(20, 10, "/usr/bin/curl", a.clone(), 5 * S),
+            "198.51.100.7",
+            443,
+        ),
+    ]
+    .iter()
+    .flat_map(|r| e.process(r))
+    .collect::<Vec<_>>();
+    let ex = out
         .iter()
-        .flat_map(|r| e.process(r))
-        .collect::<Vec<_>>();
-    let ex = out.iter().find(|x| x.rule == EXFILTRATION).expect("exfiltration");
+        .find(|x| x.rule == EXFILTRATION)
+        .expect("exfiltration");
     assert_eq!(ex.events, vec![1, 2]);
     assert_eq!(ex.priority, Priority::Critical);
     // Too late.
     let mut e = engine("");
-    let late = fired(&mut e, &[read.clone(), connect(2, task(10, 1, AGENT, a.clone(), 40 * S), "198.51.100.7", 443)]);
+    let late = fired(
+        &mut e,
+        &[
+            read.clone(),
+            connect(
+                2,
+                task(10, 1, AGENT, a.clone(), 40 * S),
+                "198.51.100.7",
+                443,
+            ),
+        ],
+    );
     assert!(!late.contains(&EXFILTRATION.to_owned()), "{late:?}");
     // Allowed destinations (cluster, DNS) are not exfiltration.
     let mut e = engine("");
-    let ok = fired(&mut e, &[read.clone(), connect(2, task(10, 1, AGENT, a.clone(), 2 * S), "10.244.1.9", 8080), connect(3, task(10, 1, AGENT, a.clone(), 2 * S), "10.96.0.10", 53)]);
+    let ok = fired(
+        &mut e,
+        &[
+            read.clone(),
+            connect(2, task(10, 1, AGENT, a.clone(), 2 * S), "10.244.1.9", 8080),
+            connect(3, task(10, 1, AGENT, a.clone(), 2 * S), "10.96.0.10", 53),
+        ],
+    );
     assert!(ok.is_empty(), "{ok:?}");
     // An unrelated process.
     let mut e = engine("");
-    let other = fired(&mut e, &[read, connect(2, task(99, 1, AGENT, a, 2 * S), "198.51.100.7", 443)]);
+    let other = fired(
+        &mut e,
+        &[
+            read,
+            connect(2, task(99, 1, AGENT, a, 2 * S), "198.51.100.7", 443),
+        ],
+    );
     assert!(!other.contains(&EXFILTRATION.to_owned()), "{other:?}");
 }
 
@@ -201,14 +311,69 @@ fn egress_outside_allowlist_and_metadata() {
     let a = pod_workload(A, "a", None);
     // Without a policy, only the metadata service is judged.
     let mut e = engine("");
-    assert!(fired(&mut e, &[connect(1, task(10, 1, AGENT, a.clone(), S), "198.51.100.7", 443)]).is_empty());
-    assert_eq!(fired(&mut e, &[connect(2, task(10, 1, AGENT, a.clone(), S), "169.254.169.254", 80)]), vec![CLOUD_METADATA]);
+    assert!(fired(
+        &mut e,
+        &[connect(
+            1,
+            task(10, 1, AGENT, a.clone(), S),
+            "198.51.100.7",
+            443
+        )]
+    )
+    .is_empty());
+    assert_eq!(
+        fired(
+            &mut e,
+            &[connect(
+                2,
+                task(10, 1, AGENT, a.clone(), S),
+                "169.254.169.254",
+                80
+            )]
+        ),
+        vec![CLOUD_METADATA]
+    );
     // With one, anything it does not allow.
     let mut e = engine(POLICY);
-    assert_eq!(fired(&mut e, &[connect(3, task(10, 1, AGENT, a.clone(), S), "198.51.100.7", 443)]), vec![EGRESS_OUTSIDE_ALLOWLIST]);
-    assert!(fired(&mut e, &[connect(4, task(10, 1, AGENT, a.clone(), S), "203.0.113.5", 443)]).is_empty());
-    assert_eq!(fired(&mut e, &[connect(5, task(10, 1, AGENT, a.clone(), S), "203.0.113.5", 80)]), vec![EGRESS_OUTSIDE_ALLOWLIST]);
-    assert!(fired(&mut e, &[connect(6, task(10, 1, AGENT, a, S), "10.96.0.10", 53)]).is_empty());
+    assert_eq!(
+        fired(
+            &mut e,
+            &[connect(
+                3,
+                task(10, 1, AGENT, a.clone(), S),
+                "198.51.100.7",
+                443
+            )]
+        ),
+        vec![EGRESS_OUTSIDE_ALLOWLIST]
+    );
+    assert!(fired(
+        &mut e,
+        &[connect(
+            4,
+            task(10, 1, AGENT, a.clone(), S),
+            "203.0.113.5",
+            443
+        )]
+    )
+    .is_empty());
+    assert_eq!(
+        fired(
+            &mut e,
+            &[connect(
+                5,
+                task(10, 1, AGENT, a.clone(), S),
+                "203.0.113.5",
+                80
+            )]
+        ),
+        vec![EGRESS_OUTSIDE_ALLOWLIST]
+    );
+    assert!(fired(
+        &mut e,
+        &[connect(6, task(10, 1, AGENT, a, S), "10.96.0.10", 53)]
+    )
+    .is_empty());
 }
 
 #[test]
@@ -216,23 +381,60 @@ fn api_server_contact_by_tier() {
     let mut e = engine("");
     let worker = pod_workload(A, "a", Some("worker"));
     let proxy = pod_workload(B, "b", Some("proxy"));
-    assert_eq!(fired(&mut e, &[connect(1, task(10, 1, AGENT, worker, S), "10.96.0.1", 443)]), vec![API_SERVER_NOT_ALLOWED]);
-    assert!(fired(&mut e, &[connect(2, task(11, 1, AGENT, proxy, S), "10.96.0.1", 443)]).is_empty());
+    assert_eq!(
+        fired(
+            &mut e,
+            &[connect(1, task(10, 1, AGENT, worker, S), "10.96.0.1", 443)]
+        ),
+        vec![API_SERVER_NOT_ALLOWED]
+    );
+    assert!(fired(
+        &mut e,
+        &[connect(2, task(11, 1, AGENT, proxy, S), "10.96.0.1", 443)]
+    )
+    .is_empty());
     // No tier, no policy: nothing says it may not.
     let mut e = engine("");
-    assert!(fired(&mut e, &[connect(3, task(12, 1, AGENT, pod_workload(A, "a", None), S), "10.96.0.1", 443)]).is_empty());
+    assert!(fired(
+        &mut e,
+        &[connect(
+            3,
+            task(12, 1, AGENT, pod_workload(A, "a", None), S),
+            "10.96.0.1",
+            443
+        )]
+    )
+    .is_empty());
 }
 
 #[test]
 fn node_credentials_and_environ() {
     let mut e = engine("");
     let a = pod_workload(A, "a", None);
-    let kubeconfig = open(1, task(10, 1, AGENT, a.clone(), S), "/etc/kubernetes/admin.conf", CredentialClass::NodeKubeconfig, None);
+    let kubeconfig = open(
+        1,
+        task(10, 1, AGENT, a.clone(), S),
+        "/etc/kubernetes/admin.conf",
+        CredentialClass::NodeKubeconfig,
+        None,
+    );
     assert_eq!(fired(&mut e, &[kubeconfig]), vec![NODE_CREDENTIAL_READ]);
-    let host_read = open(2, task(11, 1, AGENT, host(), S), "/etc/kubernetes/admin.conf", CredentialClass::NodeKubeconfig, None);
+    let host_read = open(
+        2,
+        task(11, 1, AGENT, host(), S),
+        "/etc/kubernetes/admin.conf",
+        CredentialClass::NodeKubeconfig,
+        None,
+    );
     assert!(fired(&mut e, &[host_read]).is_empty());
     let environ = |seq, pid: u32| {
-        let mut r = open(seq, task(10, 1, AGENT, a.clone(), S), &format!("/proc/{pid}/environ"), CredentialClass::ProcEnviron, None);
+        let mut r = open(
+            seq,
+            task(10, 1, AGENT, a.clone(), S),
+            &format!("/proc/{pid}/environ"),
+            CredentialClass::ProcEnviron,
+            None,
+        );
         if let Record::Open(o) = &mut r {
             o.owner = Some(Owner {
                 pid: Some(pid),
@@ -242,7 +444,10 @@ fn node_credentials_and_environ() {
         r
     };
     assert_eq!(fired(&mut e, &[environ(3, 4242)]), vec![PROC_ENVIRON_READ]);
-    assert!(fired(&mut e, &[environ(4, 10)]).is_empty(), "own environment");
+    assert!(
+        fired(&mut e, &[environ(4, 10)]).is_empty(),
+        "own environment"
+    );
 }
 
 #[test]
@@ -250,17 +455,32 @@ fn baseline_deviation_after_the_learning_window() {
     let mut e = engine(POLICY);
     let a = pod_workload(A, "a", None);
     let learn = [
-        open(1, task(10, 1, AGENT, a.clone(), S), TOKEN, CredentialClass::ServiceAccountToken, Some(A)),
+        open(
+            1,
+            task(10, 1, AGENT, a.clone(), S),
+            TOKEN,
+            CredentialClass::ServiceAccountToken,
+            Some(A),
+        ),
         connect(2, task(10, 1, AGENT, a.clone(), 2 * S), "10.96.0.10", 53),
     ];
     assert!(fired(&mut e, &learn).is_empty());
     // After 60 s: a known class is quiet, a new one is a Notice.
     let after = [
         connect(3, task(10, 1, AGENT, a.clone(), 70 * S), "10.96.0.11", 53),
-        open(4, task(10, 1, AGENT, a.clone(), 71 * S), "/etc/openai/key", CredentialClass::SecretVolume, Some(A)),
+        open(
+            4,
+            task(10, 1, AGENT, a.clone(), 71 * S),
+            "/etc/openai/key",
+            CredentialClass::SecretVolume,
+            Some(A),
+        ),
     ];
     let out: Vec<Anomaly> = after.iter().flat_map(|r| e.process(r)).collect();
-    assert_eq!(out.iter().map(|x| x.rule.as_str()).collect::<Vec<_>>(), vec![BASELINE_DEVIATION]);
+    assert_eq!(
+        out.iter().map(|x| x.rule.as_str()).collect::<Vec<_>>(),
+        vec![BASELINE_DEVIATION]
+    );
     assert_eq!(out[0].priority, Priority::Notice);
     assert!(out[0].output.contains("secret_volume"), "{}", out[0].output);
 }
@@ -278,7 +498,10 @@ fn lost_events_are_alerts() {
         })
     };
     let cred = e.process(&lost("credential"));
-    assert_eq!((cred[0].rule.as_str(), cred[0].priority), (EVENTS_LOST, Priority::Critical));
+    assert_eq!(
+        (cred[0].rule.as_str(), cred[0].priority),
+        (EVENTS_LOST, Priority::Critical)
+    );
     let proc_lane = e.process(&lost("process"));
     assert_eq!(proc_lane[0].priority, Priority::Warning);
     // Records without findings raise nothing.
@@ -296,10 +519,19 @@ fn policy_overrides_disable_and_reprioritize() {
     let yaml = format!("{POLICY}  rules:\n    foreign-credential-read: {{priority: Notice}}\n    credential-read-unexpected-executable: {{disabled: true}}\n");
     let mut e = engine(&yaml);
     let a = pod_workload(A, "a", None);
-    let r = open(1, task(10, 1, "/usr/bin/cat", a, S), "/var/lib/kubelet/pods/b/volumes/x/token", CredentialClass::ServiceAccountToken, Some(B));
+    let r = open(
+        1,
+        task(10, 1, "/usr/bin/cat", a, S),
+        "/var/lib/kubelet/pods/b/volumes/x/token",
+        CredentialClass::ServiceAccountToken,
+        Some(B),
+    );
     let out = e.process(&r);
     assert_eq!(out.len(), 1, "{out:#?}");
-    assert_eq!((out[0].rule.as_str(), out[0].priority), (FOREIGN_CREDENTIAL_READ, Priority::Notice));
+    assert_eq!(
+        (out[0].rule.as_str(), out[0].priority),
+        (FOREIGN_CREDENTIAL_READ, Priority::Notice)
+    );
 }
 
 #[test]
@@ -308,16 +540,32 @@ fn rate_limit_reports_what_it_suppressed() {
     let a = pod_workload(A, "a", None);
     let mut passed = 0;
     for i in 0..25u64 {
-        let r = open(i, task(10, 1, "/usr/bin/cat", a.clone(), S + i), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
+        let r = open(
+            i,
+            task(10, 1, "/usr/bin/cat", a.clone(), S + i),
+            TOKEN,
+            CredentialClass::ServiceAccountToken,
+            Some(A),
+        );
         passed += e.process(&r).len();
     }
     assert_eq!(passed, 20);
     assert!(e.flush().is_empty(), "the window is still open");
     // Time moves on (any record advances it); the summary names the count.
-    let later = open(99, task(10, 1, AGENT, a, 70 * S), TOKEN, CredentialClass::ServiceAccountToken, Some(A));
+    let later = open(
+        99,
+        task(10, 1, AGENT, a, 70 * S),
+        TOKEN,
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
     e.process(&later);
     let summary = e.flush();
     assert_eq!(summary.len(), 1);
     assert_eq!(summary[0].fields["agent.suppressed"], 5);
-    assert!(summary[0].output.contains("5 more"), "{}", summary[0].output);
+    assert!(
+        summary[0].output.contains("5 more"),
+        "{}",
+        summary[0].output
+    );
 }

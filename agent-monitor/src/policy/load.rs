@@ -841,15 +841,13 @@ impl PolicySet {
         let mut seen: Vec<(String, PathBuf)> = Vec::new();
         for file in policy_files(paths)? {
             let loaded = load_file(&file)?;
-            let several = loaded.len() > 1;
-            for (i, p) in loaded.into_iter().enumerate() {
+            for p in loaded {
                 let name = display_name(&p);
                 if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
                     return Err(PolicyError::Duplicate {
                         at: Origin {
                             file: file.clone(),
-                            // The policy's position among the file's policies.
-                            document: several.then_some(i + 1),
+                            document: None,
                             position: None,
                         },
                         name,

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::identity::credentials::CredentialClass;
 
 /// Falco priorities, most severe first (Falcosidekick rejects any other value).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum Priority {
     Emergency,
     Alert,
@@ -23,7 +25,9 @@ pub enum Priority {
 }
 
 /// Where a connection goes, as far as policy is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum DestinationClass {
     /// The Kubernetes API server (configured, or the `kubernetes` Service and endpoints).
@@ -134,7 +138,8 @@ pub struct RuleOverride {
     kind = "AgentPolicy",
     plural = "agentpolicies",
     shortname = "agentpol",
-    namespaced
+    namespaced,
+    doc = "What an AI agent is expected to do with its credentials and the network; agent-monitor raises alerts for the rest."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentPolicySpec {
