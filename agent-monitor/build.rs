@@ -1,6 +1,8 @@
 //! Builds the eBPF programs (agent-monitor-ebpf) for bpfel-unknown-none with the pinned
-//! nightly toolchain and bpf-linker; `cargo xtask setup` installs both.
-use std::path::Path;
+//! nightly toolchain and bpf-linker; `cargo xtask setup` installs both. Also compiles the
+//! gRPC API (`proto/`) in pure Rust (protox, no protoc) and writes its encoded file
+//! descriptor set to `$OUT_DIR/agent_monitor_descriptor.bin` for server reflection.
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
@@ -8,12 +10,43 @@ use anyhow::Context as _;
 /// `cargo xtask setup` builds bpf-linker against this toolchain's own LLVM.
 const DEFAULT_EBPF_TOOLCHAIN: &str = "nightly";
 
+/// The API's proto file, relative to `proto/`.
+const PROTO_FILE: &str = "agent_monitor/v1/agent_monitor.proto";
+
+/// File name (in OUT_DIR) of the encoded file descriptor set.
+const DESCRIPTOR_FILE: &str = "agent_monitor_descriptor.bin";
+
 fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    compile_protos(Path::new(&manifest_dir))?;
+    build_ebpf(&manifest_dir)
+}
+
+/// Generates the gRPC messages and service, and the descriptor set for reflection.
+fn compile_protos(manifest_dir: &Path) -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
+    let include = manifest_dir.join("proto");
+    let mut compiler = protox::Compiler::new([&include]).context("proto include path")?;
+    compiler.include_source_info(true).include_imports(true);
+    compiler
+        .open_file(PROTO_FILE)
+        .with_context(|| format!("compiling {PROTO_FILE}"))?;
+    let descriptor_path = out_dir.join(DESCRIPTOR_FILE);
+    std::fs::write(&descriptor_path, compiler.encode_file_descriptor_set())
+        .with_context(|| format!("writing {}", descriptor_path.display()))?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(compiler.file_descriptor_set())
+        .context("generating gRPC code")
+}
+
+fn build_ebpf(manifest_dir: &str) -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AGENT_MONITOR_EBPF_TOOLCHAIN");
     let toolchain = std::env::var("AGENT_MONITOR_EBPF_TOOLCHAIN")
         .unwrap_or_else(|_| DEFAULT_EBPF_TOOLCHAIN.to_owned());
-    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
-    let root_dir = Path::new(&manifest_dir).join("../agent-monitor-ebpf");
+    let root_dir = Path::new(manifest_dir).join("../agent-monitor-ebpf");
     let root_dir = root_dir
         .canonicalize()
         .with_context(|| format!("eBPF crate not found at {}", root_dir.display()))?;

@@ -36,8 +36,47 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a config file: exit 0 when valid, 64 with a message naming the problem.
     CheckConfig(ConfigArgs),
+    /// Connect to a running daemon's gRPC API and print anomalies (or events) as they come.
+    Tail(TailArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The daemon's API: `http://127.0.0.1:50051`, `https://host:port` or `unix:/path`.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub endpoint: String,
+    /// Print events instead of anomalies.
+    #[arg(long)]
+    pub events: bool,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Only these namespaces (repeatable).
+    #[arg(long = "namespace", value_name = "NS")]
+    pub namespaces: Vec<String>,
+    /// Only these pods (repeatable).
+    #[arg(long = "pod", value_name = "POD")]
+    pub pods: Vec<String>,
+    /// Only these agents (repeatable).
+    #[arg(long = "agent", value_name = "AGENT")]
+    pub agents: Vec<String>,
+    /// Only these rules (repeatable; anomalies only).
+    #[arg(long = "rule", value_name = "RULE")]
+    pub rules: Vec<String>,
+    /// Only anomalies at least this severe (Emergency .. Debug).
+    #[arg(long, value_name = "PRIORITY")]
+    pub min_priority: Option<String>,
+    /// CA certificate (PEM) to verify an https endpoint.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +145,7 @@ pub fn main() -> ExitCode {
             println!("agent-monitor {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Command::Tail(args) => tail(args),
         Command::CheckConfig(args) => match load_config(&args) {
             Ok(config) => {
                 let policies = match crate::policy::PolicySet::load(&config.detect.policies) {
@@ -165,6 +205,72 @@ pub fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
+        }
+    }
+}
+
+fn tail(args: TailArgs) -> ExitCode {
+    use crate::outputs::grpc::{self, pb};
+    let min_priority = match args.min_priority.as_deref() {
+        None => None,
+        Some(p) => {
+            let parsed: Result<crate::policy::Priority, _> =
+                serde_json::from_value(serde_json::Value::String(p.to_owned()));
+            match parsed {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    eprintln!("agent-monitor: --min-priority: expected one of Emergency, Alert, Critical, Error, Warning, Notice, Informational, Debug, got {p:?}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    let mut filter = pb::Filter {
+        namespaces: args.namespaces,
+        pods: args.pods,
+        agents: args.agents,
+        rules: args.rules,
+        ..Default::default()
+    };
+    if let Some(p) = min_priority {
+        filter.min_priority = grpc::priority_to_pb(p) as i32;
+    }
+    let tls = match (args.ca, &args.cert) {
+        (Some(ca), _) => Some(grpc::ClientTls {
+            ca,
+            cert: args.cert,
+            key: args.key,
+            domain: None,
+        }),
+        (None, Some(_)) => {
+            eprintln!(
+                "agent-monitor: --cert needs --ca (the CA that signed the server's certificate)"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        (None, None) => None,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agent-monitor: starting the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(grpc::tail(
+        args.endpoint,
+        args.events,
+        filter,
+        args.json,
+        tls,
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent-monitor: tail: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

@@ -97,6 +97,93 @@ pub struct Config {
     pub detect: DetectSettings,
     /// Where alerts go.
     pub alerts: AlertsConfig,
+    /// The gRPC API.
+    pub grpc: GrpcSettings,
+    /// Alerts to Falcosidekick.
+    pub falcosidekick: SidekickSettings,
+    /// Prometheus metrics, `/healthz` and `/readyz`.
+    pub admin: AdminSettings,
+}
+
+/// gRPC API settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcSettings {
+    /// TCP address, or `none`.
+    pub listen: String,
+    /// Unix socket path (mode 0600), optional.
+    pub unix_socket: Option<PathBuf>,
+    /// Server certificate and key (PEM); with `client_ca`, mutual TLS.
+    pub tls: Option<TlsSettings>,
+    /// Messages queued per streaming client before it is sent a gap notice.
+    pub queue_per_client: usize,
+}
+
+/// TLS files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for GrpcSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".to_owned(),
+            unix_socket: None,
+            tls: None,
+            queue_per_client: 10_000,
+        }
+    }
+}
+
+/// Falcosidekick settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SidekickSettings {
+    /// `http://falcosidekick:2801/`; unset: no Falcosidekick output.
+    pub url: Option<String>,
+    /// Alerts waiting for delivery before new ones are dropped (and counted).
+    pub queue: usize,
+    /// Extra CA certificates (PEM) for an https URL.
+    pub ca: Option<PathBuf>,
+}
+
+impl Default for SidekickSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            queue: 10_000,
+            ca: None,
+        }
+    }
+}
+
+/// Admin endpoint settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// TCP address of `/metrics`, `/healthz` and `/readyz`, or `none`.
+    pub listen: String,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9880".to_owned(),
+        }
+    }
+}
+
+/// `none`, or a socket address.
+pub fn listen_addr(s: &str) -> Option<std::net::SocketAddr> {
+    if s == "none" {
+        None
+    } else {
+        s.parse().ok()
+    }
 }
 
 /// Detection settings.
@@ -106,6 +193,7 @@ pub struct DetectSettings {
     /// AgentPolicy YAML files or directories of them; reloaded when they change.
     pub policies: Vec<PathBuf>,
     /// API server endpoints (`10.96.0.1:443`, `192.168.1.10`): the `api-server` class.
+    /// Empty: the `kubernetes` Service from KUBERNETES_SERVICE_HOST/PORT, when set.
     pub api_servers: Vec<String>,
     /// Pod and Service CIDRs: the `cluster` class.
     pub cluster_cidrs: Vec<String>,
@@ -270,6 +358,9 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             detect: DetectSettings::default(),
             alerts: AlertsConfig::default(),
+            grpc: GrpcSettings::default(),
+            falcosidekick: SidekickSettings::default(),
+            admin: AdminSettings::default(),
         }
     }
 }
@@ -325,6 +416,21 @@ impl Config {
         if let Ok(node) = std::env::var("NODE_NAME") {
             if !node.is_empty() {
                 config.identity.pods.node_name = Some(node);
+            }
+        }
+        // In a pod, the `kubernetes` Service's address is in the environment: it is what
+        // a workload's connect() sees for the API server (before kube-proxy's DNAT).
+        if config.detect.api_servers.is_empty() {
+            if let (Ok(host), Ok(port)) = (
+                std::env::var("KUBERNETES_SERVICE_HOST"),
+                std::env::var("KUBERNETES_SERVICE_PORT"),
+            ) {
+                let endpoint = if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                config.detect.api_servers.push(endpoint);
             }
         }
         config.validate(file)?;
@@ -500,6 +606,34 @@ impl Config {
                 "at least 1".to_owned().as_str(),
                 "0".to_owned(),
             ));
+        }
+        for (field, value) in [
+            ("grpc.listen", &self.grpc.listen),
+            ("admin.listen", &self.admin.listen),
+        ] {
+            if value != "none" && value.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    field.to_owned(),
+                    "`none` or an address with a port (127.0.0.1:50051)",
+                    format!("{value:?}"),
+                ));
+            }
+        }
+        if self.grpc.queue_per_client == 0 || self.falcosidekick.queue == 0 {
+            return Err(invalid(
+                "grpc.queue_per_client / falcosidekick.queue".to_owned(),
+                "at least 1",
+                "0".to_owned(),
+            ));
+        }
+        if let Some(url) = &self.falcosidekick.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "falcosidekick.url".to_owned(),
+                    "an http:// or https:// URL",
+                    format!("{url:?}"),
+                ));
+            }
         }
         if self.alerts.output.is_empty() {
             return Err(invalid(

@@ -63,6 +63,37 @@ fn a_malformed_config_exits_64_naming_file_and_field() {
 }
 
 #[test]
+fn a_malformed_policy_exits_64_naming_it() {
+    let dir = temp_dir("am-cli");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: agent-monitor.dev/v1alpha1\nkind: AgentPolicy\nmetadata: {name: p}\nspec:\n  egress:\n    allow:\n      - cidr: 10.0.0.0/40\n",
+    )
+    .expect("write policy");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("detect:\n  policies: [\"{}\"]\n", policy.display()),
+    )
+    .expect("write config");
+    for sub in ["check-config", "run"] {
+        let out = Command::new(BIN)
+            .args([sub, "--config"])
+            .arg(&config)
+            .output()
+            .expect("run agent-monitor");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{sub}: {stderr}");
+        assert!(stderr.contains("policy.yaml"), "{sub}: {stderr}");
+        assert!(
+            stderr.contains("spec.egress.allow[0].cidr"),
+            "{sub}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_valid_config_checks_ok() {
     let dir = temp_dir("am-cli");
     let file = dir.path().join("ok.yaml");
@@ -102,20 +133,11 @@ fn help_explains_every_run_option() {
     }
 }
 
-fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mount = left.split_whitespace().nth(4)?;
-        right.starts_with("cgroup2 ").then(|| PathBuf::from(mount))
-    })
-}
-
 /// Root and BPF, or a skip with the reason (a failure under AGENT_MONITOR_REQUIRE_PRIVILEGED=1).
 fn privileged(test: &str) -> Option<PathBuf> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let cgroup = cgroup2_root();
+    let cgroup = agent_monitor::identity::cgroup::cgroup2_mount();
     if root && cgroup.is_some() {
         return cgroup;
     }
@@ -125,6 +147,18 @@ fn privileged(test: &str) -> Option<PathBuf> {
     }
     eprintln!("SKIPPED {test}: needs root and BPF: {why}");
     None
+}
+
+/// Kills the daemon when an assertion fails, so no daemon outlives a failed test.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
 }
 
 #[test]
@@ -144,7 +178,10 @@ fn the_daemon_prints_json_lines_and_stops_cleanly_on_sigterm() {
     let config = dir.path().join("config.yaml");
     std::fs::write(
         &config,
-        format!("watch:\n  prefixes: [\"{}/\"]\n", watched.display()),
+        format!(
+            "watch:\n  prefixes: [\"{}/\"]\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n",
+            watched.display()
+        ),
     )
     .expect("write config");
 
@@ -157,6 +194,7 @@ fn the_daemon_prints_json_lines_and_stops_cleanly_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start daemon");
+    let _kill_on_failure = KillOnDrop(daemon.id() as i32);
     let stderr = BufReader::new(daemon.stderr.take().expect("stderr"));
     let mut log = String::new();
     for line in stderr.lines() {

@@ -53,12 +53,7 @@ fn unsafe_geteuid() -> u32 {
 
 /// The cgroup2 mount point, from /proc/self/mountinfo.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mount = left.split_whitespace().nth(4)?;
-        right.starts_with("cgroup2 ").then(|| PathBuf::from(mount))
-    })
+    agent_monitor::identity::cgroup::cgroup2_mount()
 }
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);

@@ -48,6 +48,7 @@ pub const NODE_CREDENTIAL_READ: &str = "node-credential-read";
 pub const PROC_ENVIRON_READ: &str = "proc-environ-read";
 pub const BASELINE_DEVIATION: &str = "baseline-deviation";
 pub const EVENTS_LOST: &str = "monitor-events-lost";
+pub const KERNEL_SILENT: &str = "monitor-kernel-silent";
 
 /// Every built-in rule. Tags follow Falco's convention (`mitre_*` tactic, `T*` technique).
 pub const RULES: &[RuleInfo] = &[
@@ -110,6 +111,12 @@ pub const RULES: &[RuleInfo] = &[
         priority: Priority::Critical,
         tags: &["monitor", "health"],
         description: "the kernel dropped credential or network events (a full ring)",
+    },
+    RuleInfo {
+        id: KERNEL_SILENT,
+        priority: Priority::Error,
+        tags: &["monitor", "health"],
+        description: "no record from the kernel for a while: on a live node fork, exec and exit never stop, so the probes may be detached",
     },
 ];
 
@@ -366,6 +373,30 @@ impl Engine {
             });
         }
         out
+    }
+
+    /// A health alert when the kernel side has been silent for `silent` (the caller
+    /// measures it on the wall clock and calls this once per silent spell).
+    pub fn kernel_silent(&mut self, silent: Duration) -> Anomaly {
+        let info = rule(KERNEL_SILENT).unwrap_or(&RULES[0]);
+        self.seq += 1;
+        let mut fields = BTreeMap::new();
+        fields.insert("agent.rule".into(), json!(KERNEL_SILENT));
+        fields.insert("agent.silent_seconds".into(), json!(silent.as_secs()));
+        Anomaly {
+            seq: self.seq,
+            time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+            rule: KERNEL_SILENT.to_owned(),
+            priority: info.priority,
+            output: format!(
+                "Kernel side silent: no record for {} s; the probes may be detached",
+                silent.as_secs()
+            ),
+            tags: info.tags.iter().map(|t| (*t).to_owned()).collect(),
+            workload: Workload::default(),
+            fields,
+            events: Vec::new(),
+        }
     }
 
     /// Applies overrides and rate limiting, and builds the anomaly.

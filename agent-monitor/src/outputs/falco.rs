@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, io::Write};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::Sink;
+use super::{jsonl::JsonLines, Sink};
 use crate::{detect::Anomaly, policy::Priority};
 
 /// The `source` of every alert.
@@ -55,14 +55,14 @@ pub fn hostname() -> String {
 
 /// Writes each anomaly as one line of Falco JSON.
 pub struct FalcoLines<W: Write> {
-    out: std::io::BufWriter<W>,
+    lines: JsonLines<W>,
     hostname: String,
 }
 
 impl<W: Write> FalcoLines<W> {
     pub fn new(out: W, hostname: String) -> Self {
         Self {
-            out: std::io::BufWriter::new(out),
+            lines: JsonLines::new(out),
             hostname,
         }
     }
@@ -70,12 +70,11 @@ impl<W: Write> FalcoLines<W> {
 
 impl<W: Write> Sink<Anomaly> for FalcoLines<W> {
     fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, &FalcoAlert::new(a, &self.hostname))?;
-        self.out.write_all(b"\n")
+        self.lines.write(&FalcoAlert::new(a, &self.hostname))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+        Sink::<FalcoAlert<'_>>::flush(&mut self.lines)
     }
 }
 

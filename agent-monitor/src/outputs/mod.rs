@@ -1,7 +1,11 @@
 //! Where records leave the process.
 
 pub mod falco;
+pub mod falcosidekick;
+pub mod fanout;
+pub mod grpc;
 pub mod jsonl;
+pub mod metrics;
 
 /// A destination for records or alerts. Implementations may buffer; `flush` pushes
 /// buffered items out.

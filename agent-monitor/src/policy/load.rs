@@ -28,20 +28,6 @@ pub const API_VERSION: &str = "agent-monitor.dev/v1alpha1";
 /// The `kind` of a policy.
 pub const KIND: &str = "AgentPolicy";
 
-/// Every rule id, the keys `spec.rules` accepts.
-pub const RULE_IDS: &[&str] = &[
-    "foreign-credential-read",
-    "credential-read-unexpected-executable",
-    "credential-exfiltration",
-    "egress-outside-allowlist",
-    "cloud-metadata-contact",
-    "api-server-contact-not-allowed",
-    "node-credential-read",
-    "proc-environ-read",
-    "baseline-deviation",
-    "monitor-events-lost",
-];
-
 /// The top-level fields of a policy document.
 const TOP_LEVEL_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
 
@@ -606,8 +592,8 @@ pub fn validate_spec(spec: &AgentPolicySpec) -> Result<(), FieldError> {
         }
     }
     for id in spec.rules.keys() {
-        if !RULE_IDS.contains(&id.as_str()) {
-            let ids: Vec<String> = RULE_IDS.iter().map(|r| quoted(r)).collect();
+        if crate::detect::rule(id).is_none() {
+            let ids: Vec<String> = crate::detect::RULES.iter().map(|r| quoted(r.id)).collect();
             return Err(FieldError::new(
                 format!("spec.rules.{id}"),
                 format!("a rule id, one of {}", ids.join(", ")),

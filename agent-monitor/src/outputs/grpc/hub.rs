@@ -1,0 +1,507 @@
+//! The fan-out from the daemon to streaming clients.
+//!
+//! Publishing never waits: each item is converted once, then offered to every matching
+//! client's bounded queue with `try_send`. A full queue costs that client the item (and
+//! only that client); the client is told with a [`Delivery::Gap`] carrying the exact count
+//! of items it lost, placed where they were lost: before the next item that fits in its
+//! queue, or, if none comes, as soon as the client has drained its queue.
+
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
+    task::{Context, Poll},
+};
+
+use futures::Stream;
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use super::{convert, pb};
+use crate::{detect::Anomaly, events::Record, identity::Workload, policy::Priority};
+
+/// What a client's queue carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery<T> {
+    /// One event or anomaly (shared between the clients it went to).
+    Item(Arc<T>),
+    /// This many items were dropped for this client just before this point.
+    Gap(u64),
+}
+
+/// A compiled [`pb::Filter`].
+#[derive(Debug, Clone, Default)]
+struct Matcher {
+    namespaces: HashSet<String>,
+    pods: HashSet<String>,
+    agents: HashSet<String>,
+    rules: HashSet<String>,
+    /// Only anomalies at least this severe.
+    min_priority: Option<Priority>,
+}
+
+impl Matcher {
+    fn new(f: &pb::Filter) -> Self {
+        let set = |v: &[String]| {
+            v.iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect::<HashSet<_>>()
+        };
+        Self {
+            namespaces: set(&f.namespaces),
+            pods: set(&f.pods),
+            agents: set(&f.agents),
+            rules: set(&f.rules),
+            min_priority: convert::priority_from_pb(f.min_priority()),
+        }
+    }
+
+    fn any_of(set: &HashSet<String>, value: Option<&String>) -> bool {
+        set.is_empty() || value.is_some_and(|v| set.contains(v))
+    }
+
+    fn workload(&self, w: &Workload) -> bool {
+        let pod_ok = self.pods.is_empty()
+            || w.pod.as_ref().is_some_and(|p| {
+                self.pods.contains(p)
+                    || w.namespace
+                        .as_ref()
+                        .is_some_and(|ns| self.pods.contains(&format!("{ns}/{p}")))
+            })
+            || w.pod_uid.as_ref().is_some_and(|u| self.pods.contains(u));
+        pod_ok
+            && Self::any_of(&self.namespaces, w.namespace.as_ref())
+            && Self::any_of(&self.agents, w.agent.as_ref())
+    }
+
+    /// Rules and priority do not apply to events. A `lost` record has no workload and
+    /// always passes: it tells the client that events it may have wanted were dropped.
+    fn record(&self, r: &Record) -> bool {
+        r.task().is_none_or(|t| self.workload(&t.workload))
+    }
+
+    fn anomaly(&self, a: &Anomaly) -> bool {
+        Self::any_of(&self.rules, Some(&a.rule))
+            && self.min_priority.is_none_or(|min| a.priority <= min)
+            && self.workload(&a.workload)
+    }
+}
+
+/// Per-client state shared between the publisher and the client's stream.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Items dropped since the last gap was queued or delivered. Locked by the publisher
+    /// around each offer and by the stream when it flushes a trailing gap, so that "queue
+    /// empty, take the count" is atomic with respect to publishing.
+    pending: Mutex<u64>,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, u64> {
+        // A poisoned lock only means a panic elsewhere; the count is still right.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Subscriber<T> {
+    id: u64,
+    tx: mpsc::Sender<Delivery<T>>,
+    matcher: Matcher,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Counters {
+    gaps_sent: AtomicU64,
+    missed: AtomicU64,
+    events_published: AtomicU64,
+    anomalies_published: AtomicU64,
+}
+
+struct Inner {
+    queue: usize,
+    next_id: AtomicU64,
+    events: Mutex<Vec<Subscriber<pb::Event>>>,
+    anomalies: Mutex<Vec<Subscriber<pb::Anomaly>>>,
+    counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The fan-out of events and anomalies to streaming clients. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("queue_per_client", &self.inner.queue)
+            .field("clients", &self.clients())
+            .field("gaps_sent", &self.gaps_sent())
+            .field("missed", &self.missed())
+            .finish()
+    }
+}
+
+impl Hub {
+    /// A hub whose clients each get a queue of `queue_per_client` items (at least 2: a gap
+    /// and the item after it).
+    pub fn new(queue_per_client: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                queue: queue_per_client.max(2),
+                next_id: AtomicU64::new(0),
+                events: Mutex::new(Vec::new()),
+                anomalies: Mutex::new(Vec::new()),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Offers a record to every event client whose filter matches. Never blocks on a
+    /// client and never awaits.
+    pub fn publish_event(&self, record: &Record) {
+        self.inner
+            .counters
+            .events_published
+            .fetch_add(1, Ordering::Relaxed);
+        let mut subs = lock(&self.inner.events);
+        publish(
+            &mut subs,
+            &self.inner.counters,
+            |m| m.record(record),
+            || pb::Event::from(record),
+        );
+    }
+
+    /// Offers an anomaly to every anomaly client whose filter matches. Never blocks on a
+    /// client and never awaits.
+    pub fn publish_anomaly(&self, anomaly: &Anomaly) {
+        self.inner
+            .counters
+            .anomalies_published
+            .fetch_add(1, Ordering::Relaxed);
+        let mut subs = lock(&self.inner.anomalies);
+        publish(
+            &mut subs,
+            &self.inner.counters,
+            |m| m.anomaly(anomaly),
+            || pb::Anomaly::from(anomaly),
+        );
+    }
+
+    /// A new event client.
+    pub fn subscribe_events(&self, filter: &pb::Filter) -> Subscription<pb::Event> {
+        self.subscribe(filter, &self.inner.events, Kind::Events)
+    }
+
+    /// A new anomaly client.
+    pub fn subscribe_anomalies(&self, filter: &pb::Filter) -> Subscription<pb::Anomaly> {
+        self.subscribe(filter, &self.inner.anomalies, Kind::Anomalies)
+    }
+
+    fn subscribe<T>(
+        &self,
+        filter: &pb::Filter,
+        list: &Mutex<Vec<Subscriber<T>>>,
+        kind: Kind,
+    ) -> Subscription<T> {
+        let (tx, rx) = mpsc::channel(self.inner.queue);
+        let shared = Arc::new(Shared::default());
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut subs = lock(list);
+        subs.retain(|s| !s.tx.is_closed());
+        subs.push(Subscriber {
+            id,
+            tx,
+            matcher: Matcher::new(filter),
+            shared: shared.clone(),
+        });
+        Subscription {
+            id,
+            kind,
+            rx,
+            shared,
+            hub: Arc::downgrade(&self.inner),
+            flushed: false,
+        }
+    }
+
+    /// Streaming clients connected now (events and anomalies).
+    pub fn clients(&self) -> usize {
+        lock(&self.inner.events).len() + lock(&self.inner.anomalies).len()
+    }
+
+    /// Gap notices queued or delivered to slow clients since start.
+    pub fn gaps_sent(&self) -> u64 {
+        self.inner.counters.gaps_sent.load(Ordering::Relaxed)
+    }
+
+    /// Items dropped for slow clients since start (summed over clients).
+    pub fn missed(&self) -> u64 {
+        self.inner.counters.missed.load(Ordering::Relaxed)
+    }
+
+    /// Records published since start (whether or not any client wanted them).
+    pub fn events_published(&self) -> u64 {
+        self.inner.counters.events_published.load(Ordering::Relaxed)
+    }
+
+    /// Anomalies published since start (whether or not any client wanted them).
+    pub fn anomalies_published(&self) -> u64 {
+        self.inner
+            .counters
+            .anomalies_published
+            .load(Ordering::Relaxed)
+    }
+
+    /// Per-client queue capacity.
+    pub fn queue_per_client(&self) -> usize {
+        self.inner.queue
+    }
+}
+
+/// Offers one item to every matching subscriber; removes subscribers whose stream is gone.
+fn publish<T>(
+    subs: &mut Vec<Subscriber<T>>,
+    counters: &Counters,
+    matches: impl Fn(&Matcher) -> bool,
+    convert: impl FnOnce() -> T,
+) {
+    let mut convert = Some(convert);
+    let mut item: Option<Arc<T>> = None;
+    subs.retain(|sub| {
+        if sub.tx.is_closed() {
+            return false;
+        }
+        if !matches(&sub.matcher) {
+            return true;
+        }
+        let item = match &item {
+            Some(i) => i.clone(),
+            None => {
+                let Some(f) = convert.take() else {
+                    return true;
+                };
+                item.insert(Arc::new(f())).clone()
+            }
+        };
+        offer(sub, item, counters)
+    });
+}
+
+/// Offers one item to one subscriber; false when its stream is gone.
+fn offer<T>(sub: &Subscriber<T>, item: Arc<T>, counters: &Counters) -> bool {
+    let mut pending = sub.shared.pending();
+    let sent = if *pending == 0 {
+        match sub.tx.try_send(Delivery::Item(item)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(false),
+            Err(TrySendError::Closed(_)) => Err(true),
+        }
+    } else {
+        // The gap goes first, and only together with the item: a gap alone in the last
+        // free slot would be followed by more losses it does not count.
+        match sub.tx.try_reserve_many(2) {
+            Ok(mut permits) => {
+                if let (Some(gap), Some(next)) = (permits.next(), permits.next()) {
+                    gap.send(Delivery::Gap(*pending));
+                    next.send(Delivery::Item(item));
+                    counters.gaps_sent.fetch_add(1, Ordering::Relaxed);
+                    *pending = 0;
+                }
+                Ok(())
+            }
+            Err(TrySendError::Full(())) => Err(false),
+            Err(TrySendError::Closed(())) => Err(true),
+        }
+    };
+    match sent {
+        Ok(()) => true,
+        Err(closed) => {
+            if !closed {
+                *pending += 1;
+                counters.missed.fetch_add(1, Ordering::Relaxed);
+            }
+            !closed
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Events,
+    Anomalies,
+}
+
+/// One client's stream of deliveries. Dropping it unsubscribes.
+pub struct Subscription<T> {
+    id: u64,
+    kind: Kind,
+    rx: mpsc::Receiver<Delivery<T>>,
+    shared: Arc<Shared>,
+    hub: Weak<Inner>,
+    /// The channel ended and the last gap (if any) was delivered.
+    flushed: bool,
+}
+
+impl<T> Subscription<T> {
+    /// Takes the pending loss count if the queue is empty (so the gap lands after every
+    /// item published before the losses).
+    fn trailing_gap(&mut self) -> Option<u64> {
+        let mut pending = self.shared.pending();
+        if *pending == 0 || !self.rx.is_empty() {
+            return None;
+        }
+        let missed = std::mem::take(&mut *pending);
+        if let Some(hub) = self.hub.upgrade() {
+            hub.counters.gaps_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(missed)
+    }
+}
+
+impl<T> Stream for Subscription<T> {
+    type Item = Delivery<T>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.flushed {
+            return Poll::Ready(None);
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(d)) => Poll::Ready(Some(d)),
+            Poll::Ready(None) => {
+                let gap = this.trailing_gap();
+                this.flushed = gap.is_none();
+                Poll::Ready(gap.map(Delivery::Gap))
+            }
+            Poll::Pending => match this.trailing_gap() {
+                Some(missed) => Poll::Ready(Some(Delivery::Gap(missed))),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T> Drop for Subscription<T> {
+    fn drop(&mut self) {
+        let Some(hub) = self.hub.upgrade() else {
+            return;
+        };
+        match self.kind {
+            Kind::Events => lock(&hub.events).retain(|s| s.id != self.id),
+            Kind::Anomalies => lock(&hub.anomalies).retain(|s| s.id != self.id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::{FutureExt as _, StreamExt as _};
+
+    use super::*;
+    use crate::events::{ExitRecord, Task};
+
+    fn exit(seq: u64, ns: &str) -> Record {
+        Record::Exit(ExitRecord {
+            seq,
+            task: Task {
+                time: "2026-11-23T00:00:00Z".into(),
+                ts_boot_ns: 0,
+                pid: 1,
+                tgid: 1,
+                ppid: None,
+                uid: 0,
+                gid: 0,
+                comm: "x".into(),
+                exe: None,
+                cgroup_id: 0,
+                workload: Workload {
+                    namespace: Some(ns.into()),
+                    pod: Some("p".into()),
+                    ..Workload::default()
+                },
+            },
+        })
+    }
+
+    fn drain<T>(sub: &mut Subscription<T>) -> Vec<Delivery<T>> {
+        let mut out = Vec::new();
+        while let Some(Some(d)) = sub.next().now_or_never() {
+            out.push(d);
+        }
+        out
+    }
+
+    #[test]
+    fn slow_client_gets_exact_gap_before_next_item() {
+        let hub = Hub::new(4);
+        let mut sub = hub.subscribe_events(&pb::Filter::default());
+        for seq in 0..10 {
+            hub.publish_event(&exit(seq, "a"));
+        }
+        assert_eq!(hub.missed(), 6);
+        // Read two, publish one more: room for gap + item.
+        let first: Vec<_> = (0..2).map(|_| sub.rx.try_recv().expect("queued")).collect();
+        assert!(matches!(&first[0], Delivery::Item(e) if e.seq == 0));
+        hub.publish_event(&exit(10, "a"));
+        let rest = drain(&mut sub);
+        let kinds: Vec<String> = rest
+            .iter()
+            .map(|d| match d {
+                Delivery::Item(e) => format!("e{}", e.seq),
+                Delivery::Gap(n) => format!("g{n}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["e2", "e3", "g6", "e10"]);
+        assert_eq!(hub.gaps_sent(), 1);
+    }
+
+    #[test]
+    fn trailing_gap_is_delivered_once_queue_drains() {
+        let hub = Hub::new(2);
+        let mut sub = hub.subscribe_events(&pb::Filter::default());
+        for seq in 0..5 {
+            hub.publish_event(&exit(seq, "a"));
+        }
+        let got = drain(&mut sub);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2], Delivery::Gap(3));
+        assert_eq!(hub.clients(), 1);
+        drop(sub);
+        assert_eq!(hub.clients(), 0);
+    }
+
+    #[test]
+    fn filters_select_by_workload() {
+        let hub = Hub::new(16);
+        let mut a = hub.subscribe_events(&pb::Filter {
+            namespaces: vec!["a".into()],
+            ..Default::default()
+        });
+        let mut pods = hub.subscribe_events(&pb::Filter {
+            pods: vec!["b/p".into()],
+            ..Default::default()
+        });
+        hub.publish_event(&exit(1, "a"));
+        hub.publish_event(&exit(2, "b"));
+        let seqs = |v: Vec<Delivery<pb::Event>>| {
+            v.into_iter()
+                .map(|d| match d {
+                    Delivery::Item(e) => e.seq,
+                    Delivery::Gap(_) => u64::MAX,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(drain(&mut a)), [1]);
+        assert_eq!(seqs(drain(&mut pods)), [2]);
+    }
+}
