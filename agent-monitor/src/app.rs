@@ -20,7 +20,7 @@ use crate::{
         grpc::{GrpcConfig, GrpcServer, Hub, TlsConfig},
         jsonl,
         metrics::{self, Health, Metrics},
-        Sink,
+        protojson, Sink,
     },
     policy::PolicySet,
 };
@@ -188,7 +188,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let mut events: Vec<EventSink> = Vec::new();
     let mut alerts: Vec<AlertSink> = Vec::new();
     if let Some(w) = open_output(&config.output)? {
-        events.push(Box::new(jsonl::JsonLines::new(w)));
+        events.push(Box::new(protojson::EventLines(jsonl::JsonLines::new(w))));
     }
     if let Some(w) = open_output(&config.alerts.output)? {
         alerts.push(Box::new(falco::FalcoLines::new(w, hostname.clone())));

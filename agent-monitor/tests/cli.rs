@@ -228,15 +228,26 @@ fn the_daemon_prints_json_lines_and_stops_cleanly_on_sigterm() {
     while Instant::now() < deadline {
         let Some(Ok(line)) = stdout.next() else { break };
         let v: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
-        if v["type"] == "open" && v["path"] == token.to_string_lossy().as_ref() {
+        // The proto3 JSON form of agent_monitor.v1.Event.
+        if v["open"]["path"] == token.to_string_lossy().as_ref() {
             found = Some(v);
             break;
         }
     }
     let open = found.expect("open event for the token on stdout");
-    assert_eq!(open["cgroup_id"], cgroup_id);
-    assert_eq!(open["comm"], "cat");
-    assert!(open["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(
+        open["process"]["cgroup_id"],
+        cgroup_id.to_string(),
+        "uint64 as a string: {open}"
+    );
+    assert_eq!(open["process"]["comm"], "cat");
+    assert!(
+        open["process"]["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{open}"
+    );
+    assert_eq!(open["workload"]["host"], true, "{open}");
 
     // SAFETY: kill(2) of our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };

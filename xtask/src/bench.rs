@@ -109,23 +109,23 @@ impl Daemon {
     }
 }
 
-/// Counts delivered open records and lost credential records in a daemon output file.
+/// Counts delivered open records and lost credential records in a daemon output file
+/// (the proto3 JSON form of `agent_monitor.v1.Event`, one per line).
 fn count_output(path: &Path) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut opens = 0;
     let mut lost = 0;
     for line in text.lines() {
-        if line.starts_with(r#"{"type":"open""#) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("daemon output line is not JSON: {line}"))?;
+        if v.get("open").is_some() {
             opens += 1;
-        } else if line.starts_with(r#"{"type":"lost""#) && line.contains(r#""lane":"credential""#) {
-            if let Some(n) = line
-                .split(r#""count":"#)
-                .nth(1)
-                .and_then(|r| r.split([',', '}']).next())
+        } else if v["lost"]["lane"] == "credential" {
+            // uint64 fields are strings in proto3 JSON.
+            lost += v["lost"]["count"]
+                .as_str()
                 .and_then(|n| n.parse::<u64>().ok())
-            {
-                lost += n;
-            }
+                .unwrap_or(0);
         }
     }
     Ok((opens, lost))
@@ -158,7 +158,7 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\n",
+            "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\nalerts: {{output: none}}\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n",
             watched_dir.display(),
             output.display()
         ),

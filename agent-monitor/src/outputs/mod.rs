@@ -6,6 +6,7 @@ pub mod fanout;
 pub mod grpc;
 pub mod jsonl;
 pub mod metrics;
+pub mod protojson;
 
 /// A destination for records or alerts. Implementations may buffer; `flush` pushes
 /// buffered items out.

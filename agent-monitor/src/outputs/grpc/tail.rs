@@ -170,13 +170,14 @@ impl<W: Write> Printer<W> {
 }
 
 fn anomaly_json(a: &pb::Anomaly) -> Result<String, GrpcError> {
-    let a = Anomaly::try_from(a)?;
-    serde_json::to_string(&a).map_err(|e| GrpcError::Malformed(e.to_string()))
+    let v =
+        crate::outputs::protojson::anomaly(a).map_err(|e| GrpcError::Malformed(e.to_string()))?;
+    Ok(v.to_string())
 }
 
 fn event_json(e: &pb::Event) -> Result<String, GrpcError> {
-    let r = Record::try_from(e)?;
-    serde_json::to_string(&r).map_err(|e| GrpcError::Malformed(e.to_string()))
+    let v = crate::outputs::protojson::event(e).map_err(|e| GrpcError::Malformed(e.to_string()))?;
+    Ok(v.to_string())
 }
 
 /// Millisecond RFC 3339, or `-`.
@@ -334,9 +335,11 @@ mod tests {
         }
         let json: serde_json::Value =
             serde_json::from_str(&anomaly_json(&anomaly()).expect("json")).expect("parse");
-        assert_eq!(json["priority"], "Error");
+        // The proto3 JSON form of agent_monitor.v1.Anomaly: enum by name, map values as
+        // the strings the proto carries (JSON-encoded field values).
+        assert_eq!(json["priority"], "PRIORITY_ERROR");
         assert_eq!(json["rule"], "cloud-metadata-contact");
-        assert_eq!(json["fields"]["fd.sport"], 80);
+        assert_eq!(json["fields"]["fd.sport"], "80");
         assert_eq!(json["workload"]["namespace"], "agents");
     }
 
@@ -382,6 +385,8 @@ mod tests {
         assert!(row.starts_with("2026-11-23T00:00:00.000Z"), "{row}");
         let json: serde_json::Value =
             serde_json::from_str(&event_json(&e).expect("json")).expect("parse");
-        assert_eq!(json["type"], "lost");
+        // The proto3 JSON form: the oneof member by name, uint64 as a string.
+        assert_eq!(json["lost"]["lane"], "network");
+        assert_eq!(json["lost"]["total"], "7");
     }
 }

@@ -1,0 +1,81 @@
+//! The proto3 JSON form of the API's messages: one schema everywhere. The JSON-lines
+//! event output and `tail --json` print exactly what a gRPC client decodes, field for field
+//! (proto field names, 64-bit integers as strings, timestamps in RFC 3339, enums by name),
+//! as the proto3 JSON mapping prescribes.
+
+use std::{io::Write, sync::OnceLock};
+
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
+
+use super::{grpc::pb, jsonl::JsonLines, Sink};
+use crate::events::Record;
+
+fn pool() -> Option<&'static DescriptorPool> {
+    static POOL: OnceLock<Option<DescriptorPool>> = OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).ok())
+        .as_ref()
+}
+
+fn descriptor(name: &str) -> std::io::Result<MessageDescriptor> {
+    pool()
+        .and_then(|p| p.get_message_by_name(name))
+        .ok_or_else(|| {
+            std::io::Error::other(format!("message {name} missing from the descriptor set"))
+        })
+}
+
+/// A message as proto3 JSON.
+pub fn to_value<M: prost::Message>(msg: &M, name: &str) -> std::io::Result<serde_json::Value> {
+    let dynamic = DynamicMessage::decode(descriptor(name)?, msg.encode_to_vec().as_slice())
+        .map_err(std::io::Error::other)?;
+    let options = SerializeOptions::new().use_proto_field_name(true);
+    dynamic
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(std::io::Error::other)
+}
+
+/// An event as proto3 JSON.
+pub fn event(e: &pb::Event) -> std::io::Result<serde_json::Value> {
+    to_value(e, "agent_monitor.v1.Event")
+}
+
+/// An anomaly as proto3 JSON.
+pub fn anomaly(a: &pb::Anomaly) -> std::io::Result<serde_json::Value> {
+    to_value(a, "agent_monitor.v1.Anomaly")
+}
+
+/// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`.
+pub struct EventLines<W: Write>(pub JsonLines<W>);
+
+impl<W: Write> Sink<Record> for EventLines<W> {
+    fn write(&mut self, r: &Record) -> std::io::Result<()> {
+        self.0.write(&event(&pb::Event::from(r))?)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Sink::<serde_json::Value>::flush(&mut self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::LostRecord;
+
+    #[test]
+    fn events_print_in_the_proto3_json_mapping() {
+        let r = Record::Lost(LostRecord {
+            seq: 9,
+            time: "2026-11-23T07:00:00.000000001Z".into(),
+            lane: "credential".into(),
+            count: 3,
+            total: 12,
+        });
+        let v = event(&pb::Event::from(&r)).expect("json");
+        // uint64 is a string in proto3 JSON.
+        assert_eq!(v["seq"], "9");
+        assert_eq!(v["lost"]["lane"], "credential");
+        assert_eq!(v["lost"]["total"], "12");
+    }
+}
