@@ -5,7 +5,6 @@
 
 use std::{io::Write, sync::OnceLock};
 
-use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
 use super::{grpc::pb, jsonl::JsonLines, Sink};

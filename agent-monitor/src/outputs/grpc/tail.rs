@@ -5,7 +5,7 @@ use std::{io::Write, path::PathBuf};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::{convert, pb, pb::agent_monitor_client::AgentMonitorClient, GrpcError};
-use crate::{detect::Anomaly, events::Record, identity::Workload};
+use crate::identity::Workload;
 
 /// Client TLS: the CA that signed the server's certificate, and for mutual TLS the
 /// client's certificate and key (PEM files).
