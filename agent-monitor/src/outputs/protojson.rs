@@ -7,7 +7,7 @@ use std::{io::Write, sync::OnceLock};
 
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
-use super::{grpc::pb, jsonl::JsonLines, Sink};
+use super::{grpc::pb, Sink};
 use crate::events::Record;
 
 fn pool() -> Option<&'static DescriptorPool> {
@@ -44,16 +44,40 @@ pub fn anomaly(a: &pb::Anomaly) -> std::io::Result<serde_json::Value> {
     to_value(a, "agent_monitor.v1.Anomaly")
 }
 
-/// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`.
-pub struct EventLines<W: Write>(pub JsonLines<W>);
+/// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`,
+/// serialized straight into the buffered writer (no intermediate JSON value).
+pub struct EventLines<W: Write> {
+    out: std::io::BufWriter<W>,
+    descriptor: MessageDescriptor,
+    options: SerializeOptions,
+}
+
+impl<W: Write> EventLines<W> {
+    pub fn new(out: W) -> std::io::Result<Self> {
+        Ok(Self {
+            out: std::io::BufWriter::new(out),
+            descriptor: descriptor("agent_monitor.v1.Event")?,
+            options: SerializeOptions::new().use_proto_field_name(true),
+        })
+    }
+}
 
 impl<W: Write> Sink<Record> for EventLines<W> {
     fn write(&mut self, r: &Record) -> std::io::Result<()> {
-        self.0.write(&event(&pb::Event::from(r))?)
+        let bytes = prost::Message::encode_to_vec(&pb::Event::from(r));
+        let dynamic = DynamicMessage::decode(self.descriptor.clone(), bytes.as_slice())
+            .map_err(std::io::Error::other)?;
+        dynamic
+            .serialize_with_options(
+                &mut serde_json::Serializer::new(&mut self.out),
+                &self.options,
+            )
+            .map_err(std::io::Error::other)?;
+        self.out.write_all(b"\n")
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        Sink::<serde_json::Value>::flush(&mut self.0)
+        self.out.flush()
     }
 }
 
@@ -76,5 +100,14 @@ mod tests {
         assert_eq!(v["seq"], "9");
         assert_eq!(v["lost"]["lane"], "credential");
         assert_eq!(v["lost"]["total"], "12");
+        // The line writer prints the same object.
+        let mut buf = Vec::new();
+        {
+            let mut lines = EventLines::new(&mut buf).expect("descriptor");
+            lines.write(&r).expect("write");
+            lines.flush().expect("flush");
+        }
+        let line: serde_json::Value = serde_json::from_slice(&buf).expect("one JSON line");
+        assert_eq!(line, v);
     }
 }
