@@ -283,6 +283,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             probes: monitor.attached().to_vec(),
             counters: counters.clone(),
             sidekick: sidekick_counters.clone(),
+            identity_cache: monitor.identity_cache_size(),
             queue_depth: Arc::new(move || {
                 depth_tx
                     .upgrade()

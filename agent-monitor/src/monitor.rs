@@ -117,6 +117,8 @@ struct Enricher {
     max_pending: usize,
     /// Volume prefixes added to the kernel filter from pod specs.
     learned_prefixes: BTreeSet<String>,
+    /// Processes, cgroups and pods known, for status and metrics.
+    cache_size: Arc<std::sync::atomic::AtomicU64>,
     configured_prefixes: Vec<String>,
 }
 
@@ -410,6 +412,7 @@ pub struct Monitor {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), MonitorError>>,
     attached: Vec<String>,
+    identity_cache_size: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Monitor {
@@ -454,7 +457,9 @@ impl Monitor {
             max_pending: config.identity.pending.max_events,
             learned_prefixes: BTreeSet::new(),
             configured_prefixes: config.effective_prefixes(),
+            cache_size: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
+        let identity_cache_size = enricher.cache_size.clone();
         let (stop, stop_rx) = watch::channel(false);
         let poll = Duration::from_millis(config.poll_interval_ms);
         let task = tokio::spawn(consume(probes, fds, enricher, out, stop_rx, poll));
@@ -462,12 +467,18 @@ impl Monitor {
             stop,
             task,
             attached,
+            identity_cache_size,
         })
     }
 
     /// The tracepoints attached.
     pub fn attached(&self) -> &[String] {
         &self.attached
+    }
+
+    /// Entries in the identity caches (processes, cgroups, pods), updated as records flow.
+    pub fn identity_cache_size(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.identity_cache_size.clone()
     }
 
     /// Stops consuming after a last drain of every lane (so nothing already in a ring is
@@ -528,6 +539,9 @@ async fn consume(
             r = fds.network.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } false }
             _ = stop.changed() => true,
         };
+        let size = st.table.len() + st.identity.cgroup_cache_len() + st.identity.pods().len();
+        st.cache_size
+            .store(size as u64, std::sync::atomic::Ordering::Relaxed);
         if !drain(&mut fds, &mut st, &out).await
             || !report_drops(&probes, &mut st, &out).await
             || !st.release_pending(&out).await

@@ -61,7 +61,7 @@ sys.path.insert(0, out_dir)
 from agent_monitor.v1 import agent_monitor_pb2 as pb, agent_monitor_pb2_grpc as rpc
 stub = rpc.AgentMonitorStub(grpc.insecure_channel(addr))
 status = stub.GetStatus(pb.StatusRequest(), timeout=10)
-print(json.dumps({"probes": len(status.probes_attached)}), flush=True)
+print(json.dumps({"probes": len(status.probes_attached), "cache": status.identity_cache_size}), flush=True)
 for resp in stub.StreamAnomalies(pb.Filter(namespaces=["agents"]), timeout=60):
     if resp.HasField("anomaly"):
         a = resp.anomaly

@@ -117,6 +117,8 @@ pub struct DaemonStatus {
     pub sidekick: Option<Arc<SidekickCounters>>,
     /// Records waiting between the lane consumer and the outputs.
     pub queue_depth: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Entries in the identity caches.
+    pub identity_cache: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StatusSource for DaemonStatus {
