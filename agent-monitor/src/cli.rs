@@ -104,6 +104,22 @@ pub struct RunArgs {
     pub kernel_log: bool,
 }
 
+/// The policies a config names, or the exit status after printing why they are unusable.
+fn load_policies(config: &Config) -> Result<crate::policy::PolicySet, ExitCode> {
+    crate::policy::PolicySet::load(&config.detect.policies).map_err(|e| {
+        eprintln!("agent-monitor: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// A tokio runtime, or the exit status after printing why it could not start.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("agent-monitor: starting the runtime: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
 /// Loads the config named on the command line, or the built-in default.
 pub fn load_config(args: &ConfigArgs) -> Result<Config, ConfigError> {
     match &args.config {
@@ -148,12 +164,9 @@ pub fn main() -> ExitCode {
         Command::Tail(args) => tail(args),
         Command::CheckConfig(args) => match load_config(&args) {
             Ok(config) => {
-                let policies = match crate::policy::PolicySet::load(&config.detect.policies) {
+                let policies = match load_policies(&config) {
                     Ok(p) => p,
-                    Err(e) => {
-                        eprintln!("agent-monitor: {e}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
+                    Err(code) => return code,
                 };
                 let name = args.config.map_or_else(
                     || "built-in default".to_owned(),
@@ -175,23 +188,15 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let policies = match crate::policy::PolicySet::load(&config.detect.policies) {
+            let policies = match load_policies(&config) {
                 Ok(p) => p,
-                Err(e) => {
-                    eprintln!("agent-monitor: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(2);
+            let runtime = match runtime(builder) {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("agent-monitor: starting the runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(crate::app::run(config, policies)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -250,15 +255,9 @@ fn tail(args: TailArgs) -> ExitCode {
         }
         (None, None) => None,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("agent-monitor: starting the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(grpc::tail(
         args.endpoint,
