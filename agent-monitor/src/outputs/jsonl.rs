@@ -35,10 +35,20 @@ pub fn open_writer(output: &str) -> std::io::Result<Box<dyn Write + Send>> {
     })
 }
 
+impl<W: Write> JsonLines<W> {
+    /// Writes one line whose JSON `serialize` produces into the buffered writer.
+    pub fn line(
+        &mut self,
+        serialize: impl FnOnce(&mut serde_json::Serializer<&mut BufWriter<W>>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        serialize(&mut serde_json::Serializer::new(&mut self.out))?;
+        self.out.write_all(b"\n")
+    }
+}
+
 impl<W: Write, T: serde::Serialize> Sink<T> for JsonLines<W> {
     fn write(&mut self, item: &T) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, item)?;
-        self.out.write_all(b"\n")
+        self.line(|s| item.serialize(s).map_err(std::io::Error::other))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

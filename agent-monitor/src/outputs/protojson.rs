@@ -7,7 +7,7 @@ use std::{io::Write, sync::OnceLock};
 
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
-use super::{grpc::pb, Sink};
+use super::{grpc::pb, jsonl::JsonLines, Sink};
 use crate::events::Record;
 
 fn pool() -> Option<&'static DescriptorPool> {
@@ -47,7 +47,7 @@ pub fn anomaly(a: &pb::Anomaly) -> std::io::Result<serde_json::Value> {
 /// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`,
 /// serialized straight into the buffered writer (no intermediate JSON value).
 pub struct EventLines<W: Write> {
-    out: std::io::BufWriter<W>,
+    lines: JsonLines<W>,
     descriptor: MessageDescriptor,
     options: SerializeOptions,
 }
@@ -55,7 +55,7 @@ pub struct EventLines<W: Write> {
 impl<W: Write> EventLines<W> {
     pub fn new(out: W) -> std::io::Result<Self> {
         Ok(Self {
-            out: std::io::BufWriter::new(out),
+            lines: JsonLines::new(out),
             descriptor: descriptor("agent_monitor.v1.Event")?,
             options: SerializeOptions::new().use_proto_field_name(true),
         })
@@ -67,17 +67,16 @@ impl<W: Write> Sink<Record> for EventLines<W> {
         let bytes = prost::Message::encode_to_vec(&pb::Event::from(r));
         let dynamic = DynamicMessage::decode(self.descriptor.clone(), bytes.as_slice())
             .map_err(std::io::Error::other)?;
-        dynamic
-            .serialize_with_options(
-                &mut serde_json::Serializer::new(&mut self.out),
-                &self.options,
-            )
-            .map_err(std::io::Error::other)?;
-        self.out.write_all(b"\n")
+        let options = &self.options;
+        self.lines.line(|s| {
+            dynamic
+                .serialize_with_options(s, options)
+                .map_err(std::io::Error::other)
+        })
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+        Sink::<serde_json::Value>::flush(&mut self.lines)
     }
 }
 
