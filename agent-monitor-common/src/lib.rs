@@ -20,6 +20,13 @@ pub const COMM_LEN: usize = 16;
 /// Deepest cgroup level checked by the cgroup filter (a kubelet container scope sits at
 /// level 4 or 5 under the systemd driver).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// Capacity of the kernel's watched-filesystem map: pods' Secret and projected volumes on
+/// this node (a node runs at most a few hundred pods, each with a handful of volumes).
+pub const MAX_WATCHED_FS: u32 = 16 * 1024;
+/// Capacity of the kernel's node credential inventory (files and directories).
+pub const MAX_INVENTORY: u32 = 64 * 1024;
+/// Capacity of the kernel's watched-prefix trie.
+pub const MAX_WATCHED_PREFIXES: u32 = 4096;
 /// Number of lanes, each with its own ring buffer and drop counter.
 pub const LANE_COUNT: u32 = 3;
 
@@ -59,7 +66,8 @@ impl EventKind {
     }
 }
 
-/// Which syscall produced an open or network record. Stored in `syscall` fields.
+/// Which syscall (or kernel path) produced an open or network record. Stored in `syscall`
+/// fields.
 #[repr(u16)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Syscall {
@@ -69,6 +77,17 @@ pub enum Syscall {
     Connect = 4,
     Sendto = 5,
     Sendmsg = 6,
+    Creat = 7,
+    OpenByHandleAt = 8,
+    /// `IORING_OP_OPENAT` submitted through io_uring (no open syscall is made).
+    IoUringOpenat = 9,
+    /// `IORING_OP_OPENAT2` submitted through io_uring.
+    IoUringOpenat2 = 10,
+    /// A TCP socket entered SYN-SENT: a connect by any path (syscall, io_uring, TCP fast
+    /// open), seen once.
+    TcpConnect = 11,
+    /// Data left on an inet socket of a process that read a credential.
+    Send = 12,
 }
 
 impl Syscall {
@@ -80,6 +99,12 @@ impl Syscall {
             4 => Self::Connect,
             5 => Self::Sendto,
             6 => Self::Sendmsg,
+            7 => Self::Creat,
+            8 => Self::OpenByHandleAt,
+            9 => Self::IoUringOpenat,
+            10 => Self::IoUringOpenat2,
+            11 => Self::TcpConnect,
+            12 => Self::Send,
             _ => return None,
         })
     }
@@ -92,7 +117,45 @@ impl Syscall {
             Self::Connect => "connect",
             Self::Sendto => "sendto",
             Self::Sendmsg => "sendmsg",
+            Self::Creat => "creat",
+            Self::OpenByHandleAt => "open_by_handle_at",
+            Self::IoUringOpenat => "io_uring_openat",
+            Self::IoUringOpenat2 => "io_uring_openat2",
+            Self::TcpConnect => "tcp_connect",
+            Self::Send => "send",
         }
+    }
+}
+
+/// Why an open was reported. Stored in [`OpenEvent::matched`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatchKind {
+    /// The file lives on a watched filesystem (a pod's Secret or projected volume).
+    Volume = 1,
+    /// The file's (device, inode) is in the node credential inventory.
+    Inode = 2,
+    /// The file's parent directory's (device, inode) is in the inventory.
+    Directory = 3,
+    /// The path as passed starts with a watched prefix (failed opens).
+    Prefix = 4,
+    /// The relative path as passed ends in a watched basename (failed opens).
+    Basename = 5,
+    /// `/proc/<pid>/environ`, by its procfs file or by its path.
+    ProcEnviron = 6,
+}
+
+impl MatchKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Volume,
+            2 => Self::Inode,
+            3 => Self::Directory,
+            4 => Self::Prefix,
+            5 => Self::Basename,
+            6 => Self::ProcEnviron,
+            _ => return None,
+        })
     }
 }
 
@@ -128,46 +191,112 @@ pub struct PathKey {
 }
 const _: () = assert!(size_of::<PathKey>() == 260);
 
-/// Bits of [`OpenArgs::path_flags`].
+/// Bits of [`OpenEvent::path_flags`].
 pub mod path_flags {
     /// The path did not start with `/`: relative to the cwd or to `dirfd`.
     pub const RELATIVE: u16 = 1;
     /// The path was longer than [`crate::PATH_CAP`] - 1 bytes and was cut.
     pub const TRUNCATED: u16 = 2;
-    /// Matched as `/proc/<pid>/environ` rather than by prefix or basename.
-    pub const PROC_ENVIRON: u16 = 4;
+    /// The dentry chain was deeper or longer than [`crate::DPATH_CAP`] allows and is cut.
+    pub const DPATH_TRUNCATED: u16 = 8;
+    /// The path as passed could not be read (io_uring without it, `open_by_handle_at`).
+    pub const NO_PATH: u16 = 16;
 }
 
-/// What an open syscall asked for, captured at entry. Stashed per thread until the syscall
-/// exits, then copied into an [`OpenEvent`].
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct OpenArgs {
-    pub path: PathKey,
-    /// Bytes of `path.data` before the NUL.
-    pub path_len: u16,
-    /// A [`Syscall`].
-    pub syscall: u16,
-    pub flags: u32,
-    pub mode: u32,
-    pub dirfd: i32,
-    /// [`path_flags`] bits.
-    pub path_flags: u16,
-    pub _pad: u16,
-    pub ts_ns: u64,
-}
-const _: () = assert!(size_of::<OpenArgs>() == 288);
+/// Bytes of [`OpenEvent::dpath`]: the opened file's dentry names up to its filesystem's
+/// root. Each name is read at an offset below `DPATH_CAP / 2` (a mask the verifier can
+/// follow) and is at most [`NAME_CAP`] long, so it always fits.
+pub const DPATH_CAP: usize = 512;
+/// Longest dentry name read (`NAME_MAX` + NUL).
+pub const NAME_CAP: usize = 256;
+/// Deepest dentry chain walked from a file to its filesystem's root.
+pub const MAX_DENTRY_DEPTH: u32 = 24;
 
-/// An open of a watched path (credential lane).
+/// An open of a watched file (credential lane). The kernel resolved the returned
+/// descriptor to its file: `dev`/`ino` identify it whatever name it was opened by.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct OpenEvent {
     pub header: EventHeader,
     /// The syscall's return value: a file descriptor, or `-errno`.
     pub ret: i64,
-    pub args: OpenArgs,
+    /// Inode number of the opened file (0 when the open failed).
+    pub ino: u64,
+    /// `super_block.s_dev` of the opened file, kernel encoding `(major << 20) | minor`.
+    pub dev: u32,
+    /// A [`Syscall`].
+    pub syscall: u16,
+    /// [`path_flags`] bits.
+    pub path_flags: u16,
+    pub flags: u32,
+    pub mode: u32,
+    pub dirfd: i32,
+    /// A [`MatchKind`].
+    pub matched: u8,
+    /// Names in `dpath`.
+    pub depth: u8,
+    /// Bytes of `path` before the NUL.
+    pub path_len: u16,
+    /// Bytes of `dpath` used.
+    pub dpath_len: u16,
+    pub _pad: [u8; 6],
+    /// The path exactly as the process passed it.
+    pub path: [u8; PATH_CAP],
+    /// The file's dentry names, leaf first, each NUL-terminated, up to (not including) the
+    /// root of its filesystem.
+    pub dpath: [u8; DPATH_CAP],
 }
-const _: () = assert!(size_of::<OpenEvent>() == 352);
+const _: () = assert!(size_of::<OpenEvent>() == 872);
+
+/// Key of the file inventory: a file or directory by identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileKey {
+    /// `super_block.s_dev`, kernel encoding.
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+const _: () = assert!(size_of::<FileKey>() == 16);
+
+/// Values of the file inventory map.
+pub const INVENTORY_FILE: u8 = 1;
+/// An inventory directory: files directly in it are watched.
+pub const INVENTORY_DIR: u8 = 2;
+
+/// Offsets into kernel structures, read from the running kernel's BTF at load time (aya
+/// has no CO-RE relocations for Rust programs). [`NO_FIELD`] marks a field this kernel
+/// lacks; the programs that need it then do nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_inode: u32,
+    pub file_dentry: u32,
+    pub file_private_data: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+    pub sb_magic: u32,
+    pub dentry_parent: u32,
+    pub dentry_name: u32,
+    pub dentry_inode: u32,
+    pub socket_type: u32,
+    pub sk_daddr: u32,
+    pub sk_dport: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_family: u32,
+    /// `pt_regs` slots of the first three syscall arguments.
+    pub regs_arg: [u32; 3],
+    /// `io_kiocb` to `io_open.filename` (the command area holds the `io_open`).
+    pub req_open_filename: u32,
+    /// `filename.name`.
+    pub filename_name: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 96);
 
 /// Destination of a connect or of a send with an explicit address, captured at entry.
 #[repr(C)]
@@ -231,7 +360,9 @@ mod user {
     // SAFETY: plain-old-data: repr(C), Copy, every bit pattern valid.
     unsafe impl aya::Pod for PathKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for OpenArgs {}
+    unsafe impl aya::Pod for FileKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for KernelOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnectArgs {}
 }

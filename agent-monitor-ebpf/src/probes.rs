@@ -7,18 +7,21 @@ use core::{
 };
 
 use agent_monitor_common::{
-    path_flags, ConnectArgs, ConnectEvent, EventHeader, EventKind, Lane, OpenArgs, OpenEvent,
-    ProcEvent, Syscall, AT_FDCWD, BASENAME_CAP, GROUP_ALIVE, GROUP_DEAD, GROUP_UNKNOWN, LANE_COUNT,
-    MAX_CGROUP_DEPTH, NO_FIELD, PATH_CAP,
+    path_flags, ConnectArgs, ConnectEvent, EventHeader, EventKind, FileKey, KernelOffsets, Lane,
+    MatchKind, OpenEvent, PathKey, ProcEvent, Syscall, AT_FDCWD, BASENAME_CAP, DPATH_CAP,
+    GROUP_ALIVE, GROUP_DEAD, GROUP_UNKNOWN, INVENTORY_DIR, INVENTORY_FILE, LANE_COUNT,
+    MAX_CGROUP_DEPTH, MAX_DENTRY_DEPTH, MAX_INVENTORY, MAX_WATCHED_FS, MAX_WATCHED_PREFIXES,
+    NAME_CAP, NO_FIELD, PATH_CAP,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_probe_read_kernel as kernel_read, bpf_probe_read_kernel_buf, bpf_probe_read_user,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
-            bpf_loop, bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_probe_read_user_str,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
+            bpf_get_current_task_btf, bpf_ktime_get_boot_ns, bpf_loop, bpf_probe_read_kernel,
+            bpf_probe_read_kernel_str, bpf_probe_read_user_str, bpf_task_pt_regs,
         },
     },
     macros::{map, tracepoint},
@@ -33,7 +36,7 @@ const DEFAULT_RING_BYTES: u32 = 256 * 1024;
 /// Syscalls in flight at once whose entry matched (per map). Stale entries of threads that
 /// never returned are evicted first (LRU).
 const STASH_ENTRIES: u32 = 16 * 1024;
-const MAX_PREFIXES: u32 = 4096;
+const MAX_PREFIXES: u32 = MAX_WATCHED_PREFIXES;
 const MAX_BASENAMES: u32 = 1024;
 const MAX_CGROUPS: u32 = 16 * 1024;
 
@@ -88,36 +91,23 @@ static WATCH_BASENAMES: HashMap<[u8; BASENAME_CAP], u8> =
 #[map]
 static MONITORED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_CGROUPS, 0);
 
-/// Open arguments between syscall entry and exit, by pid_tgid.
-#[map]
-static OPEN_STASH: LruHashMap<u64, OpenArgs> =
-    LruHashMap::with_max_entries(STASH_ENTRIES, BPF_F_NO_COMMON_LRU);
 /// Connect/send destinations between syscall entry and exit, by pid_tgid.
 #[map]
 static NET_STASH: LruHashMap<u64, ConnectArgs> =
     LruHashMap::with_max_entries(STASH_ENTRIES, BPF_F_NO_COMMON_LRU);
-/// Stash entries made and not yet collected, for opens (index 0) and network syscalls
-/// (index 1). An exit program whose counter is zero returns without a hash lookup, which
-/// is most of the cost it adds to every unwatched open. Entries that never meet their
-/// exit (evicted, or a thread killed in between) keep the count above zero: that only
-/// costs speed, never an event.
+/// Network stash entries made and not yet collected. An exit program whose counter is
+/// zero returns without a hash lookup, which is most of the cost it adds to every
+/// unrelated call. Entries that never meet their exit (evicted, or a thread killed in
+/// between) keep the count above zero: that only costs speed, never an event.
 #[map]
-static INFLIGHT: Array<u64> = Array::with_max_entries(2, 0);
-const INFLIGHT_OPEN: u32 = 0;
-const INFLIGHT_NET: u32 = 1;
-
-/// Per-CPU scratch: the 288-byte open arguments do not fit the 512-byte stack with the rest.
-#[map]
-static OPEN_SCRATCH: PerCpuArray<OpenArgs> = PerCpuArray::with_max_entries(1, 0);
-#[map]
-static BASENAME_SCRATCH: PerCpuArray<[u8; BASENAME_CAP]> = PerCpuArray::with_max_entries(1, 0);
+static INFLIGHT: Array<u64> = Array::with_max_entries(1, 0);
+const INFLIGHT_NET: u32 = 0;
 
 // ---- syscall record offsets (stable ABI; see the format files) ----
 
 /// `sys_enter_*`: first argument; each further argument is 8 bytes on.
 const ARG0: usize = 16;
 const ARG1: usize = 24;
-const ARG2: usize = 32;
 const ARG4: usize = 48;
 /// `sys_exit_*`: `long ret`.
 const EXIT_RET: usize = 16;
@@ -227,54 +217,259 @@ unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64) {
 }
 
 // ------------------------------------------------------------------ opens
+//
+// Opens are decided at syscall exit, from the file the kernel opened: the returned
+// descriptor is resolved (task -> files -> fdtable -> file -> inode -> super_block) and the
+// file is watched when its filesystem is a pod's credential volume, or its (device, inode)
+// or its parent directory's is in the node credential inventory. That match holds whatever
+// name the file was opened by: relative, through a symlink or a hard link, another mount,
+// `/proc/<pid>/root/...` or `/proc/self/fd/N`. Only failed opens, which have no file, fall
+// back to the path string and the prefix trie (files that do not exist yet).
+//
+// The path as passed is read at exit from the syscall's saved user registers, so no entry
+// program runs and nothing is stashed per open.
 
-#[tracepoint]
-pub fn open_enter(ctx: TracePointContext) -> u32 {
-    // sys_enter_open: filename, flags, mode.
-    let filename: u64 = field(&ctx, ARG0);
-    let flags: u64 = field(&ctx, ARG1);
-    let mode: u64 = field(&ctx, ARG2);
-    match try_open_enter(filename, AT_FDCWD, flags as u32, mode as u32, Syscall::Open) {
-        Ok(r) | Err(r) => r,
-    }
+/// `__syscall_nr` in `sys_exit_*` records.
+const EXIT_NR: usize = 8;
+/// x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+const NR_OPEN: i32 = 2;
+const NR_CREAT: i32 = 85;
+const NR_OPENAT: i32 = 257;
+const NR_OPEN_BY_HANDLE_AT: i32 = 304;
+const NR_OPENAT2: i32 = 437;
+/// `PROC_SUPER_MAGIC` (include/uapi/linux/magic.h).
+const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+/// Upper bound on file descriptors we resolve (`sysctl fs.nr_open` max is 2^30).
+const MAX_FD: i64 = 1 << 30;
+/// `IORING_OP_OPENAT` and `IORING_OP_OPENAT2` (include/uapi/linux/io_uring.h).
+const IORING_OP_OPENAT: u8 = 18;
+const IORING_OP_OPENAT2: u8 = 28;
+/// io_uring opens submitted and not yet completed.
+const IO_OPEN_ENTRIES: u32 = 4096;
+/// Processes that read a watched file, remembered for the read-then-send correlation.
+const CRED_READER_ENTRIES: u32 = 16 * 1024;
+/// (process, socket) pairs already reported as sending after a credential read.
+const SENT_ENTRIES: u32 = 16 * 1024;
+
+/// Kernel structure offsets from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_files: NO_FIELD,
+    files_fdt: NO_FIELD,
+    fdt_max_fds: NO_FIELD,
+    fdt_fd: NO_FIELD,
+    file_inode: NO_FIELD,
+    file_dentry: NO_FIELD,
+    file_private_data: NO_FIELD,
+    inode_ino: NO_FIELD,
+    inode_sb: NO_FIELD,
+    sb_dev: NO_FIELD,
+    sb_magic: NO_FIELD,
+    dentry_parent: NO_FIELD,
+    dentry_name: NO_FIELD,
+    dentry_inode: NO_FIELD,
+    socket_type: NO_FIELD,
+    sk_daddr: NO_FIELD,
+    sk_dport: NO_FIELD,
+    sk_v6_daddr: NO_FIELD,
+    sk_family: NO_FIELD,
+    regs_arg: [NO_FIELD; 3],
+    req_open_filename: NO_FIELD,
+    filename_name: NO_FIELD,
+});
+/// How long after a credential read data sent on an inet socket is reported.
+#[unsafe(no_mangle)]
+static EXFIL_WINDOW_NS: Global<u64> = Global::new(30_000_000_000);
+
+/// Filesystems (by `s_dev`) whose every file is watched: pods' Secret and projected volumes.
+#[map]
+static WATCH_FS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_FS, 0);
+/// Node credential files ([`INVENTORY_FILE`]) and directories ([`INVENTORY_DIR`]).
+#[map]
+static WATCH_FILES: HashMap<FileKey, u8> = HashMap::with_max_entries(MAX_INVENTORY, 0);
+
+/// io_uring opens between submission and completion, by request address.
+#[map]
+static IO_OPENS: LruHashMap<u64, IoOpen> = LruHashMap::with_max_entries(IO_OPEN_ENTRIES, 0);
+
+/// Processes that opened a watched file, with when (boot ns).
+#[map]
+static CRED_READERS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(CRED_READER_ENTRIES, 0);
+/// Non-zero once any process is in `CRED_READERS`: sends of everyone else then cost one
+/// array lookup.
+#[map]
+static CRED_READERS_ACTIVE: Array<u64> = Array::with_max_entries(1, 0);
+/// Sockets already reported as sending after a read, with when.
+#[map]
+static SENT: LruHashMap<SentKey, u64> = LruHashMap::with_max_entries(SENT_ENTRIES, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SentKey {
+    tgid: u32,
+    _pad: u32,
+    sk: u64,
 }
 
-#[tracepoint]
-pub fn openat_enter(ctx: TracePointContext) -> u32 {
-    // sys_enter_openat: dfd, filename, flags, mode.
-    let dfd: u64 = field(&ctx, ARG0);
-    let filename: u64 = field(&ctx, ARG1);
-    let flags: u64 = field(&ctx, ARG2);
-    let mode: u64 = field(&ctx, ARG2 + 8);
-    match try_open_enter(
-        filename,
-        dfd as i32,
-        flags as u32,
-        mode as u32,
-        Syscall::Openat,
-    ) {
-        Ok(r) | Err(r) => r,
-    }
+/// What an io_uring open asked for, read at submission.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoOpen {
+    path: [u8; PATH_CAP],
+    path_len: u16,
+    syscall: u16,
+    path_flags: u16,
+    _pad: u16,
 }
 
-#[tracepoint]
-pub fn openat2_enter(ctx: TracePointContext) -> u32 {
-    // sys_enter_openat2: dfd, filename, how (struct open_how *), usize.
-    let dfd: u64 = field(&ctx, ARG0);
-    let filename: u64 = field(&ctx, ARG1);
-    let how: u64 = field(&ctx, ARG2);
-    // struct open_how { __u64 flags; __u64 mode; __u64 resolve; } (include/uapi/linux/openat2.h)
-    // SAFETY: user pointer read through the checked helper.
-    let how = unsafe { bpf_probe_read_user(how as *const [u64; 2]) }.unwrap_or([0; 2]);
-    match try_open_enter(
-        filename,
-        dfd as i32,
-        how[0] as u32,
-        how[1] as u32,
-        Syscall::Openat2,
-    ) {
-        Ok(r) | Err(r) => r,
+/// Per-CPU scratch for building a record before it is known to be wanted.
+#[repr(C)]
+struct OpenScratch {
+    key: PathKey,
+    /// Dentry walk state.
+    dentry: u64,
+    dpath_len: u64,
+    depth: u64,
+    truncated: u64,
+    dpath: [u8; DPATH_CAP],
+    io: IoOpen,
+}
+
+#[map]
+static OPEN_SCRATCH: PerCpuArray<OpenScratch> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static BASENAME_SCRATCH: PerCpuArray<[u8; BASENAME_CAP]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Reads a kernel pointer-sized value at `base + off`; 0 when unreadable.
+#[inline(always)]
+fn kread_u64(base: u64, off: u32) -> u64 {
+    if base == 0 || off == NO_FIELD {
+        return 0;
     }
+    // SAFETY: the helper checks the kernel address.
+    unsafe { kernel_read((base + u64::from(off)) as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn kread_u32(base: u64, off: u32) -> u32 {
+    if base == 0 || off == NO_FIELD {
+        return 0;
+    }
+    // SAFETY: the helper checks the kernel address.
+    unsafe { kernel_read((base + u64::from(off)) as *const u32) }.unwrap_or(0)
+}
+
+/// The `struct file *` behind descriptor `fd` of the current task, or 0.
+#[inline(always)]
+fn fd_file(fd: i64) -> u64 {
+    if !(0..MAX_FD).contains(&fd) {
+        return 0;
+    }
+    let o = OFFSETS.load();
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files = kread_u64(task, o.task_files);
+    let fdt = kread_u64(files, o.files_fdt);
+    let max = kread_u32(fdt, o.fdt_max_fds);
+    if fd as u64 >= u64::from(max) {
+        return 0;
+    }
+    let table = kread_u64(fdt, o.fdt_fd);
+    if table == 0 {
+        return 0;
+    }
+    // SAFETY: fd < max_fds, inside the fd array; the helper checks the read.
+    unsafe { kernel_read((table + fd as u64 * 8) as *const u64) }.unwrap_or(0)
+}
+
+/// What the kernel says of an opened file.
+#[derive(Clone, Copy)]
+struct FileId {
+    dentry: u64,
+    dev: u32,
+    ino: u64,
+    matched: u8,
+}
+
+/// Identifies `file` and decides whether it is watched.
+#[inline(always)]
+fn match_file(file: u64) -> Option<FileId> {
+    if file == 0 {
+        return None;
+    }
+    let o = OFFSETS.load();
+    let inode = kread_u64(file, o.file_inode);
+    let sb = kread_u64(inode, o.inode_sb);
+    let dev = kread_u32(sb, o.sb_dev);
+    let ino = kread_u64(inode, o.inode_ino);
+    let dentry = kread_u64(file, o.file_dentry);
+    let mut id = FileId {
+        dentry,
+        dev,
+        ino,
+        matched: 0,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { WATCH_FS.get(&dev) }.is_some() {
+        id.matched = MatchKind::Volume as u8;
+        return Some(id);
+    }
+    let key = FileKey { dev, _pad: 0, ino };
+    // SAFETY: the value is copied out.
+    if unsafe { WATCH_FILES.get(&key) }.copied() == Some(INVENTORY_FILE) {
+        id.matched = MatchKind::Inode as u8;
+        return Some(id);
+    }
+    let parent = kread_u64(dentry, o.dentry_parent);
+    let parent_inode = kread_u64(parent, o.dentry_inode);
+    let pkey = FileKey {
+        dev,
+        _pad: 0,
+        ino: kread_u64(parent_inode, o.inode_ino),
+    };
+    // SAFETY: the value is copied out.
+    if unsafe { WATCH_FILES.get(&pkey) }.copied() == Some(INVENTORY_DIR) {
+        id.matched = MatchKind::Directory as u8;
+        return Some(id);
+    }
+    if WATCH_PROC_ENVIRON.load() != 0
+        && kread_u64(sb, o.sb_magic) & 0xffff_ffff == PROC_SUPER_MAGIC
+        && dentry_is_environ(dentry)
+    {
+        id.matched = MatchKind::ProcEnviron as u8;
+        return Some(id);
+    }
+    None
+}
+
+/// Whether a procfs dentry is named `environ`.
+#[inline(always)]
+fn dentry_is_environ(dentry: u64) -> bool {
+    let name = kread_u64(dentry, OFFSETS.load().dentry_name);
+    if name == 0 {
+        return false;
+    }
+    // SAFETY: the helper checks the kernel address.
+    let got = unsafe { kernel_read(name as *const [u8; 8]) }.unwrap_or([0; 8]);
+    &got == b"environ\0"
+}
+
+/// The `i`th syscall argument from the current task's saved user registers (valid at
+/// syscall exit: the kernel writes only the return register).
+#[inline(always)]
+fn syscall_arg(i: usize) -> u64 {
+    let regs_arg = OFFSETS.load().regs_arg;
+    let off = match i {
+        0 => regs_arg[0],
+        1 => regs_arg[1],
+        _ => regs_arg[2],
+    };
+    if off == NO_FIELD {
+        return 0;
+    }
+    // SAFETY: helpers on the current task; the BTF task pointer is valid for the program.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    kread_u64(regs, off)
 }
 
 #[inline(always)]
@@ -317,11 +512,11 @@ extern "C" fn scan_slash(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if index >= scan.len {
         return 1;
     }
-    let Some(args) = OPEN_SCRATCH.get_ptr(0) else {
+    let Some(s) = OPEN_SCRATCH.get_ptr(0) else {
         return 1;
     };
     // SAFETY: per-CPU scratch slot filled by the caller on this CPU.
-    if byte_at(unsafe { &(*args).path.data }, index as usize) == b'/' {
+    if byte_at(unsafe { &(*s).key.data }, index as usize) == b'/' {
         scan.start = index + 1;
     }
     0
@@ -367,76 +562,197 @@ fn basename_is_watched(data: &[u8; PATH_CAP], len: usize) -> bool {
     unsafe { WATCH_BASENAMES.get(&*name) }.is_some()
 }
 
-// Inlined into each entry point: BPF calls take at most five arguments.
+/// Matches the path in `key.data[..len]` (as passed) against prefixes, basenames and
+/// `/proc/<pid>/environ`.
 #[inline(always)]
-fn try_open_enter(
-    filename: u64,
-    dirfd: i32,
-    flags: u32,
-    mode: u32,
-    syscall: Syscall,
-) -> Result<u32, u32> {
-    let id = bpf_get_current_pid_tgid();
-    if !task_is_monitored((id >> 32) as u32) {
-        return Ok(0);
+fn match_path(key: &mut PathKey, len: usize) -> u8 {
+    if key.data[0] == b'/' {
+        key.prefix_len = (len * 8) as u32;
+        // SAFETY: PathKey has the layout of Key<[u8; PATH_CAP]> (repr(C), u32 then bytes).
+        let k = unsafe { &*(key as *const _ as *const Key<[u8; PATH_CAP]>) };
+        if WATCH_PREFIXES.get(k).is_some() {
+            return MatchKind::Prefix as u8;
+        }
+        if WATCH_PROC_ENVIRON.load() != 0 && is_proc_environ(&key.data, len) {
+            return MatchKind::ProcEnviron as u8;
+        }
+        0
+    } else if basename_is_watched(&key.data, len) {
+        MatchKind::Basename as u8
+    } else {
+        0
     }
-    let args = OPEN_SCRATCH.get_ptr_mut(0).ok_or(0u32)?;
+}
+
+/// `bpf_loop` callback: appends the name of the scratch dentry to the scratch dpath and
+/// steps to its parent; stops at the filesystem's root (its own parent).
+#[inline(never)]
+extern "C" fn walk_dentry(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(s) = OPEN_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
     // SAFETY: per-CPU scratch slot, exclusively ours while this program runs.
-    let args = unsafe { &mut *args };
-    // SAFETY: the helper checks the user pointer and bounds the copy by the buffer size.
+    let s = unsafe { &mut *s };
+    let o = OFFSETS.load();
+    let d = s.dentry;
+    let parent = kread_u64(d, o.dentry_parent);
+    if d == 0 || parent == 0 || parent == d {
+        return 1;
+    }
+    if s.dpath_len >= (DPATH_CAP / 2) as u64 {
+        s.truncated = 1;
+        return 1;
+    }
+    let name = kread_u64(d, o.dentry_name);
+    let off = (s.dpath_len as usize) & (DPATH_CAP / 2 - 1);
+    // SAFETY: off < DPATH_CAP / 2 and at most NAME_CAP bytes are written: inside dpath.
     let n = unsafe {
-        bpf_probe_read_user_str(
-            args.path.data.as_mut_ptr().cast(),
-            PATH_CAP as u32,
-            filename as *const _,
+        bpf_probe_read_kernel_str(
+            s.dpath.as_mut_ptr().add(off).cast(),
+            NAME_CAP as u32,
+            name as *const _,
         )
     };
-    if n <= 1 {
-        return Ok(0);
+    if n <= 0 {
+        return 1;
     }
-    // n counts the NUL; n == PATH_CAP means the string may have been cut there.
-    let len = (n as usize - 1) & (PATH_CAP - 1);
-    let mut pflags = 0u16;
-    if n as usize >= PATH_CAP {
-        pflags |= path_flags::TRUNCATED;
-    }
-    let watched = if args.path.data[0] == b'/' {
-        args.path.prefix_len = (len * 8) as u32;
-        // SAFETY: PathKey has the layout of Key<[u8; PATH_CAP]> (repr(C), u32 then bytes).
-        let key = unsafe { &*(&args.path as *const _ as *const Key<[u8; PATH_CAP]>) };
-        if WATCH_PREFIXES.get(key).is_some() {
-            true
-        } else if WATCH_PROC_ENVIRON.load() != 0 && is_proc_environ(&args.path.data, len) {
-            pflags |= path_flags::PROC_ENVIRON;
-            true
-        } else {
-            false
+    s.dpath_len += n as u64;
+    s.depth += 1;
+    s.dentry = parent;
+    0
+}
+
+/// Reports an open whose match is decided. `file` is the opened file (0 for a failed
+/// open); the path as passed is in `s.key` (`path_len`, `pflags`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit_open(
+    s: &mut OpenScratch,
+    id: Option<FileId>,
+    matched: u8,
+    ret: i64,
+    syscall: Syscall,
+    args: [u64; 3],
+    path_len: usize,
+    pflags: u16,
+) -> Result<u32, u32> {
+    let mut pflags = pflags;
+    s.dpath_len = 0;
+    s.depth = 0;
+    s.truncated = 0;
+    if let Some(id) = id {
+        s.dentry = id.dentry;
+        // SAFETY: the callback takes no context.
+        unsafe {
+            bpf_loop(
+                MAX_DENTRY_DEPTH,
+                walk_dentry as *mut _,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+        if s.truncated != 0 || s.depth >= u64::from(MAX_DENTRY_DEPTH) {
+            pflags |= path_flags::DPATH_TRUNCATED;
         }
-    } else {
-        pflags |= path_flags::RELATIVE;
-        basename_is_watched(&args.path.data, len)
-    };
-    if !watched {
-        return Ok(0);
     }
-    args.path_len = len as u16;
-    args.syscall = syscall as u16;
-    args.flags = flags;
-    args.mode = mode;
-    args.dirfd = dirfd;
-    args.path_flags = pflags;
-    args._pad = 0;
-    // SAFETY: helper without memory arguments.
-    args.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    if OPEN_STASH.insert(&id, &*args, 0).is_err() {
+    let Some(mut entry) = CRED_EVENTS.reserve::<OpenEvent>(0) else {
         count_drop(Lane::Credential);
-    } else {
-        inflight_add(INFLIGHT_OPEN, 1);
+        return Err(0);
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved record; the sources are this CPU's scratch.
+    unsafe {
+        // SAFETY: helper without memory arguments.
+        fill_header(
+            addr_of_mut!((*ev).header),
+            EventKind::Open,
+            bpf_ktime_get_boot_ns(),
+        );
+        (*ev).ret = ret;
+        (*ev).ino = id.map_or(0, |i| i.ino);
+        (*ev).dev = id.map_or(0, |i| i.dev);
+        (*ev).syscall = syscall as u16;
+        (*ev).path_flags = pflags;
+        let (dirfd, flags, mode) = match syscall {
+            Syscall::Open => (AT_FDCWD, args[1] as u32, args[2] as u32),
+            Syscall::Creat => (
+                AT_FDCWD,
+                // creat(p, m) is open(p, O_CREAT|O_WRONLY|O_TRUNC, m).
+                0o1101,
+                args[1] as u32,
+            ),
+            Syscall::Openat => (args[0] as i32, args[2] as u32, 0),
+            Syscall::OpenByHandleAt => (args[0] as i32, args[2] as u32, 0),
+            _ => (AT_FDCWD, 0, 0),
+        };
+        (*ev).dirfd = dirfd;
+        (*ev).flags = flags;
+        (*ev).mode = mode;
+        (*ev).matched = matched;
+        (*ev).depth = s.depth as u8;
+        (*ev).path_len = path_len as u16;
+        (*ev).dpath_len = s.dpath_len as u16;
+        (*ev)._pad = [0; 6];
+        let dst = core::slice::from_raw_parts_mut(addr_of_mut!((*ev).path) as *mut u8, PATH_CAP);
+        if bpf_probe_read_kernel_buf(s.key.data.as_ptr(), dst).is_err() {
+            (*ev).path = [0; PATH_CAP];
+        }
+        let dst = core::slice::from_raw_parts_mut(addr_of_mut!((*ev).dpath) as *mut u8, DPATH_CAP);
+        if bpf_probe_read_kernel_buf(s.dpath.as_ptr(), dst).is_err() {
+            (*ev).dpath = [0; DPATH_CAP];
+        }
+    }
+    entry.submit(wakeup_flag(&CRED_EVENTS, Lane::Credential));
+    if ret >= 0 {
+        remember_reader();
     }
     Ok(0)
 }
 
-/// Attached to `sys_exit_open`, `sys_exit_openat` and `sys_exit_openat2`.
+/// Notes that the current process read a watched file, for [`sock_send`].
+#[inline(always)]
+fn remember_reader() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: helper without memory arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let _ = CRED_READERS.insert(&tgid, &now, 0);
+    if let Some(n) = CRED_READERS_ACTIVE.get_ptr_mut(0) {
+        // SAFETY: a valid map value; a plain store of a flag.
+        unsafe { *n = 1 };
+    }
+}
+
+/// Reads the user path at `ptr` into the scratch key; returns (length, path flags).
+#[inline(always)]
+fn read_user_path(s: &mut OpenScratch, ptr: u64) -> (usize, u16) {
+    s.key.data[0] = 0;
+    if ptr == 0 {
+        return (0, path_flags::NO_PATH);
+    }
+    // SAFETY: the helper checks the user pointer and bounds the copy by the buffer size.
+    let n = unsafe {
+        bpf_probe_read_user_str(
+            s.key.data.as_mut_ptr().cast(),
+            PATH_CAP as u32,
+            ptr as *const _,
+        )
+    };
+    if n <= 1 {
+        s.key.data[0] = 0;
+        return (0, path_flags::NO_PATH);
+    }
+    let len = (n as usize - 1) & (PATH_CAP - 1);
+    let mut pflags = 0;
+    if n as usize >= PATH_CAP {
+        pflags |= path_flags::TRUNCATED;
+    }
+    if s.key.data[0] != b'/' {
+        pflags |= path_flags::RELATIVE;
+    }
+    (len, pflags)
+}
+
+/// Attached to `sys_exit_open`, `openat`, `openat2`, `creat` and `open_by_handle_at`.
 #[tracepoint]
 pub fn open_exit(ctx: TracePointContext) -> u32 {
     match try_open_exit(&ctx) {
@@ -445,49 +761,158 @@ pub fn open_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
-    if !inflight(INFLIGHT_OPEN) {
+    let id = bpf_get_current_pid_tgid();
+    if !task_is_monitored((id >> 32) as u32) {
         return Ok(0);
     }
-    let id = bpf_get_current_pid_tgid();
-    let Some(args) = OPEN_STASH.get_ptr(&id) else {
-        return Ok(0);
+    let nr: i32 = field(ctx, EXIT_NR);
+    let (syscall, path_arg) = match nr {
+        NR_OPEN => (Syscall::Open, 0),
+        NR_CREAT => (Syscall::Creat, 0),
+        NR_OPENAT => (Syscall::Openat, 1),
+        NR_OPENAT2 => (Syscall::Openat2, 1),
+        NR_OPEN_BY_HANDLE_AT => (Syscall::OpenByHandleAt, 3),
+        _ => return Ok(0),
     };
     let ret: i64 = field(ctx, EXIT_RET);
-    match CRED_EVENTS.reserve::<OpenEvent>(0) {
-        Some(mut entry) => {
-            let ev = entry.as_mut_ptr();
-            // SAFETY: `ev` is the reserved record; `args` points into the stash map value,
-            // copied with the kernel-read helper (one call instead of an unrolled memcpy).
-            unsafe {
-                let dst = core::slice::from_raw_parts_mut(
-                    addr_of_mut!((*ev).args) as *mut u8,
-                    size_of::<OpenArgs>(),
-                );
-                if bpf_probe_read_kernel_buf(args as *const u8, dst).is_err() {
-                    entry.discard(0);
-                    if OPEN_STASH.remove(&id).is_ok() {
-                        inflight_add(INFLIGHT_OPEN, u64::MAX);
-                    }
-                    return Err(0);
-                }
-                fill_header(
-                    addr_of_mut!((*ev).header),
-                    EventKind::Open,
-                    (*ev).args.ts_ns,
-                );
-                (*ev).ret = ret;
+    decide_open(ret, syscall, |s| {
+        let args = [syscall_arg(0), syscall_arg(1), syscall_arg(2)];
+        let path = if path_arg < 3 {
+            read_user_path(s, args[path_arg & 1])
+        } else {
+            s.key.data[0] = 0;
+            (0, path_flags::NO_PATH)
+        };
+        (path, args)
+    })
+}
+
+/// Decides an open that returned `ret` (a descriptor of the current task, or `-errno`)
+/// and reports it when watched. `fill_path` puts the path as passed into the scratch key
+/// and returns (its length, path flags) and the syscall arguments; it runs only when the
+/// file alone does not already say "not watched".
+#[inline(always)]
+fn decide_open(
+    ret: i64,
+    syscall: Syscall,
+    fill_path: impl FnOnce(&mut OpenScratch) -> ((usize, u16), [u64; 3]),
+) -> Result<u32, u32> {
+    let file_id = if ret >= 0 {
+        match_file(fd_file(ret))
+    } else {
+        None
+    };
+    if ret >= 0 && file_id.is_none() {
+        // The file exists and is not watched, whatever its name.
+        return Ok(0);
+    }
+    let s = OPEN_SCRATCH.get_ptr_mut(0).ok_or(0u32)?;
+    // SAFETY: per-CPU scratch slot, exclusively ours while this program runs.
+    let s = unsafe { &mut *s };
+    let ((len, pflags), args) = fill_path(s);
+    let matched = match file_id {
+        Some(f) => f.matched,
+        None if len > 0 => match_path(&mut s.key, len),
+        None => 0,
+    };
+    if matched == 0 {
+        return Ok(0);
+    }
+    emit_open(s, file_id, matched, ret, syscall, args, len, pflags)
+}
+
+// ------------------------------------------------------------------ io_uring
+
+/// `io_uring:io_uring_submit_req`: `void *req` at 16, `u8 opcode` at 32.
+const IOU_REQ: usize = 16;
+const IOU_OPCODE: usize = 32;
+/// `io_uring:io_uring_complete`: `void *req` at 16, `int res` at 32.
+const IOU_RES: usize = 32;
+
+/// Remembers io_uring opens at submission, with the path they name (still held by the
+/// request: `io_openat_prep` copied it into a `struct filename`).
+#[tracepoint]
+pub fn io_uring_submit(ctx: TracePointContext) -> u32 {
+    let opcode: u8 = field(&ctx, IOU_OPCODE);
+    let syscall = match opcode {
+        IORING_OP_OPENAT => Syscall::IoUringOpenat,
+        IORING_OP_OPENAT2 => Syscall::IoUringOpenat2,
+        _ => return 0,
+    };
+    if !task_is_monitored((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return 0;
+    }
+    let req: u64 = field(&ctx, IOU_REQ);
+    let Some(s) = OPEN_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot, exclusively ours while this program runs.
+    let s = unsafe { &mut *s };
+    let o = OFFSETS.load();
+    let filename = kread_u64(req, o.req_open_filename);
+    let name = kread_u64(filename, o.filename_name);
+    s.io.path[0] = 0;
+    s.io.path_len = 0;
+    s.io.path_flags = path_flags::NO_PATH;
+    s.io.syscall = syscall as u16;
+    s.io._pad = 0;
+    if name != 0 {
+        // SAFETY: the helper checks the kernel address and bounds the copy.
+        let n = unsafe {
+            bpf_probe_read_kernel_str(
+                s.io.path.as_mut_ptr().cast(),
+                PATH_CAP as u32,
+                name as *const _,
+            )
+        };
+        if n > 1 {
+            s.io.path_len = ((n as usize - 1) & (PATH_CAP - 1)) as u16;
+            s.io.path_flags = if s.io.path[0] == b'/' {
+                0
+            } else {
+                path_flags::RELATIVE
+            };
+            if n as usize >= PATH_CAP {
+                s.io.path_flags |= path_flags::TRUNCATED;
             }
-            entry.submit(wakeup_flag(&CRED_EVENTS, Lane::Credential));
-        }
-        None => {
-            count_drop(Lane::Credential);
-            warn!(ctx, "credential ring full: open by tid {} lost", id as u32);
         }
     }
-    if OPEN_STASH.remove(&id).is_ok() {
-        inflight_add(INFLIGHT_OPEN, u64::MAX);
+    if IO_OPENS.insert(&req, &s.io, 0).is_err() {
+        count_drop(Lane::Credential);
     }
-    Ok(0)
+    0
+}
+
+/// Decides io_uring opens at completion, as [`open_exit`] does for the syscalls. The
+/// completion runs in the submitting process or one of its io-wq workers, which share its
+/// descriptor table.
+#[tracepoint]
+pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
+    match try_io_uring_complete(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_io_uring_complete(ctx: &TracePointContext) -> Result<u32, u32> {
+    let req: u64 = field(ctx, IOU_REQ);
+    // SAFETY: copied out before the entry is removed.
+    let Some(io) = (unsafe { IO_OPENS.get(&req) }).copied() else {
+        return Ok(0);
+    };
+    let _ = IO_OPENS.remove(&req);
+    let res: i32 = field(ctx, IOU_RES);
+    let syscall = if io.syscall == Syscall::IoUringOpenat2 as u16 {
+        Syscall::IoUringOpenat2
+    } else {
+        Syscall::IoUringOpenat
+    };
+    decide_open(i64::from(res), syscall, |s| {
+        s.key.data = io.path;
+        (
+            (usize::from(io.path_len) & (PATH_CAP - 1), io.path_flags),
+            [0; 3],
+        )
+    })
 }
 
 // ------------------------------------------------------------------ network
@@ -539,11 +964,39 @@ fn stash_destination(addr: u64, fd: i32, syscall: Syscall) -> Result<u32, u32> {
     Ok(0)
 }
 
+/// `SOCK_STREAM` (include/linux/net.h).
+const SOCK_STREAM: u16 = 1;
+/// `TCP_SYN_SENT` (include/net/tcp_states.h) and `IPPROTO_TCP`.
+const TCP_SYN_SENT: i32 = 2;
+const IPPROTO_TCP: u16 = 6;
+
+/// Whether descriptor `fd` of the current task is a stream socket. TCP connects are
+/// reported where the socket enters SYN-SENT ([`tcp_syn_sent`]), whatever submitted them,
+/// so the syscall path skips them to report each connect once.
+#[inline(always)]
+fn is_stream_socket(fd: i64) -> bool {
+    let o = OFFSETS.load();
+    if o.socket_type == NO_FIELD {
+        return false;
+    }
+    let file = fd_file(fd);
+    let sock = kread_u64(file, o.file_private_data);
+    if sock == 0 {
+        return false;
+    }
+    // SAFETY: the helper checks the kernel address.
+    let ty = unsafe { kernel_read((sock + u64::from(o.socket_type)) as *const u16) }.unwrap_or(0);
+    ty == SOCK_STREAM
+}
+
 #[tracepoint]
 pub fn connect_enter(ctx: TracePointContext) -> u32 {
     // sys_enter_connect: fd, uservaddr, addrlen.
     let fd: u64 = field(&ctx, ARG0);
     let addr: u64 = field(&ctx, ARG1);
+    if is_stream_socket(fd as i64) {
+        return 0;
+    }
     match stash_destination(addr, fd as i32, Syscall::Connect) {
         Ok(r) | Err(r) => r,
     }
@@ -616,6 +1069,139 @@ fn try_net_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         inflight_add(INFLIGHT_NET, u64::MAX);
     }
     Ok(0)
+}
+
+/// `sock:inet_sock_set_state` record offsets (see its format file).
+const SS_NEWSTATE: usize = 20;
+const SS_DPORT: usize = 26;
+const SS_FAMILY: usize = 28;
+const SS_PROTOCOL: usize = 30;
+const SS_DADDR: usize = 36;
+const SS_DADDR_V6: usize = 56;
+
+/// A TCP socket entering SYN-SENT: reported in the context of the task that connects
+/// (the connect syscall, an io_uring submitter or io-wq worker of the same process).
+#[tracepoint]
+pub fn tcp_syn_sent(ctx: TracePointContext) -> u32 {
+    let newstate: i32 = field(&ctx, SS_NEWSTATE);
+    let protocol: u16 = field(&ctx, SS_PROTOCOL);
+    if newstate != TCP_SYN_SENT || protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    if !task_is_monitored((id >> 32) as u32) {
+        return 0;
+    }
+    let family: u16 = field(&ctx, SS_FAMILY);
+    let mut args = ConnectArgs {
+        // SAFETY: helper without memory arguments.
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        addr: [0; 16],
+        fd: -1,
+        family,
+        port: field(&ctx, SS_DPORT),
+        syscall: Syscall::TcpConnect as u16,
+        _pad: [0; 6],
+    };
+    // Loaded as whole words at constant offsets: the verifier refuses byte loads through
+    // a moved context pointer, which is what an array copy compiles to.
+    match family {
+        AF_INET => {
+            let a: u32 = field(&ctx, SS_DADDR);
+            args.addr[..4].copy_from_slice(&a.to_ne_bytes());
+        }
+        AF_INET6 => {
+            let lo: u64 = field(&ctx, SS_DADDR_V6);
+            let hi: u64 = field(&ctx, SS_DADDR_V6 + 8);
+            args.addr[..8].copy_from_slice(&lo.to_ne_bytes());
+            args.addr[8..].copy_from_slice(&hi.to_ne_bytes());
+        }
+        _ => return 0,
+    }
+    emit_net(&args, 0);
+    0
+}
+
+/// Submits a network record for the current task.
+#[inline(always)]
+fn emit_net(args: &ConnectArgs, ret: i64) {
+    match NET_EVENTS.reserve::<ConnectEvent>(0) {
+        Some(mut entry) => {
+            let ev = entry.as_mut_ptr();
+            // SAFETY: `ev` is the reserved record.
+            unsafe {
+                (*ev).args = *args;
+                fill_header(addr_of_mut!((*ev).header), EventKind::Connect, args.ts_ns);
+                (*ev).ret = ret;
+            }
+            entry.submit(wakeup_flag(&NET_EVENTS, Lane::Network));
+        }
+        None => count_drop(Lane::Network),
+    }
+}
+
+/// `sock:sock_send_length`: `void *sk` at 8, `__u16 family` at 16, `int ret` at 20.
+const SEND_SK: usize = 8;
+const SEND_FAMILY: usize = 16;
+const SEND_RET: usize = 20;
+
+/// Data leaving on an inet socket, whatever the syscall (`write`, `send*`, `sendfile`,
+/// `splice`, io_uring): reported once per socket within the correlation window, and only
+/// for processes that read a watched file within it. Everyone else pays one array lookup.
+#[tracepoint]
+pub fn sock_send(ctx: TracePointContext) -> u32 {
+    if CRED_READERS_ACTIVE.get(0).is_none_or(|n| *n == 0) {
+        return 0;
+    }
+    let family: u16 = field(&ctx, SEND_FAMILY);
+    if family != AF_INET && family != AF_INET6 {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // SAFETY: copied out.
+    let Some(read_at) = (unsafe { CRED_READERS.get(&tgid) }).copied() else {
+        return 0;
+    };
+    // SAFETY: helper without memory arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let window = EXFIL_WINDOW_NS.load();
+    if now.saturating_sub(read_at) > window || tgid == OWN_TGID.load() {
+        return 0;
+    }
+    let sk: u64 = field(&ctx, SEND_SK);
+    let key = SentKey { tgid, _pad: 0, sk };
+    // SAFETY: copied out.
+    if let Some(at) = unsafe { SENT.get(&key) }.copied() {
+        if at >= read_at && now.saturating_sub(at) <= window {
+            return 0;
+        }
+    }
+    let _ = SENT.insert(&key, &now, 0);
+    let o = OFFSETS.load();
+    let mut args = ConnectArgs {
+        ts_ns: now,
+        addr: [0; 16],
+        fd: -1,
+        family,
+        port: u16::from_be(kread_u32(sk, o.sk_dport) as u16),
+        syscall: Syscall::Send as u16,
+        _pad: [0; 6],
+    };
+    if family == AF_INET {
+        args.addr[..4].copy_from_slice(&kread_u32(sk, o.sk_daddr).to_ne_bytes());
+    } else if o.sk_v6_daddr != NO_FIELD {
+        // SAFETY: the helper checks the kernel address.
+        args.addr = unsafe { kernel_read((sk + u64::from(o.sk_v6_daddr)) as *const [u8; 16]) }
+            .unwrap_or([0; 16]);
+    }
+    if args.addr == [0; 16] {
+        // Not connected: a datagram with an address, reported by the sendto/sendmsg path.
+        return 0;
+    }
+    let ret: i32 = field(&ctx, SEND_RET);
+    emit_net(&args, i64::from(ret));
+    0
 }
 
 // ------------------------------------------------------------------ process lifecycle

@@ -262,6 +262,25 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let _pod_source = start_pod_source(&config, &pods).await?;
     let monitor = Monitor::start(&config, pods.clone(), tx)?;
     metrics.set_probes_attached(monitor.attached().len() as i64);
+    {
+        // Gauges owned by the lane consumer, copied into the metrics once a second.
+        let (metrics, watch, cache) = (
+            metrics.clone(),
+            monitor.watch_status(),
+            monitor.identity_cache_size(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                metrics.set_watch(&watch);
+                metrics.set_identity_cache_size(
+                    i64::try_from(cache.load(std::sync::atomic::Ordering::Relaxed))
+                        .unwrap_or(i64::MAX),
+                );
+            }
+        });
+    }
     health.set_probes_attached(monitor.attached().len() as u64);
 
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
@@ -284,6 +303,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             counters: counters.clone(),
             sidekick: sidekick_counters.clone(),
             identity_cache: monitor.identity_cache_size(),
+            watch: monitor.watch_status(),
             queue_depth: Arc::new(move || {
                 depth_tx
                     .upgrade()

@@ -3,7 +3,10 @@
 //! Every error names the file, the field and what was expected, so that a bad config never
 //! starts a half-working daemon (the CLI exits 64 on [`ConfigError`]).
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use agent_monitor_common::{BASENAME_CAP, PATH_CAP};
 use serde::Deserialize;
@@ -195,6 +198,9 @@ pub struct DetectSettings {
     /// API server endpoints (`10.96.0.1:443`, `192.168.1.10`): the `api-server` class.
     /// Empty: the `kubernetes` Service from KUBERNETES_SERVICE_HOST/PORT, when set.
     pub api_servers: Vec<String>,
+    /// The cluster's DNS servers (`10.96.0.10`): the `dns` class, on port 53 or 853 only.
+    /// Absent: the nameservers of [`RESOLV_CONF`]; `[]`: no address is DNS.
+    pub dns_servers: Option<Vec<String>>,
     /// Pod and Service CIDRs: the `cluster` class.
     pub cluster_cidrs: Vec<String>,
     /// How long after a credential read egress counts as exfiltration, in milliseconds.
@@ -208,12 +214,76 @@ impl Default for DetectSettings {
         Self {
             policies: Vec::new(),
             api_servers: Vec::new(),
+            dns_servers: None,
             cluster_cidrs: Vec::new(),
             exfil_window_ms: 30_000,
             suspicious_readers: crate::detect::DEFAULT_SUSPICIOUS_READERS
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+        }
+    }
+}
+
+/// Where the default DNS servers come from. In a pod with dnsPolicy ClusterFirst (or
+/// ClusterFirstWithHostNet) it names the cluster DNS, the same servers workloads use.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+impl DetectSettings {
+    /// The DNS servers: the configured ones (validated), or those of [`RESOLV_CONF`].
+    pub fn effective_dns_servers(&self) -> Vec<IpAddr> {
+        match &self.dns_servers {
+            Some(list) => list.iter().filter_map(|s| s.parse().ok()).collect(),
+            None => read_resolv_conf(Path::new(RESOLV_CONF)),
+        }
+    }
+}
+
+/// The `nameserver` addresses of resolv.conf text, in order, without duplicates. Comments,
+/// other options and lines that do not hold an address are skipped, as the resolver does;
+/// a `%zone` suffix (link-local IPv6) is dropped, since connects report no zone.
+pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split(['#', ';']).next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(addr) = words.next() else { continue };
+        let addr = addr.split('%').next().unwrap_or_default();
+        if let Ok(ip) = addr.parse::<IpAddr>() {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out
+}
+
+/// The nameservers of the resolv.conf at `path`. A file that cannot be read, or names none,
+/// leaves the `dns` class empty: logged, not fatal, since DNS then reads as cluster or
+/// external traffic rather than being lost.
+pub fn read_resolv_conf(path: &Path) -> Vec<IpAddr> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let servers = parse_resolv_conf(&text);
+            if servers.is_empty() {
+                log::info!(
+                    "{}: no nameserver; the dns destination class is empty (set detect.dns_servers)",
+                    path.display()
+                );
+            } else {
+                log::info!("dns destination class: {servers:?} from {}", path.display());
+            }
+            servers
+        }
+        Err(e) => {
+            log::info!(
+                "{}: {e}; the dns destination class is empty (set detect.dns_servers)",
+                path.display()
+            );
+            Vec::new()
         }
     }
 }
@@ -584,6 +654,15 @@ impl Config {
                 ));
             }
         }
+        for (i, d) in self.detect.dns_servers.iter().flatten().enumerate() {
+            if d.parse::<IpAddr>().is_err() {
+                return Err(invalid(
+                    format!("detect.dns_servers[{i}]"),
+                    "an IP address without a port (10.96.0.10, fd00::a)",
+                    format!("{d:?}"),
+                ));
+            }
+        }
         for (i, c) in self.detect.cluster_cidrs.iter().enumerate() {
             if crate::policy::Cidr::parse(c).is_err() {
                 return Err(invalid(
@@ -723,6 +802,23 @@ mod tests {
                 "identity:\n  pending: {max_events: 0}\n",
                 &["identity.pending"],
             ),
+            (
+                "detect:\n  dns_servers: [10.96.0.10, kube-dns]\n",
+                &[
+                    "/etc/am.yaml",
+                    "detect.dns_servers[1]",
+                    "an IP address",
+                    "kube-dns",
+                ],
+            ),
+            (
+                "detect:\n  dns_servers: [\"10.96.0.10:53\"]\n",
+                &["detect.dns_servers[0]", "without a port", "10.96.0.10:53"],
+            ),
+            (
+                "detect:\n  dns_servers: 10.96.0.10\n",
+                &["/etc/am.yaml", "detect.dns_servers"],
+            ),
         ];
         for (text, needles) in cases {
             let err = parse(text).expect_err(text).to_string();
@@ -740,6 +836,59 @@ mod tests {
             c.effective_prefixes(),
             vec!["/x/", "/tmp/k/pods/", "/tmp/k/pki/", "/tmp/k/kubeconfig"]
         );
+    }
+
+    #[test]
+    fn dns_servers_configured_empty_or_absent() {
+        let c = parse("detect:\n  dns_servers: [10.96.0.10, \"fd00::a\"]\n").expect("valid");
+        let want: Vec<IpAddr> = vec![
+            "10.96.0.10".parse().expect("ip"),
+            "fd00::a".parse().expect("ip"),
+        ];
+        assert_eq!(c.detect.effective_dns_servers(), want);
+        // `[]` is "no DNS servers", not "use the default".
+        let c = parse("detect:\n  dns_servers: []\n").expect("valid");
+        assert_eq!(c.detect.dns_servers, Some(Vec::new()));
+        assert!(c.detect.effective_dns_servers().is_empty());
+        assert_eq!(parse("").expect("valid").detect.dns_servers, None);
+    }
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# Generated by NetworkManager\n\
+                    search cluster.local svc.cluster.local\n\
+                    nameserver 10.96.0.10\n\
+                    \tnameserver   fd00::a  # trailing comment\n\
+                    ;nameserver 10.0.0.1\n\
+                    #nameserver 10.0.0.2\n\
+                    nameserver fe80::1%eth0\n\
+                    nameserver kube-dns.kube-system\n\
+                    nameserver\n\
+                    nameservers 10.0.0.3\n\
+                    nameserver 10.96.0.10\n\
+                    options ndots:5\n\
+                    nameserver 169.254.20.10;comment\r\n";
+        let want: Vec<IpAddr> = ["10.96.0.10", "fd00::a", "fe80::1", "169.254.20.10"]
+            .iter()
+            .map(|s| s.parse().expect("ip"))
+            .collect();
+        assert_eq!(parse_resolv_conf(text), want);
+        assert!(parse_resolv_conf("").is_empty());
+        assert!(parse_resolv_conf("\u{0}\u{ff}garbage\nnameserver 999.1.1.1\n").is_empty());
+    }
+
+    #[test]
+    fn resolv_conf_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("resolv.conf");
+        assert!(read_resolv_conf(&path).is_empty(), "missing file");
+        std::fs::write(&path, "nameserver 10.96.0.10\n").expect("write");
+        assert_eq!(
+            read_resolv_conf(&path),
+            vec!["10.96.0.10".parse::<IpAddr>().expect("ip")]
+        );
+        // A directory cannot be read as a file.
+        assert!(read_resolv_conf(dir.path()).is_empty(), "unreadable");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Data flows one way: [`probes`] (eBPF programs and their ring buffers) → [`events`]
 //! (decoding, the record model) → [`identity`] (who did it) → [`outputs`]. [`monitor`]
-//! runs that flow; [`app`] wires it to a config and owns shutdown.
+//! runs that flow, with [`watching`] keeping the kernel's file-identity maps current;
+//! [`app`] wires it to a config and owns shutdown.
 
 pub mod app;
 pub mod cli;
@@ -15,3 +16,4 @@ pub mod monitor;
 pub mod outputs;
 pub mod policy;
 pub mod probes;
+pub mod watching;

@@ -13,7 +13,8 @@ use std::{
 };
 
 use agent_monitor_common::{
-    path_flags, EventHeader, EventKind, Lane, Syscall, GROUP_ALIVE, GROUP_UNKNOWN, LANE_COUNT,
+    path_flags, EventHeader, EventKind, Lane, MatchKind, Syscall, GROUP_ALIVE, GROUP_UNKNOWN,
+    LANE_COUNT,
 };
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
@@ -31,16 +32,21 @@ use crate::{
         Task, LANE_NAMES,
     },
     identity::{
-        credentials::CredentialClass,
+        credentials::{normalize, projected_class, CredentialClass, Owner},
         pods::PodStore,
         process::{ProcessTable, DEFAULT_CAPACITY},
+        watched::VolumePlugin,
         Identity,
     },
     probes::{ProbeError, Probes, Rings},
+    watching::{WatchStatus, Watching, MOUNTINFO},
 };
 
 /// How often dead processes are pruned from the process table.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the node credential inventory is walked again (rewritten kubeconfigs and
+/// certificates get new inodes) and the mount table re-read even without a notification.
+const INVENTORY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The monitor could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -115,11 +121,10 @@ struct Enricher {
     pending: VecDeque<Pending>,
     max_wait: Duration,
     max_pending: usize,
-    /// Volume prefixes added to the kernel filter from pod specs.
-    learned_prefixes: BTreeSet<String>,
+    /// The kernel's file-identity maps.
+    watching: Watching,
     /// Processes, cgroups and pods known, for status and metrics.
     cache_size: Arc<std::sync::atomic::AtomicU64>,
-    configured_prefixes: Vec<String>,
 }
 
 impl Enricher {
@@ -137,9 +142,24 @@ impl Enricher {
         let attribution = self.identity.attribute(task.cgroup_id);
         task.workload = attribution.workload.clone();
         if let Record::Open(open) = record {
-            let (class, owner) = self.identity.credential(&open.path, &attribution);
-            open.class = class;
-            open.owner = owner;
+            if by_identity(&open.matched_by) {
+                // Class and owner came from the file itself; only the owner's name is
+                // looked up (it may arrive later than the record).
+                if let Some(owner) = open.owner.as_mut() {
+                    if let Some(pod) = owner
+                        .pod_uid
+                        .as_deref()
+                        .and_then(|u| self.identity.pods().get(u))
+                    {
+                        owner.namespace = Some(pod.namespace.clone());
+                        owner.name = Some(pod.name.clone());
+                    }
+                }
+            } else {
+                let (class, owner) = self.identity.credential(&open.path, &attribution);
+                open.class = class;
+                open.owner = owner;
+            }
         }
         !attribution.incomplete
     }
@@ -204,33 +224,52 @@ impl Enricher {
         out.send(record).await.is_ok()
     }
 
-    /// Adds the Secret and projected volume mount paths of known pods to the kernel's
-    /// watched prefixes, and removes those of pods that are gone.
-    fn sync_volume_prefixes(&mut self, probes: &mut Probes) {
-        let wanted: BTreeSet<String> = self
-            .identity
-            .custom_volume_prefixes()
-            .into_iter()
-            .filter(|p| {
-                !self
-                    .configured_prefixes
-                    .iter()
-                    .any(|c| p.starts_with(c.as_str()))
-            })
-            .filter(|p| p.len() < agent_monitor_common::PATH_CAP)
-            .collect();
-        for gone in self.learned_prefixes.difference(&wanted) {
-            if let Err(e) = probes.unwatch_prefix(gone) {
-                warn!("removing learned prefix {gone}: {e}");
+    /// Class and owner of a file matched by identity, from what is watched: the volume
+    /// its filesystem is, or its inventory entry. Path-matched records get theirs in
+    /// [`Enricher::attribute`].
+    fn file_class(
+        &self,
+        matched: Option<MatchKind>,
+        dev: u32,
+        ino: u64,
+        path: &str,
+        within: Option<&str>,
+    ) -> (CredentialClass, Option<Owner>) {
+        match matched {
+            Some(MatchKind::Volume) => {
+                let Some(v) = self.watching.volume(dev) else {
+                    return (CredentialClass::Other, None);
+                };
+                let normalized = normalize(within.unwrap_or(path));
+                let file = normalized.rsplit('/').next().unwrap_or_default();
+                let class = match v.plugin {
+                    VolumePlugin::Projected => projected_class(&v.volume, file),
+                    VolumePlugin::Secret | VolumePlugin::Csi => CredentialClass::SecretVolume,
+                };
+                let owner = Owner {
+                    pod_uid: Some(v.pod_uid.clone()),
+                    ..Owner::default()
+                };
+                (class, Some(owner))
             }
-        }
-        for new in wanted.difference(&self.learned_prefixes) {
-            match probes.watch_prefix(new) {
-                Ok(()) => info!("watching volume mount path {new} learned from a pod spec"),
-                Err(e) => warn!("adding learned prefix {new}: {e}"),
+            Some(MatchKind::Inode) => (
+                self.watching
+                    .inventory(dev, ino)
+                    .map_or(CredentialClass::Other, |e| e.class),
+                None,
+            ),
+            Some(MatchKind::Directory) => {
+                let by_path = crate::identity::credentials::classify(
+                    path,
+                    self.identity.kubelet_root(),
+                    None,
+                    None,
+                )
+                .class;
+                (by_path, None)
             }
+            _ => (CredentialClass::Other, None),
         }
-        self.learned_prefixes = wanted;
     }
 
     fn task(&mut self, h: &EventHeader) -> Task {
@@ -254,40 +293,67 @@ impl Enricher {
     fn enrich(&mut self, raw: RawEvent) -> Option<Record> {
         match raw {
             RawEvent::Open(ev) => {
-                let a = &ev.args;
-                let raw_path = c_string(&a.path.data, usize::from(a.path_len));
-                let relative = a.path_flags & path_flags::RELATIVE != 0;
+                let raw_path = c_string(&ev.path, usize::from(ev.path_len));
+                let relative = ev.path_flags & path_flags::RELATIVE != 0;
+                let no_path = ev.path_flags & path_flags::NO_PATH != 0;
+                let opened = ev.ret >= 0 && ev.dev != 0;
+                let within = opened.then(|| within_fs_path(&ev.dpath, usize::from(ev.dpath_len)));
+                let host_path = within
+                    .as_deref()
+                    .and_then(|w| self.watching.host_path(ev.dev, w));
                 let resolved = if relative {
                     self.table
-                        .resolve_relative(ev.header.tgid, ev.header.pid, a.dirfd, &raw_path)
+                        .resolve_relative(ev.header.tgid, ev.header.pid, ev.dirfd, &raw_path)
+                } else if no_path {
+                    None
                 } else {
                     Some(raw_path.clone())
                 };
-                let matched_by = if relative {
-                    "basename"
-                } else if a.path_flags & path_flags::PROC_ENVIRON != 0 {
-                    "proc_environ"
-                } else {
-                    "prefix"
+                let matched = MatchKind::from_u8(ev.matched);
+                let matched_by = match matched {
+                    Some(MatchKind::Volume) => "volume",
+                    Some(MatchKind::Inode) => "inode",
+                    Some(MatchKind::Directory) => "directory",
+                    Some(MatchKind::Basename) => "basename",
+                    Some(MatchKind::ProcEnviron) => "proc_environ",
+                    Some(MatchKind::Prefix) | None => "prefix",
                 };
+                let path_resolved = host_path.is_some() || resolved.is_some();
+                let path = host_path
+                    .clone()
+                    .or(resolved)
+                    .or_else(|| {
+                        within
+                            .as_ref()
+                            .map(|w| format!("/proc{w}"))
+                            .filter(|_| matched == Some(MatchKind::ProcEnviron))
+                    })
+                    .unwrap_or_else(|| raw_path.clone());
+                let (class, owner) =
+                    self.file_class(matched, ev.dev, ev.ino, &path, within.as_deref());
                 Some(Record::Open(OpenRecord {
                     seq: 0,
                     task: self.task(&ev.header),
-                    syscall: Syscall::from_u16(a.syscall)
+                    syscall: Syscall::from_u16(ev.syscall)
                         .map_or("open", Syscall::name)
                         .to_owned(),
-                    path_resolved: resolved.is_some(),
-                    path: resolved.unwrap_or_else(|| raw_path.clone()),
+                    path_resolved,
+                    path,
                     raw_path,
-                    path_truncated: a.path_flags & path_flags::TRUNCATED != 0,
+                    path_truncated: ev.path_flags
+                        & (path_flags::TRUNCATED | path_flags::DPATH_TRUNCATED)
+                        != 0,
                     matched_by: matched_by.to_owned(),
-                    dirfd: a.dirfd,
-                    flags: a.flags,
-                    mode: a.mode,
+                    dirfd: ev.dirfd,
+                    flags: ev.flags,
+                    mode: ev.mode,
                     result: ev.ret,
                     error: errno::of_result(ev.ret),
-                    class: CredentialClass::Other,
-                    owner: None,
+                    class,
+                    owner,
+                    host_path,
+                    device: opened.then(|| format!("{}:{}", ev.dev >> 20, ev.dev & 0xf_ffff)),
+                    inode: opened.then_some(ev.ino),
                 }))
             }
             RawEvent::Connect(ev) => {
@@ -371,6 +437,31 @@ fn attempted(ret: i64) -> bool {
         .any(|e| ret == -i64::from(*e))
 }
 
+/// Whether an open's class and owner come from the file's identity (not its path).
+fn by_identity(matched_by: &str) -> bool {
+    matches!(matched_by, "volume" | "inode" | "directory")
+}
+
+/// The path of a file within its filesystem from the kernel's dentry names (leaf first,
+/// each NUL-terminated).
+fn within_fs_path(dpath: &[u8], len: usize) -> String {
+    let bytes = &dpath[..len.min(dpath.len())];
+    let names: Vec<String> = bytes
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    let mut out = String::new();
+    for n in names.iter().rev() {
+        out.push('/');
+        out.push_str(n);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 /// Lane rings registered with the runtime.
 struct LaneFds {
     credential: AsyncFd<RingBuf<MapData>>,
@@ -413,6 +504,7 @@ pub struct Monitor {
     task: JoinHandle<Result<(), MonitorError>>,
     attached: Vec<String>,
     identity_cache_size: Arc<std::sync::atomic::AtomicU64>,
+    watch_status: Arc<WatchStatus>,
 }
 
 impl Monitor {
@@ -445,7 +537,7 @@ impl Monitor {
         let seeded = table.seed();
         info!("process table seeded with {seeded} processes");
         let has_pod_source = config.identity.pods.source != crate::config::PodSourceKind::None;
-        let enricher = Enricher {
+        let mut enricher = Enricher {
             table,
             identity: Identity::new(config.identity.clone(), pods, has_pod_source),
             clock: Clock::new(),
@@ -455,11 +547,14 @@ impl Monitor {
             pending: VecDeque::new(),
             max_wait: Duration::from_millis(config.identity.pending.max_wait_ms),
             max_pending: config.identity.pending.max_events,
-            learned_prefixes: BTreeSet::new(),
-            configured_prefixes: config.effective_prefixes(),
+            watching: Watching::new(&config.identity.kubelet_root, &config.watch.prefixes),
             cache_size: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
+        // Before the first record is read, so that volumes and node credentials present at
+        // start are matched from the first open on.
+        enricher.watching.sync(&mut probes, true);
         let identity_cache_size = enricher.cache_size.clone();
+        let watch_status = enricher.watching.status();
         let (stop, stop_rx) = watch::channel(false);
         let poll = Duration::from_millis(config.poll_interval_ms);
         let task = tokio::spawn(consume(probes, fds, enricher, out, stop_rx, poll));
@@ -468,12 +563,18 @@ impl Monitor {
             task,
             attached,
             identity_cache_size,
+            watch_status,
         })
     }
 
     /// The tracepoints attached.
     pub fn attached(&self) -> &[String] {
         &self.attached
+    }
+
+    /// What the kernel watches by file identity, and map refusals.
+    pub fn watch_status(&self) -> Arc<WatchStatus> {
+        self.watch_status.clone()
     }
 
     /// Entries in the identity caches (processes, cgroups, pods), updated as records flow.
@@ -520,7 +621,19 @@ async fn consume(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut prune = tokio::time::interval(PRUNE_INTERVAL);
     let mut pods_changed = st.identity.pods().changed();
-    st.sync_volume_prefixes(&mut probes);
+    let mut inventory = tokio::time::interval(INVENTORY_INTERVAL);
+    inventory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The kernel flags the mount table with POLLPRI when a mount comes or goes, so a new
+    // pod's volume is watched before its containers start.
+    let mut mountinfo = std::fs::File::open(MOUNTINFO)
+        .and_then(|f| {
+            // SAFETY: the AsyncFd owns the file, so its descriptor stays open and unchanged
+            // while registered.
+            unsafe { AsyncFd::register_with_interest(f, Interest::PRIORITY) }
+                .map_err(|e| e.into_parts().1)
+        })
+        .map_err(|e| warn!("no mount notifications ({MOUNTINFO}: {e}); volumes are rescanned every {INVENTORY_INTERVAL:?}"))
+        .ok();
     loop {
         let stopping = tokio::select! {
             _ = tick.tick() => false,
@@ -530,8 +643,20 @@ async fn consume(
             }
             r = pods_changed.changed() => {
                 if r.is_ok() {
-                    st.sync_volume_prefixes(&mut probes);
+                    st.watching.sync(&mut probes, false);
                 }
+                false
+            }
+            _ = inventory.tick() => {
+                st.watching.sync(&mut probes, true);
+                false
+            }
+            r = mount_changed(mountinfo.as_mut()) => {
+                if let Err(e) = r {
+                    warn!("mount notifications stopped: {e}");
+                    mountinfo = None;
+                }
+                st.watching.sync(&mut probes, false);
                 false
             }
             r = fds.process.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } false }
@@ -565,34 +690,62 @@ async fn consume(
     }
 }
 
-/// Drains every lane, the process lane before each record of the others. Returns false
+/// Waits for the mount table to change; never returns without a notification source.
+async fn mount_changed(fd: Option<&mut AsyncFd<std::fs::File>>) -> std::io::Result<()> {
+    match fd {
+        Some(fd) => {
+            let mut guard = fd.ready_mut(Interest::PRIORITY).await?;
+            guard.clear_ready();
+            Ok(())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// When the kernel stamped a record.
+fn raw_ts(raw: &RawEvent) -> u64 {
+    match raw {
+        RawEvent::Open(e) => e.header.ts_ns,
+        RawEvent::Connect(e) => e.header.ts_ns,
+        RawEvent::Proc(e) => e.header.ts_ns,
+    }
+}
+
+/// Drains every lane in kernel time order: the head records of the three rings are merged
+/// by timestamp, so an exec or fork is applied to the process table after the opens and
+/// connects that came before it and before those that came after (an open made just
+/// before an exec keeps the executable the process had when it made it). Returns false
 /// when the output channel is closed.
 async fn drain(fds: &mut LaneFds, st: &mut Enricher, out: &mpsc::Sender<Record>) -> bool {
-    for lane in [Lane::Process, Lane::Credential, Lane::Network] {
-        loop {
-            while let Some(raw) = next_raw(fds.process.get_mut(), &mut st.decode_errors) {
-                if let Some(rec) = st.enrich(raw) {
-                    if !st.emit(rec, out).await {
-                        return false;
-                    }
-                }
+    let mut heads: [Option<RawEvent>; LANE_COUNT as usize] = [None, None, None];
+    loop {
+        for (i, head) in heads.iter_mut().enumerate() {
+            if head.is_none() {
+                let ring = match i {
+                    0 => fds.credential.get_mut(),
+                    1 => fds.network.get_mut(),
+                    _ => fds.process.get_mut(),
+                };
+                *head = next_raw(ring, &mut st.decode_errors);
             }
-            let ring = match lane {
-                Lane::Process => break,
-                Lane::Credential => fds.credential.get_mut(),
-                Lane::Network => fds.network.get_mut(),
-            };
-            let Some(raw) = next_raw(ring, &mut st.decode_errors) else {
-                break;
-            };
-            if let Some(rec) = st.enrich(raw) {
-                if !st.emit(rec, out).await {
-                    return false;
-                }
+        }
+        let next = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.as_ref().map(|r| (raw_ts(r), i)))
+            .min();
+        let Some((_, i)) = next else {
+            return true;
+        };
+        let Some(raw) = heads[i].take() else {
+            return true;
+        };
+        if let Some(rec) = st.enrich(raw) {
+            if !st.emit(rec, out).await {
+                return false;
             }
         }
     }
-    true
 }
 
 /// Emits a `lost` record for every lane whose drop counter moved. Returns false when the

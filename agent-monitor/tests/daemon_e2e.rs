@@ -70,6 +70,15 @@ for resp in stub.StreamAnomalies(pb.Filter(namespaces=["agents"]), timeout=60):
         break
 "#;
 
+/// Unmounts a test volume on drop.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect admin");
     write!(
@@ -93,6 +102,15 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
         "pods/{UID}/volumes/kubernetes.io~projected/kube-api-access-e"
     ));
     std::fs::create_dir_all(&vol).expect("mkdir");
+    // The kubelet mounts every projected volume as its own tmpfs; the daemon watches the
+    // filesystem, not the path.
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&vol)
+        .status()
+        .expect("mount")
+        .success());
+    let _unmount = Unmount(vol.clone());
     let token = vol.join("token");
     std::fs::write(&token, "fixture, not a credential\n").expect("write");
     let cg_root = agent_monitor::identity::cgroup::cgroup2_mount().expect("cgroup2");

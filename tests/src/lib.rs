@@ -210,6 +210,14 @@ impl Harness {
         }
     }
 
+    /// What the kernel watches by file identity, as the monitor keeps it.
+    pub fn watch_status(&self) -> Arc<agent_monitor::watching::WatchStatus> {
+        self.monitor
+            .as_ref()
+            .expect("monitor running")
+            .watch_status()
+    }
+
     /// Collects records until `done` holds for what was collected, or panics after `timeout`.
     pub fn wait_until(&mut self, timeout: Duration, done: impl Fn(&[Record]) -> bool) {
         let deadline = Instant::now() + timeout;

@@ -4,6 +4,7 @@
 //! container's view of its token (a private mount namespace).
 
 use std::{
+    cell::RefCell,
     path::{Path, PathBuf},
     process::{Command, Output},
 };
@@ -21,6 +22,64 @@ pub struct SimPod {
     pub container_id: String,
     pub token_volume: String,
     pub cgroup: TestCgroup,
+    /// Volume filesystems mounted for this pod, unmounted on drop.
+    mounts: RefCell<Vec<PathBuf>>,
+}
+
+impl Drop for SimPod {
+    fn drop(&mut self) {
+        for m in self.mounts.borrow_mut().drain(..).rev() {
+            unmount(&m);
+        }
+    }
+}
+
+/// Mounts a fresh tmpfs at `dir` (created if needed), as the kubelet mounts every Secret
+/// and projected volume.
+pub fn mount_tmpfs(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("mkdir volume");
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
+        .arg(dir)
+        .output()
+        .expect("mount");
+    assert!(
+        out.status.success(),
+        "mount tmpfs {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Unmounts `dir` (lazily, so a test's leftover process cannot keep it busy).
+pub fn unmount(dir: &Path) {
+    let _ = Command::new("umount").arg("-l").arg(dir).output();
+}
+
+/// Writes `files` into a volume directory in the kubelet's atomic-writer pattern: a new
+/// timestamped directory, then the `..data` symlink swapped to it by rename, then the old
+/// directory removed. The first call also creates the per-file symlinks (`token ->
+/// ..data/token`).
+pub fn atomic_write(vol: &Path, stamp: &str, files: &[&str]) {
+    let ts = vol.join(format!("..{stamp}"));
+    std::fs::create_dir_all(&ts).expect("mkdir timestamp dir");
+    for f in files {
+        std::fs::write(ts.join(f), "fixture, not a credential\n").expect("write");
+        let link = vol.join(f);
+        if link.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &link).expect("symlink");
+        }
+    }
+    let old = std::fs::read_link(vol.join("..data")).ok();
+    let tmp = vol.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{stamp}"), &tmp).expect("..data_tmp");
+    std::fs::rename(&tmp, vol.join("..data")).expect("swap ..data");
+    if let Some(old) = old {
+        if old != Path::new(&format!("..{stamp}")) {
+            let _ = std::fs::remove_dir_all(vol.join(old));
+        }
+    }
 }
 
 pub fn hex64(seed: u32) -> String {
@@ -48,18 +107,29 @@ impl SimPod {
             container_id,
             token_volume: format!("kube-api-access-{}", &name[name.len() - 1..]),
             cgroup,
+            mounts: RefCell::new(Vec::new()),
         }
     }
 
     /// The pod as `kubectl get pods -o json` prints it.
     pub fn json(&self, extra_volume: Option<(&str, &str)>) -> String {
-        let (extra_mount, extra_vol) = match extra_volume {
-            Some((vol, path)) => (
-                format!(r#",{{"name":"{vol}","mountPath":"{path}"}}"#),
-                format!(r#",{{"name":"{vol}","secret":{{"secretName":"{vol}"}}}}"#),
-            ),
-            None => (String::new(), String::new()),
-        };
+        let extra: Vec<(String, String)> = extra_volume
+            .map(|(v, p)| (v.to_owned(), p.to_owned()))
+            .into_iter()
+            .collect();
+        self.json_with_secrets(&extra)
+    }
+
+    /// The pod with extra Secret volumes mounted at the given (volume, mount path)s.
+    pub fn json_with_secrets(&self, secrets: &[(String, String)]) -> String {
+        let extra_mount: String = secrets
+            .iter()
+            .map(|(vol, path)| format!(r#",{{"name":"{vol}","mountPath":"{path}"}}"#))
+            .collect();
+        let extra_vol: String = secrets
+            .iter()
+            .map(|(vol, _)| format!(r#",{{"name":"{vol}","secret":{{"secretName":"{vol}"}}}}"#))
+            .collect();
         format!(
             r#"{{"apiVersion":"v1","kind":"Pod",
               "metadata":{{"name":"{name}","namespace":"{NS}","uid":"{uid}",
@@ -78,21 +148,41 @@ impl SimPod {
         )
     }
 
-    /// Lays out the pod's token volume in the kubelet root with the kubelet's atomic-writer
-    /// structure; returns the volume directory.
+    /// Mounts the pod's token volume in the kubelet root as its own tmpfs, written with
+    /// the kubelet's atomic-writer structure; returns the volume directory.
     pub fn kubelet_volume(&self, kubelet_root: &Path) -> PathBuf {
         let vol = kubelet_root.join(format!(
             "pods/{}/volumes/kubernetes.io~projected/{}",
             self.uid, self.token_volume
         ));
-        let ts = "..2026_11_23_07_00_00.000000001";
-        std::fs::create_dir_all(vol.join(ts)).expect("mkdir volume");
-        for f in ["token", "ca.crt", "namespace"] {
-            std::fs::write(vol.join(ts).join(f), "fixture, not a credential\n").expect("write");
-            std::os::unix::fs::symlink(format!("..data/{f}"), vol.join(f)).expect("symlink");
-        }
-        std::os::unix::fs::symlink(ts, vol.join("..data")).expect("..data");
+        mount_tmpfs(&vol);
+        self.mounts.borrow_mut().push(vol.clone());
+        atomic_write(
+            &vol,
+            "2026_11_23_07_00_00.000000001",
+            &["token", "ca.crt", "namespace"],
+        );
         vol
+    }
+
+    /// Mounts a Secret volume `name` of the pod as its own tmpfs holding `files`; returns
+    /// the volume directory.
+    pub fn secret_volume(&self, kubelet_root: &Path, name: &str, files: &[&str]) -> PathBuf {
+        let vol = kubelet_root.join(format!(
+            "pods/{}/volumes/kubernetes.io~secret/{name}",
+            self.uid
+        ));
+        mount_tmpfs(&vol);
+        self.mounts.borrow_mut().push(vol.clone());
+        atomic_write(&vol, "2026_11_23_07_00_00.000000001", files);
+        vol
+    }
+
+    /// Unmounts the pod's volumes, as the kubelet does when the pod is deleted.
+    pub fn unmount_volumes(&self) {
+        for m in self.mounts.borrow_mut().drain(..).rev() {
+            unmount(&m);
+        }
     }
 }
 
@@ -113,6 +203,37 @@ pub fn pods_file(path: &Path, pods: &[String]) {
 /// namespace where the pod's token volume is mounted at the in-container path
 /// `/var/run/secrets/kubernetes.io/serviceaccount` (and `extra` bind mounts, as
 /// (host dir, container dir)). With `via_shell`, `actions` is a shell command instead.
+/// The shell script that puts a process into `pod` (cgroup, private mount namespace with
+/// the token at the in-container path) and then runs `tail`.
+fn pod_script(pod: &SimPod, kubelet_root: &Path, tail: &str) -> String {
+    let vol = kubelet_root.join(format!(
+        "pods/{}/volumes/kubernetes.io~projected/{}",
+        pod.uid, pod.token_volume
+    ));
+    format!(
+        "set -e; echo $$ > {cg}/cgroup.procs; mount -t tmpfs tmpfs /run; \
+         mkdir -p /run/secrets/kubernetes.io/serviceaccount; \
+         mount --bind {vol} /run/secrets/kubernetes.io/serviceaccount; {tail}",
+        cg = pod.cgroup.path.display(),
+        vol = vol.display(),
+    )
+}
+
+/// Starts a long-lived process of `pod` (am-testkid lingering `linger_ms`) and returns it;
+/// its pid is the process's pid (unshare and sh exec in place).
+pub fn spawn_in_pod(pod: &SimPod, kubelet_root: &Path, linger_ms: u64) -> std::process::Child {
+    let script = pod_script(
+        pod,
+        kubelet_root,
+        &format!("exec {} --linger-ms {linger_ms}", testkid().display()),
+    );
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("unshare")
+}
+
 pub fn run_in_pod(
     pod: &SimPod,
     kubelet_root: &Path,
@@ -132,8 +253,10 @@ pub fn run_in_pod(
         vol = vol.display(),
     );
     for (host, container) in extra {
+        // Recursive, as the runtime mounts a hostPath: the volume filesystems mounted
+        // below a kubelet root come along.
         script.push_str(&format!(
-            "mkdir -p {container}; mount --bind {} {container}; ",
+            "mkdir -p {container}; mount --rbind {} {container}; ",
             host.display()
         ));
     }

@@ -223,7 +223,9 @@ fn benign_agent_is_quiet_and_each_misuse_raises_its_rule() {
         .iter()
         .rev()
         .find_map(|r| match r {
-            Record::Open(o) if o.task.cgroup_id == a.cgroup.id && o.path == token => Some(o.seq),
+            Record::Open(o) if o.task.cgroup_id == a.cgroup.id && o.raw_path == token => {
+                Some(o.seq)
+            }
             _ => None,
         })
         .expect("read record");

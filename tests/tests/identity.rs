@@ -76,13 +76,8 @@ fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
     let b = SimPod::new(&top_name, 0x2e8dab3f, "agent-b", "coder");
     a.kubelet_volume(&kroot);
     let b_vol = b.kubelet_volume(&kroot);
-    // Pod A also has a Secret volume at a custom path, which only the pod spec tells about.
-    let secret_dir = kroot.join(format!(
-        "pods/{}/volumes/kubernetes.io~secret/openai",
-        a.uid
-    ));
-    std::fs::create_dir_all(&secret_dir).expect("mkdir secret");
-    std::fs::write(secret_dir.join("api-key"), "fixture, not a credential\n").expect("write");
+    // Pod A also has a Secret volume at a custom path, its own tmpfs as the kubelet mounts it.
+    let secret_dir = a.secret_volume(&kroot, "openai", &["api-key"]);
     let pods_path = tree.root.join("pods.json");
     pods_file(
         &pods_path,
@@ -93,8 +88,6 @@ fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
     );
 
     let (mut h, _store) = start(&config(&kroot, &top, &pods_path), &pods_path, 2);
-    // The learned prefix is pushed to the kernel when the consumer sees the pods.
-    std::thread::sleep(Duration::from_millis(300));
 
     let b_token_via_data = b_vol.join("..data/token");
     let out = run_in_pod(
@@ -132,11 +125,21 @@ fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
         assert_eq!(w.agent.as_deref(), Some("researcher"));
         assert_eq!(w.tier.as_deref(), Some("worker"));
     }
+    // Each event names the path as passed and the file's host path from the kernel.
+    let stamp = "..2026_11_23_07_00_00.000000001";
+    let a_vol = kroot.join(format!(
+        "pods/{}/volumes/kubernetes.io~projected/{}",
+        a.uid, a.token_volume
+    ));
     let own = &opens[0];
     assert_eq!(
-        own.path,
+        own.raw_path,
         "/var/run/secrets/kubernetes.io/serviceaccount/token"
     );
+    let own_host = a_vol.join(stamp).join("token").display().to_string();
+    assert_eq!(own.host_path.as_deref(), Some(own_host.as_str()));
+    assert_eq!(own.path, own_host);
+    assert_eq!(own.matched_by, "volume");
     assert_eq!(own.class, CredentialClass::ServiceAccountToken);
     let owner = own.owner.as_ref().expect("owner of own token");
     assert_eq!(
@@ -149,7 +152,11 @@ fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
     );
 
     let foreign = &opens[1];
-    assert_eq!(foreign.path, b_token_via_data.display().to_string());
+    assert_eq!(foreign.raw_path, b_token_via_data.display().to_string());
+    assert_eq!(
+        foreign.path,
+        b_vol.join(stamp).join("token").display().to_string()
+    );
     assert_eq!(foreign.class, CredentialClass::ServiceAccountToken);
     let owner = foreign.owner.as_ref().expect("owner of B's token");
     assert_eq!(
@@ -162,7 +169,11 @@ fn a_pod_reading_its_own_and_another_pods_token_is_named_with_both_owners() {
     );
 
     let secret = &opens[2];
-    assert_eq!(secret.path, "/run/agent-creds/openai/api-key");
+    assert_eq!(secret.raw_path, "/run/agent-creds/openai/api-key");
+    assert_eq!(
+        secret.path,
+        secret_dir.join(stamp).join("api-key").display().to_string()
+    );
     assert_eq!(secret.class, CredentialClass::SecretVolume);
     assert_eq!(
         secret.owner.as_ref().and_then(|o| o.pod_uid.as_deref()),

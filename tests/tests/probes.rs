@@ -54,6 +54,7 @@ fn opens_by_absolute_cwd_relative_dirfd_relative_and_openat2_path() {
     let watched = tree.file("watched/token");
     let plain_token = tree.file("plain/token");
     let unwatched = tree.file("plain/notes.txt");
+    let watched_dir = tree.root.join("watched");
     let plain = tree.root.join("plain");
     let missing = tree.root.join("watched/missing");
     let cg = TestCgroup::create(&unique("am-test-opens"));
@@ -62,16 +63,20 @@ fn opens_by_absolute_cwd_relative_dirfd_relative_and_openat2_path() {
     let actions = vec![
         format!("open:{}", s(&watched)),
         format!("openat:{}", s(&unwatched)),
-        format!("chdir:{}", s(&plain)),
+        format!("chdir:{}", s(&watched_dir)),
         "openat:token".to_owned(),
-        "openat:notes.txt".to_owned(),
-        format!("openat-dir:{}:token", s(&plain)),
+        format!("openat-dir:{}:token", s(&watched_dir)),
         format!("openat2:{}", s(&watched)),
         format!("openat:{}", s(&missing)),
+        // A file named like a credential that the kernel says is not watched.
+        format!("openat:{}", s(&plain_token)),
+        format!("chdir:{}", s(&plain)),
+        "openat:notes.txt".to_owned(),
+        // A relative path that does not exist: only its name can say it is watched.
+        "openat:gone/token".to_owned(),
     ];
-    // Linger so the cwd and dirfd can still be read from /proc when the records arrive.
     let kid = run_kid(&cg, 500, &actions);
-    h.wait_until(WAIT, |r| opens_of(r, kid.pid).len() >= 5);
+    h.wait_until(WAIT, |r| opens_of(r, kid.pid).len() >= 6);
     h.settle(Duration::from_millis(300));
 
     let opens = opens_of(&h.records, kid.pid);
@@ -79,55 +84,58 @@ fn opens_by_absolute_cwd_relative_dirfd_relative_and_openat2_path() {
         .iter()
         .map(|o| (o.syscall.as_str(), o.path.as_str(), o.result))
         .collect();
-    assert_eq!(
-        opens.len(),
-        5,
-        "exactly the five watched opens: {summary:?}"
-    );
+    assert_eq!(opens.len(), 6, "exactly the six watched opens: {summary:?}");
     for o in &opens {
         assert_eq!(o.task.pid, kid.pid, "{o:?}");
         assert_eq!(o.task.cgroup_id, cg.id, "{o:?}");
-        assert!(o.path_resolved, "{o:?}");
         assert!(Path::new(&o.path).is_absolute(), "{o:?}");
     }
-    let abs = &opens[0];
-    assert_eq!(
-        (abs.syscall.as_str(), abs.path.as_str()),
-        ("open", s(&watched).as_str())
-    );
-    assert_eq!(abs.result, kid.result(&actions[0]));
-    assert!(abs.result >= 0 && abs.error.is_none(), "{abs:?}");
-    assert_eq!(abs.matched_by, "prefix");
-
-    let cwd_rel = &opens[1];
-    assert_eq!(cwd_rel.raw_path, "token");
-    assert_eq!(cwd_rel.path, s(&plain_token));
-    assert_eq!(cwd_rel.dirfd, libc::AT_FDCWD);
-    assert_eq!(cwd_rel.matched_by, "basename");
-    assert_eq!(cwd_rel.result, kid.result(&actions[3]));
-
-    let dirfd_rel = &opens[2];
-    assert_eq!(dirfd_rel.raw_path, "token");
-    assert_eq!(dirfd_rel.path, s(&plain_token));
-    assert!(dirfd_rel.dirfd >= 0, "{dirfd_rel:?}");
-    assert_eq!(dirfd_rel.result, kid.result(&actions[5]));
-
-    let two = &opens[3];
-    assert_eq!(
-        (two.syscall.as_str(), two.path.as_str()),
-        ("openat2", s(&watched).as_str())
-    );
-    assert_eq!(two.result, kid.result(&actions[6]));
-    assert!(two.result >= 0);
+    // Opens that succeeded are decided by the file: every spelling gives the same file,
+    // the same host path, and says how it was spelled.
+    for (i, (o, raw)) in opens[..4]
+        .iter()
+        .zip([
+            s(&watched),
+            "token".to_owned(),
+            "token".to_owned(),
+            s(&watched),
+        ])
+        .enumerate()
+    {
+        assert_eq!(o.path, s(&watched), "open {i}: {o:?}");
+        assert_eq!(o.host_path.as_deref(), Some(s(&watched).as_str()), "{o:?}");
+        assert_eq!(o.raw_path, raw, "{o:?}");
+        assert_eq!(o.matched_by, "inode", "{o:?}");
+        assert!(o.inode.is_some() && o.device.is_some(), "{o:?}");
+        assert!(o.result >= 0 && o.error.is_none(), "{o:?}");
+    }
+    assert_eq!(opens[0].syscall, "open");
+    assert_eq!(opens[0].result, kid.result(&actions[0]));
+    assert_eq!(opens[1].dirfd, libc::AT_FDCWD);
+    assert_eq!(opens[1].result, kid.result(&actions[3]));
+    assert!(opens[2].dirfd >= 0, "{:?}", opens[2]);
+    assert_eq!(opens[2].result, kid.result(&actions[4]));
+    assert_eq!(opens[3].syscall, "openat2");
+    assert_eq!(opens[3].result, kid.result(&actions[5]));
 
     let miss = &opens[4];
     assert_eq!(miss.path, s(&missing));
+    assert_eq!(miss.matched_by, "prefix");
     assert_eq!(miss.result, -i64::from(libc::ENOENT));
     assert_eq!(miss.error.as_deref(), Some("ENOENT"));
-    assert_eq!(kid.result(&actions[7]), -i64::from(libc::ENOENT));
+    assert_eq!(kid.result(&actions[6]), -i64::from(libc::ENOENT));
+    assert!(miss.host_path.is_none());
+
+    let gone = &opens[5];
+    assert_eq!(gone.raw_path, "gone/token");
+    assert_eq!(gone.path, s(&plain.join("gone/token")));
+    assert_eq!(gone.matched_by, "basename");
+    assert_eq!(gone.result, -i64::from(libc::ENOENT));
 
     assert!(
-        !opens.iter().any(|o| o.path.ends_with("notes.txt")),
+        !opens
+            .iter()
+            .any(|o| o.path.ends_with("notes.txt") || o.path == s(&plain_token)),
         "unwatched file reported: {summary:?}"
     );
 }
@@ -173,8 +181,9 @@ fn connects_over_ipv4_ipv6_and_udp_sendto() {
     assert_eq!(
         got,
         vec![
-            ("connect", "inet", "127.0.0.1", p4, 0),
-            ("connect", "inet6", "::1", p6, 0),
+            // TCP connects are reported where the socket enters SYN-SENT, once.
+            ("tcp_connect", "inet", "127.0.0.1", p4, 0),
+            ("tcp_connect", "inet6", "::1", p6, 0),
             ("sendto", "inet", "127.0.0.1", pu, 4),
         ]
     );

@@ -1,8 +1,12 @@
-//! `cargo xtask bench overhead`: what the probes add to an open+close.
+//! `cargo xtask bench overhead`: what the probes add to an open+close, a connect and an
+//! unrelated syscall.
 //!
-//! In one run, a tight open+close loop (am-testkid `time-opens`) on an unwatched and on a
-//! watched file, without the daemon and with the release daemon attached, alternating over
-//! several rounds; the median of each is reported with the ratio to its own baseline.
+//! In one run, tight loops (am-testkid `time-opens`, `time-connects`, `time-getppid`) on an
+//! unwatched and a watched file, TCP connects to a local listener, and `getppid`, without
+//! the daemon and with the release daemon attached, alternating over several rounds; the
+//! median of each is reported with the ratio to its own baseline. With the daemon attached,
+//! the kernel's per-program statistics (`kernel.bpf_stats_enabled`) say what each eBPF
+//! program cost per run during each loop.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -40,9 +44,10 @@ fn daemon_cpus() -> String {
     }
 }
 
-fn time_opens(kid: &Path, path: &Path, iterations: u64) -> Result<f64> {
+/// Runs one am-testkid timing action and returns its ns per call.
+fn time_action(kid: &Path, action: &str) -> Result<f64> {
     let out = pinned(&kid_cpus(), kid)
-        .arg(format!("time-opens:{}:{iterations}", path.display()))
+        .arg(action)
         .output()
         .context("running am-testkid")?;
     if !out.status.success() {
@@ -164,53 +169,142 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
         ),
     )?;
 
-    let mut base = (Vec::new(), Vec::new());
-    let mut probed = (Vec::new(), Vec::new());
+    // A local listener for the connect loop, accepting and closing on a thread.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let target = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    let connects = (iterations / 10).max(1);
+    let loops: [(&str, String); 4] = [
+        (
+            "open unwatched",
+            format!("time-opens:{}:{iterations}", unwatched.display()),
+        ),
+        (
+            "open watched",
+            format!("time-opens:{}:{iterations}", watched.display()),
+        ),
+        ("tcp connect", format!("time-connects:{target}:{connects}")),
+        ("getppid", format!("time-getppid:{iterations}")),
+    ];
+
+    // The kernel counts run time per program only while statistics are enabled.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling kernel.bpf_stats_enabled")?;
+    let mut base: Vec<Vec<f64>> = vec![Vec::new(); loops.len()];
+    let mut probed: Vec<Vec<f64>> = vec![Vec::new(); loops.len()];
+    let mut kernel: Vec<ProgStats> = vec![ProgStats::default(); loops.len()];
     for round in 0..ROUNDS {
-        base.0.push(time_opens(&kid, &unwatched, iterations)?);
-        base.1.push(time_opens(&kid, &watched, iterations)?);
+        for (i, (_, action)) in loops.iter().enumerate() {
+            base[i].push(time_action(&kid, action)?);
+        }
         let daemon = Daemon::start(&bin, &config)?;
-        probed.0.push(time_opens(&kid, &unwatched, iterations)?);
-        probed.1.push(time_opens(&kid, &watched, iterations)?);
+        for (i, (_, action)) in loops.iter().enumerate() {
+            let before = prog_stats()?;
+            probed[i].push(time_action(&kid, action)?);
+            kernel[i].add_delta(&before, &prog_stats()?);
+        }
         daemon.stop()?;
         eprintln!("bench overhead: round {}/{ROUNDS} done", round + 1);
     }
     let (opens, lost) = count_output(&output)?;
     let _ = std::fs::remove_dir_all(&dir);
 
-    let b_un = median(&mut base.0);
-    let b_w = median(&mut base.1);
-    let p_un = median(&mut probed.0);
-    let p_w = median(&mut probed.1);
     println!(
-        "open+close, {iterations} iterations, median of {ROUNDS} rounds (ns per call); loop on CPU {}, daemon on CPU {}",
+        "ns per call, median of {ROUNDS} rounds ({iterations} opens or getppid, {connects} connects per round); loop on CPU {}, daemon on CPU {}",
         kid_cpus(),
         daemon_cpus()
     );
     println!(
-        "{:<12} {:>12} {:>14} {:>10} {:>8}",
-        "file", "no probes", "probes+daemon", "added", "ratio"
+        "{:<16} {:>12} {:>14} {:>10} {:>8}",
+        "loop", "no probes", "probes+daemon", "added", "ratio"
     );
-    println!(
-        "{:<12} {:>12.0} {:>14.0} {:>10.0} {:>8.3}",
-        "unwatched",
-        b_un,
-        p_un,
-        p_un - b_un,
-        p_un / b_un
-    );
-    println!(
-        "{:<12} {:>12.0} {:>14.0} {:>10.0} {:>8.3}",
-        "watched",
-        b_w,
-        p_w,
-        p_w - b_w,
-        p_w / b_w
-    );
+    for (i, (name, _)) in loops.iter().enumerate() {
+        let b = median(&mut base[i]);
+        let p = median(&mut probed[i]);
+        println!(
+            "{:<16} {:>12.0} {:>14.0} {:>10.0} {:>8.3}",
+            name,
+            b,
+            p,
+            p - b,
+            p / b
+        );
+    }
+    println!("kernel side during each loop (all rounds; kernel.bpf_stats_enabled):");
+    for (i, (name, _)) in loops.iter().enumerate() {
+        let parts: Vec<String> = kernel[i]
+            .0
+            .iter()
+            .filter(|(_, (_, runs))| *runs > 0)
+            .map(|(prog, (ns, runs))| {
+                format!("{prog} {:.0} ns/run x{runs}", *ns as f64 / *runs as f64)
+            })
+            .collect();
+        println!(
+            "  {:<16} {}",
+            name,
+            if parts.is_empty() {
+                "no program ran".to_owned()
+            } else {
+                parts.join(", ")
+            }
+        );
+    }
     let expected = iterations * ROUNDS as u64;
     println!(
         "watched opens made with the daemon attached: {expected}; delivered as events: {opens}; reported lost: {lost}; unaccounted: {}",
         expected as i64 - opens as i64 - lost as i64
     );
     Ok(())
+}
+
+/// Run time (ns) and run count per program name.
+#[derive(Clone, Default)]
+struct ProgStats(std::collections::BTreeMap<String, (u64, u64)>);
+
+impl ProgStats {
+    fn add_delta(&mut self, before: &ProgStats, after: &ProgStats) {
+        for (name, (ns, runs)) in &after.0 {
+            let (ns0, runs0) = before.0.get(name).copied().unwrap_or_default();
+            let e = self.0.entry(name.clone()).or_default();
+            e.0 += ns.saturating_sub(ns0);
+            e.1 += runs.saturating_sub(runs0);
+        }
+    }
+}
+
+/// The agent-monitor programs loaded now, summed by name (one program can be attached to
+/// several tracepoints but is loaded once).
+fn prog_stats() -> Result<ProgStats> {
+    const OURS: &[&str] = &[
+        "open_exit",
+        "io_uring_submit",
+        "io_uring_comple",
+        "net_exit",
+        "connect_enter",
+        "sendto_enter",
+        "sendmsg_enter",
+        "tcp_syn_sent",
+        "sock_send",
+        "sched_exec",
+        "sched_fork",
+        "sched_exit",
+    ];
+    let mut out = ProgStats::default();
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("listing loaded programs")?;
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if OURS.contains(&name) {
+            let e = out.0.entry(name.to_owned()).or_default();
+            e.0 += info.run_time().as_nanos() as u64;
+            e.1 += info.run_count();
+        }
+    }
+    Ok(out)
 }

@@ -165,6 +165,7 @@ pub struct DetectConfig {
 
 impl DetectConfig {
     /// From validated settings (entries that do not parse were rejected by validation).
+    /// Without `detect.dns_servers` this reads the DNS servers from /etc/resolv.conf.
     pub fn from_settings(s: &crate::config::DetectSettings, rate_limit_per_minute: u32) -> Self {
         Self {
             destinations: Destinations {
@@ -173,6 +174,7 @@ impl DetectConfig {
                     .iter()
                     .filter_map(|a| destinations::Endpoint::parse(a))
                     .collect(),
+                dns_servers: s.effective_dns_servers(),
                 cluster: s
                     .cluster_cidrs
                     .iter()
@@ -456,6 +458,7 @@ impl Engine {
         }
         let mut fields = task_fields(t);
         fields.insert("fd.name".into(), json!(o.path));
+        fields.insert("agent.path_as_passed".into(), json!(o.raw_path));
         fields.insert("agent.credential.class".into(), json!(o.class));
         fields.insert(
             "agent.owner.pod_uid".into(),
@@ -661,7 +664,10 @@ impl Engine {
         let dest = format!("{}:{} ({class_name})", c.dst_addr, c.dst_port);
         let allowed = Self::egress_allowed(policy, w, class, ip, c.dst_port);
 
-        if class == DestinationClass::Metadata && !allowed {
+        // Data sent on a socket connected earlier: the connection was judged when it was
+        // made; the send matters only for the read-then-send correlation below.
+        let new_destination = c.syscall != "send";
+        if new_destination && class == DestinationClass::Metadata && !allowed {
             hits.push(Hit {
                 priority: None,
                 rule: CLOUD_METADATA,
@@ -670,7 +676,7 @@ impl Engine {
                 events: vec![c.seq],
             });
         }
-        if class == DestinationClass::ApiServer && !allowed {
+        if new_destination && class == DestinationClass::ApiServer && !allowed {
             hits.push(Hit {
                 priority: None,
                 rule: API_SERVER_NOT_ALLOWED,
@@ -687,7 +693,8 @@ impl Engine {
                 events: vec![c.seq],
             });
         }
-        if policy.is_some()
+        if new_destination
+            && policy.is_some()
             && !allowed
             && !matches!(
                 class,

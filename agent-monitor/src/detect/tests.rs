@@ -80,6 +80,9 @@ fn open(seq: u64, t: Task, path: &str, class: CredentialClass, owner: Option<&st
             name: Some(format!("pod-{}", &u[..1])),
             pid: None,
         }),
+        host_path: None,
+        device: None,
+        inode: None,
     })
 }
 
@@ -113,6 +116,11 @@ fn engine(policy_yaml: &str) -> Engine {
     cfg.destinations.api_servers =
         vec![destinations::Endpoint::parse("10.96.0.1:443").expect("ep")];
     cfg.destinations.cluster = vec![crate::policy::Cidr::parse("10.244.0.0/16").expect("cidr")];
+    // Only these are DNS: port 53 elsewhere is cluster or external traffic.
+    cfg.destinations.dns_servers = vec![
+        "10.96.0.10".parse().expect("ip"),
+        "10.96.0.11".parse().expect("ip"),
+    ];
     Engine::new(cfg, Arc::new(RwLock::new(set)))
 }
 
@@ -294,6 +302,16 @@ fn exfiltration_within_the_window_and_up_the_process_tree() {
         ],
     );
     assert!(ok.is_empty(), "{ok:?}");
+    // Port 53 to an outside resolver after a read is exfiltration (a DNS tunnel), not DNS.
+    let mut e = engine("");
+    let tunnel = fired(
+        &mut e,
+        &[
+            read.clone(),
+            connect(2, task(10, 1, AGENT, a.clone(), 2 * S), "203.0.113.53", 53),
+        ],
+    );
+    assert!(tunnel.contains(&EXFILTRATION.to_owned()), "{tunnel:?}");
     // An unrelated process.
     let mut e = engine("");
     let other = fired(
@@ -371,9 +389,22 @@ fn egress_outside_allowlist_and_metadata() {
     );
     assert!(fired(
         &mut e,
-        &[connect(6, task(10, 1, AGENT, a, S), "10.96.0.10", 53)]
+        &[connect(
+            6,
+            task(10, 1, AGENT, a.clone(), S),
+            "10.96.0.10",
+            53
+        )]
     )
     .is_empty());
+    // `class: dns` does not let port 53 reach an outside resolver.
+    assert_eq!(
+        fired(
+            &mut e,
+            &[connect(7, task(10, 1, AGENT, a, S), "8.8.8.8", 53)]
+        ),
+        vec![EGRESS_OUTSIDE_ALLOWLIST]
+    );
 }
 
 #[test]

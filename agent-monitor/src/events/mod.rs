@@ -40,15 +40,16 @@ pub struct Task {
     pub workload: Workload,
 }
 
-/// An open of a watched path.
+/// An open of a watched file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenRecord {
     pub seq: u64,
     #[serde(flatten)]
     pub task: Task,
-    /// `open`, `openat` or `openat2`.
+    /// `open`, `openat`, `openat2`, `creat`, `open_by_handle_at`, `io_uring_openat(2)`.
     pub syscall: String,
-    /// Absolute path: as passed, or a relative path resolved against the cwd or dirfd.
+    /// The file's path on the node: the kernel's host path when the open succeeded, else
+    /// the path as passed (a relative one resolved against the cwd or dirfd).
     pub path: String,
     /// The path exactly as the process passed it.
     pub raw_path: String,
@@ -57,7 +58,8 @@ pub struct OpenRecord {
     pub path_resolved: bool,
     /// The path was longer than the capture limit and is cut.
     pub path_truncated: bool,
-    /// Why it matched: `prefix`, `basename` or `proc_environ`.
+    /// Why it matched: `volume`, `inode`, `directory`, `prefix`, `basename` or
+    /// `proc_environ`.
     pub matched_by: String,
     pub dirfd: i32,
     pub flags: u32,
@@ -66,10 +68,20 @@ pub struct OpenRecord {
     pub result: i64,
     /// Name of the errno when the open failed.
     pub error: Option<String>,
-    /// What kind of credential the path holds.
+    /// What kind of credential the file holds.
     pub class: CredentialClass,
-    /// Whose credential it is, when the path says (a pod, or a process for environ).
+    /// Whose credential it is (a pod, or a process for environ).
     pub owner: Option<Owner>,
+    /// The host path of the opened file, from the kernel's dentry chain and the node's
+    /// mount of its filesystem.
+    #[serde(default)]
+    pub host_path: Option<String>,
+    /// `major:minor` of the opened file's filesystem.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Inode number of the opened file.
+    #[serde(default)]
+    pub inode: Option<u64>,
 }
 
 /// An outbound connect, or a datagram sent to an explicit address.

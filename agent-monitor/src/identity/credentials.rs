@@ -100,7 +100,7 @@ fn file_name(path: &str) -> &str {
 }
 
 /// Class of a file in a projected volume.
-fn projected_class(volume: &str, file: &str) -> CredentialClass {
+pub fn projected_class(volume: &str, file: &str) -> CredentialClass {
     match file {
         "ca.crt" | "namespace" => CredentialClass::NonSecret,
         "token" if volume.starts_with("kube-api-access-") => CredentialClass::ServiceAccountToken,

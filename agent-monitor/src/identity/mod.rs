@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod credentials;
 pub mod pods;
 pub mod process;
+pub mod watched;
 
 use std::sync::Arc;
 
@@ -180,21 +181,8 @@ impl Identity {
         (class, Some(owner))
     }
 
-    /// Paths of Secret and projected volumes mounted at places outside the watched
-    /// prefixes, as prefixes (`<mount path>/`), learned from every known pod spec.
-    pub fn custom_volume_prefixes(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .pods
-            .all()
-            .iter()
-            .flat_map(|p| p.containers.iter())
-            .flat_map(|c| c.mounts.iter())
-            .filter(|m| m.kind != pods::VolumeKind::Other)
-            .map(|m| format!("{}/", m.mount_path.trim_end_matches('/')))
-            .filter(|p| p.len() > 1)
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+    /// The kubelet root directory, as configured.
+    pub fn kubelet_root(&self) -> &str {
+        &self.config.kubelet_root
     }
 }

@@ -151,22 +151,21 @@ impl ProcessTable {
         );
     }
 
-    /// A process called execve with `filename`. The executable is read from /proc while
-    /// the process lives (symlinks resolved, as the kernel opened it); for a process that
-    /// is already gone, the filename is canonicalized here instead.
+    /// A process called execve with `filename`: the executable is that path with symlinks
+    /// resolved, or, for a relative path, what /proc says while the process lives.
     pub fn on_exec(&mut self, tgid: u32, filename: &str) -> Option<String> {
-        let exe = self.read_exe(tgid).or_else(|| {
-            let p = Path::new(filename);
-            if p.is_absolute() {
-                Some(
-                    std::fs::canonicalize(p)
-                        .map(|c| c.to_string_lossy().into_owned())
-                        .unwrap_or_else(|_| filename.to_owned()),
-                )
-            } else {
-                None
-            }
-        });
+        // The path the kernel recorded comes first: /proc says what the process runs when
+        // the record is read, which is a later program if it exec'd again since.
+        let p = Path::new(filename);
+        let exe = if p.is_absolute() {
+            Some(
+                std::fs::canonicalize(p)
+                    .map(|c| c.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| filename.to_owned()),
+            )
+        } else {
+            self.read_exe(tgid)
+        };
         let ppid = match self.procs.get(&tgid) {
             Some(info) => info.ppid,
             None => self.read_proc(tgid).and_then(|i| i.ppid),

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
@@ -119,12 +119,18 @@ pub struct DaemonStatus {
     pub queue_depth: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Entries in the identity caches.
     pub identity_cache: Arc<std::sync::atomic::AtomicU64>,
+    /// What the kernel watches by file identity.
+    pub watch: Arc<crate::watching::WatchStatus>,
 }
 
 impl StatusSource for DaemonStatus {
     fn status(&self) -> pb::StatusResponse {
         let mut s = pb::StatusResponse {
             probes_attached: self.probes.clone(),
+            watched_filesystems: self.watch.volumes.load(Ordering::Relaxed),
+            watched_inventory: self.watch.inventory.load(Ordering::Relaxed),
+            kernel_map_refusals: self.watch.map_full.load(Ordering::Relaxed),
+            kernel_map_pending: self.watch.pending.load(Ordering::Relaxed),
             ..Default::default()
         };
         if let Ok(c) = self.counters.lock() {

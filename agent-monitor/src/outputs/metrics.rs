@@ -77,6 +77,8 @@ pub struct Metrics {
     probes_attached: Gauge,
     grpc_clients: Gauge,
     sink_failures: Family<Labels<1>, Counter>,
+    watched: Family<Labels<1>, Gauge>,
+    kernel_map_refusals: Gauge,
 }
 
 impl Default for Metrics {
@@ -98,6 +100,18 @@ impl Metrics {
         let probes_attached = Gauge::default();
         let grpc_clients = Gauge::default();
         let sink_failures = Family::<Labels<1>, Counter>::default();
+        let watched = Family::<Labels<1>, Gauge>::default();
+        let kernel_map_refusals = Gauge::default();
+        registry.register(
+            "agent_monitor_watched",
+            "Entries the kernel matches opens against by file identity: pod volume filesystems and node credential inventory entries",
+            watched.clone(),
+        );
+        registry.register(
+            "agent_monitor_kernel_map_refusals",
+            "Inserts a full kernel map refused since start (each is retried on the next sync)",
+            kernel_map_refusals.clone(),
+        );
 
         // Counter names get their `_total` suffix, and units their `_seconds`, from the
         // encoder.
@@ -165,6 +179,8 @@ impl Metrics {
             probes_attached,
             grpc_clients,
             sink_failures,
+            watched,
+            kernel_map_refusals,
         }
     }
 
@@ -204,6 +220,20 @@ impl Metrics {
     /// Sets the number of entries in the identity cache.
     pub fn set_identity_cache_size(&self, size: i64) {
         self.identity_cache_size.set(size);
+    }
+
+    /// Copies what the kernel watches by file identity, and the refusals of full maps.
+    pub fn set_watch(&self, w: &crate::watching::WatchStatus) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.watched
+            .get_or_create(&[("kind", owned("filesystems"))])
+            .set(gauge(w.volumes.load(Relaxed)));
+        self.watched
+            .get_or_create(&[("kind", owned("inventory"))])
+            .set(gauge(w.inventory.load(Relaxed)));
+        self.kernel_map_refusals
+            .set(gauge(w.map_full.load(Relaxed)));
     }
 
     /// Sets the number of attached eBPF programs.

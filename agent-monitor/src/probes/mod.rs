@@ -1,10 +1,13 @@
 //! Loading, configuring and attaching the eBPF programs, and reading their counters.
 
+pub mod btf;
 pub mod tracefs;
 
 use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
 
-use agent_monitor_common::{Lane, BASENAME_CAP, LANE_COUNT, NO_FIELD, PATH_CAP};
+use agent_monitor_common::{
+    FileKey, Lane, BASENAME_CAP, INVENTORY_DIR, INVENTORY_FILE, LANE_COUNT, NO_FIELD, PATH_CAP,
+};
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
@@ -25,25 +28,34 @@ pub const RING_MAPS: [&str; LANE_COUNT as usize] = ["CRED_EVENTS", "NET_EVENTS",
 /// daemon's poll tick collects records without a wakeup per event.
 const WAKEUP_DIVISOR: u64 = 4;
 
-/// (program, tracepoint category, tracepoint name, required). Exit programs are attached
-/// before entry programs so that no entry stashes arguments that no exit will collect.
+/// (program, tracepoint category, tracepoint name, required). Opens are decided at exit
+/// alone (see the eBPF crate); the network exit programs are attached before their entry
+/// programs so that no entry stashes arguments that no exit will collect.
 const ATTACHMENTS: &[(&str, &str, &str, bool)] = &[
     ("open_exit", "syscalls", "sys_exit_open", false),
     ("open_exit", "syscalls", "sys_exit_openat", true),
     ("open_exit", "syscalls", "sys_exit_openat2", false),
-    ("open_enter", "syscalls", "sys_enter_open", false),
-    ("openat_enter", "syscalls", "sys_enter_openat", true),
-    ("openat2_enter", "syscalls", "sys_enter_openat2", false),
+    ("open_exit", "syscalls", "sys_exit_creat", false),
+    ("open_exit", "syscalls", "sys_exit_open_by_handle_at", false),
+    ("io_uring_submit", "io_uring", "io_uring_submit_req", false),
+    ("io_uring_complete", "io_uring", "io_uring_complete", false),
     ("net_exit", "syscalls", "sys_exit_connect", true),
     ("net_exit", "syscalls", "sys_exit_sendto", true),
     ("net_exit", "syscalls", "sys_exit_sendmsg", true),
     ("connect_enter", "syscalls", "sys_enter_connect", true),
     ("sendto_enter", "syscalls", "sys_enter_sendto", true),
     ("sendmsg_enter", "syscalls", "sys_enter_sendmsg", true),
+    ("tcp_syn_sent", "sock", "inet_sock_set_state", true),
+    ("sock_send", "sock", "sock_send_length", false),
     ("sched_exec", "sched", "sched_process_exec", true),
     ("sched_fork", "sched", "sched_process_fork", true),
     ("sched_exit", "sched", "sched_process_exit", true),
 ];
+
+/// Kernel map names, for errors and status.
+pub const WATCH_FS_MAP: &str = "WATCH_FS";
+pub const WATCH_FILES_MAP: &str = "WATCH_FILES";
+pub const WATCH_PREFIXES_MAP: &str = "WATCH_PREFIXES";
 
 /// Loading or attaching the probes failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +111,9 @@ pub enum ProbeError {
     /// A prefix is longer than the kernel side can match.
     #[error("prefix {0:?} is longer than {max} bytes", max = PATH_CAP - 1)]
     PrefixTooLong(String),
+    /// The kernel's BTF could not give the structure offsets the programs need.
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
     /// A configured cgroup directory does not exist.
     #[error("cgroup {path}: {source}")]
     Cgroup {
@@ -177,8 +192,19 @@ impl Probes {
             0
         };
 
+        let offsets = btf::kernel_offsets()?;
+        if !offsets.missing.is_empty() {
+            warn!(
+                "kernel BTF lacks {}; what needs them is not traced on this kernel",
+                offsets.missing.join(", ")
+            );
+        }
+        let exfil_window_ns: u64 = config.detect.exfil_window_ms.saturating_mul(1_000_000);
+
         let mut loader = EbpfLoader::new();
         loader
+            .override_global("OFFSETS", &offsets.kernel, true)
+            .override_global("EXFIL_WINDOW_NS", &exfil_window_ns, true)
             .override_global("OWN_TGID", &own_tgid, true)
             .override_global("CGROUP_FILTER", &cgroup_filter, true)
             .override_global("WATCH_PROC_ENVIRON", &proc_environ, true)
@@ -252,20 +278,64 @@ impl Probes {
         &self.attached
     }
 
-    /// Adds a watched absolute path prefix at run time.
-    pub fn watch_prefix(&mut self, prefix: &str) -> Result<(), ProbeError> {
-        let key = prefix_key(prefix)?;
-        prefix_map(&mut self.ebpf)?
-            .insert(&key, 1, 0)
-            .map_err(map_err("WATCH_PREFIXES"))
+    /// Watches every file of the filesystem whose `s_dev` (kernel encoding) is `dev`.
+    pub fn watch_fs(&mut self, dev: u32) -> Result<(), ProbeError> {
+        self.fs_map()?
+            .insert(dev, 1, 0)
+            .map_err(map_err(WATCH_FS_MAP))
     }
 
-    /// Removes a watched prefix added with [`Probes::watch_prefix`].
-    pub fn unwatch_prefix(&mut self, prefix: &str) -> Result<(), ProbeError> {
-        let key = prefix_key(prefix)?;
-        prefix_map(&mut self.ebpf)?
+    /// Stops watching a filesystem added with [`Probes::watch_fs`].
+    pub fn unwatch_fs(&mut self, dev: u32) -> Result<(), ProbeError> {
+        self.fs_map()?.remove(&dev).map_err(map_err(WATCH_FS_MAP))
+    }
+
+    fn fs_map(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, ProbeError> {
+        HashMap::try_from(self.ebpf.map_mut(WATCH_FS_MAP).ok_or(ProbeError::Missing {
+            kind: "map",
+            name: WATCH_FS_MAP,
+        })?)
+        .map_err(map_err(WATCH_FS_MAP))
+    }
+
+    /// The filesystems in the kernel's watched-filesystem map, read back from the kernel.
+    pub fn watched_fs(&self) -> Result<Vec<u32>, ProbeError> {
+        let map: HashMap<_, u32, u8> =
+            HashMap::try_from(self.ebpf.map(WATCH_FS_MAP).ok_or(ProbeError::Missing {
+                kind: "map",
+                name: WATCH_FS_MAP,
+            })?)
+            .map_err(map_err(WATCH_FS_MAP))?;
+        map.keys()
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(map_err(WATCH_FS_MAP))
+    }
+
+    /// Watches a file (or, with `dir`, the files directly in a directory) by identity.
+    pub fn watch_file(&mut self, key: FileKey, dir: bool) -> Result<(), ProbeError> {
+        let value = if dir { INVENTORY_DIR } else { INVENTORY_FILE };
+        self.files_map()?
+            .insert(key, value, 0)
+            .map_err(map_err(WATCH_FILES_MAP))
+    }
+
+    /// Stops watching a file added with [`Probes::watch_file`].
+    pub fn unwatch_file(&mut self, key: FileKey) -> Result<(), ProbeError> {
+        self.files_map()?
             .remove(&key)
-            .map_err(map_err("WATCH_PREFIXES"))
+            .map_err(map_err(WATCH_FILES_MAP))
+    }
+
+    fn files_map(&mut self) -> Result<HashMap<&mut MapData, FileKey, u8>, ProbeError> {
+        HashMap::try_from(
+            self.ebpf
+                .map_mut(WATCH_FILES_MAP)
+                .ok_or(ProbeError::Missing {
+                    kind: "map",
+                    name: WATCH_FILES_MAP,
+                })?,
+        )
+        .map_err(map_err(WATCH_FILES_MAP))
     }
 
     /// Takes the ring buffers out for the consumer. Fails if called twice.

@@ -12,9 +12,17 @@
 //! - `chdir:DIR`               chdir(2)
 //! - `flood:PATH:N`            N × (openat + close)
 //! - `time-opens:PATH:N`       N × (openat + close), prints `ns_per_call <f64>`
+//! - `time-connects:IP:PORT:N` N × (TCP connect + close), prints `ns_per_call <f64>`
+//! - `time-getppid:N`          N × getppid(2), prints `ns_per_call <f64>`
 //! - `tcp4:PORT` `tcp6:PORT`   connect to 127.0.0.1 / ::1
 //! - `udp4:PORT`               sendto 127.0.0.1
 //! - `connect:IP:PORT`         connect to any address (IPv6 in brackets)
+//! - `udp:IP:PORT`             sendto any address (IPv6 in brackets)
+//! - `opath-reopen:PATH`       open PATH with O_PATH, then open `/proc/self/fd/N` for reading
+//! - `uring-openat:PATH`       IORING_OP_OPENAT through io_uring (no open syscall)
+//! - `uring-connect:IP:PORT`   IORING_OP_CONNECT of a TCP socket through io_uring
+//! - `keep-connect:IP:PORT`    connect a TCP socket and keep it for `send-kept`
+//! - `send-kept:N`             write N bytes on the kept socket
 //! - `exec:PROG:ARG...`        execv (must be last)
 //!
 //! Every result is printed as `<action> <return value>` on stdout.
@@ -65,6 +73,56 @@ fn connect(addr: SocketAddr) -> i64 {
     }
 }
 
+/// `sockaddr_in` / `sockaddr_in6` for `addr`, as raw storage and length.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Submits one io_uring entry and returns its completion's result.
+fn uring_one(entry: io_uring::squeue::Entry) -> i64 {
+    let mut ring = io_uring::IoUring::new(4).unwrap_or_else(|e| die(&format!("io_uring: {e}")));
+    // SAFETY: every pointer the entry holds outlives the wait below.
+    unsafe { ring.submission().push(&entry) }.unwrap_or_else(|_| die("io_uring queue full"));
+    ring.submit_and_wait(1)
+        .unwrap_or_else(|e| die(&format!("io_uring submit: {e}")));
+    let cqe = ring
+        .completion()
+        .next()
+        .unwrap_or_else(|| die("io_uring: no completion"));
+    i64::from(cqe.result())
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut linger = Duration::ZERO;
@@ -86,6 +144,7 @@ fn main() {
         }
     }
     let mut out = std::io::stdout().lock();
+    let mut kept: Option<TcpStream> = None;
     for action in &args {
         let (verb, rest) = action.split_once(':').unwrap_or((action, ""));
         let result: i64 = match verb {
@@ -158,6 +217,35 @@ fn main() {
                 }
                 ok
             }
+            "time-connects" => {
+                let (addr, n) = rest
+                    .rsplit_once(':')
+                    .unwrap_or_else(|| die("time-connects:IP:PORT:N"));
+                let addr: SocketAddr = addr.parse().unwrap_or_else(|_| die("bad address"));
+                let n: u64 = n.parse().unwrap_or_else(|_| die("bad N"));
+                let start = Instant::now();
+                let mut ok = 0i64;
+                for _ in 0..n {
+                    if connect(addr) == 0 {
+                        ok += 1;
+                    }
+                }
+                let ns = start.elapsed().as_nanos() as f64 / n.max(1) as f64;
+                let _ = writeln!(out, "ns_per_call {ns:.1}");
+                ok
+            }
+            "time-getppid" => {
+                let n: u64 = rest.parse().unwrap_or_else(|_| die("bad N"));
+                let start = Instant::now();
+                let mut sum = 0i64;
+                for _ in 0..n {
+                    // SAFETY: getppid has no preconditions.
+                    sum = sum.wrapping_add(i64::from(unsafe { libc::getppid() }));
+                }
+                let ns = start.elapsed().as_nanos() as f64 / n.max(1) as f64;
+                let _ = writeln!(out, "ns_per_call {ns:.1}");
+                i64::from(sum != 0)
+            }
             "tcp4" | "tcp6" => {
                 let port: u16 = rest.parse().unwrap_or_else(|_| die("bad port"));
                 let ip = if verb == "tcp4" {
@@ -176,6 +264,88 @@ fn main() {
                 let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
                     .unwrap_or_else(|e| die(&format!("udp bind: {e}")));
                 match sock.send_to(b"ping", (Ipv4Addr::LOCALHOST, port)) {
+                    Ok(n) => n as i64,
+                    Err(e) => -i64::from(e.raw_os_error().unwrap_or(0)),
+                }
+            }
+            "udp" => {
+                let addr: SocketAddr = rest.parse().unwrap_or_else(|_| die("udp:IP:PORT"));
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    (Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let sock = UdpSocket::bind(bind).unwrap_or_else(|e| die(&format!("udp bind: {e}")));
+                match sock.send_to(b"ping", addr) {
+                    Ok(n) => n as i64,
+                    Err(e) => -i64::from(e.raw_os_error().unwrap_or(0)),
+                }
+            }
+            "opath-reopen" => {
+                let fd = openat(libc::AT_FDCWD, rest, libc::O_PATH);
+                if fd < 0 {
+                    die(&format!("O_PATH open of {rest}: {fd}"));
+                }
+                let again = openat(
+                    libc::AT_FDCWD,
+                    &format!("/proc/self/fd/{fd}"),
+                    libc::O_RDONLY,
+                );
+                close(again);
+                close(fd);
+                again
+            }
+            "uring-openat" => {
+                let p = cstr(rest);
+                let entry =
+                    io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), p.as_ptr())
+                        .flags(libc::O_RDONLY)
+                        .build();
+                let fd = uring_one(entry);
+                close(fd);
+                fd
+            }
+            "uring-connect" => {
+                let addr: SocketAddr = rest
+                    .parse()
+                    .unwrap_or_else(|_| die("uring-connect:IP:PORT"));
+                let family = if addr.is_ipv4() {
+                    libc::AF_INET
+                } else {
+                    libc::AF_INET6
+                };
+                // SAFETY: plain socket(2).
+                let fd = unsafe { libc::socket(family, libc::SOCK_STREAM, 0) };
+                if fd < 0 {
+                    die("socket");
+                }
+                let (ss, len) = sockaddr(addr);
+                let entry = io_uring::opcode::Connect::new(
+                    io_uring::types::Fd(fd),
+                    &ss as *const _ as *const libc::sockaddr,
+                    len,
+                )
+                .build();
+                let r = uring_one(entry);
+                close(i64::from(fd));
+                r
+            }
+            "keep-connect" => {
+                let addr: SocketAddr = rest.parse().unwrap_or_else(|_| die("keep-connect:IP:PORT"));
+                match TcpStream::connect(addr) {
+                    Ok(s) => {
+                        kept = Some(s);
+                        0
+                    }
+                    Err(e) => -i64::from(e.raw_os_error().unwrap_or(0)),
+                }
+            }
+            "send-kept" => {
+                let n: usize = rest.parse().unwrap_or_else(|_| die("send-kept:N"));
+                let sock = kept
+                    .as_mut()
+                    .unwrap_or_else(|| die("send-kept without keep-connect"));
+                match sock.write(&vec![b'x'; n]) {
                     Ok(n) => n as i64,
                     Err(e) => -i64::from(e.raw_os_error().unwrap_or(0)),
                 }

@@ -220,6 +220,9 @@ impl From<&Record> for pb::Event {
                 matched_by: o.matched_by.clone(),
                 path_resolved: o.path_resolved,
                 path_truncated: o.path_truncated,
+                host_path: o.host_path.clone(),
+                device: o.device.clone(),
+                inode: o.inode,
             }),
             Record::Connect(c) => Kind::Connect(pb::Connect {
                 syscall: c.syscall.clone(),
@@ -301,6 +304,9 @@ impl TryFrom<&pb::Event> for Record {
                 error: o.error.clone(),
                 class: class_from_pb(o.class()),
                 owner: o.owner.as_ref().map(Owner::from),
+                host_path: o.host_path.clone(),
+                device: o.device.clone(),
+                inode: o.inode,
             }),
             Kind::Connect(c) => Record::Connect(ConnectRecord {
                 seq,
@@ -448,6 +454,9 @@ mod tests {
                 name: Some("api-0".into()),
                 pid: None,
             }),
+            host_path: Some("/var/lib/kubelet/pods/other-uid/volumes/kubernetes.io~projected/kube-api-access-1/token".into()),
+            device: Some("0:52".into()),
+            inode: Some(7),
         });
         let ev = pb::Event::from(&rec);
         assert_eq!(ev.seq, 5);
