@@ -20,10 +20,11 @@ pub const COMM_LEN: usize = 16;
 /// Deepest cgroup level checked by the cgroup filter (a kubelet container scope sits at
 /// level 4 or 5 under the systemd driver).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
-/// Capacity of the kernel's watched-filesystem map: pods' Secret and projected volumes on
-/// this node (a node runs at most a few hundred pods, each with a handful of volumes).
+/// Capacity of the kernel's watched-device map: pods' Secret and projected volumes on this
+/// node (a node runs at most a few hundred pods, each with a handful of volumes) and the
+/// few filesystems that hold inventory entries.
 pub const MAX_WATCHED_FS: u32 = 16 * 1024;
-/// Capacity of the kernel's node credential inventory (files and directories).
+/// Capacity of the kernel's node credential inventory (files).
 pub const MAX_INVENTORY: u32 = 64 * 1024;
 /// Capacity of the kernel's watched-prefix trie.
 pub const MAX_WATCHED_PREFIXES: u32 = 4096;
@@ -135,8 +136,6 @@ pub enum MatchKind {
     Volume = 1,
     /// The file's (device, inode) is in the node credential inventory.
     Inode = 2,
-    /// The file's parent directory's (device, inode) is in the inventory.
-    Directory = 3,
     /// The path as passed starts with a watched prefix (failed opens).
     Prefix = 4,
     /// The relative path as passed ends in a watched basename (failed opens).
@@ -150,7 +149,6 @@ impl MatchKind {
         Some(match v {
             1 => Self::Volume,
             2 => Self::Inode,
-            3 => Self::Directory,
             4 => Self::Prefix,
             5 => Self::Basename,
             6 => Self::ProcEnviron,
@@ -259,10 +257,17 @@ pub struct FileKey {
 }
 const _: () = assert!(size_of::<FileKey>() == 16);
 
-/// Values of the file inventory map.
+/// Bits of the watched-device map's values: what the kernel checks for a file on that
+/// filesystem. A device without an entry is checked for nothing but procfs.
+pub mod dev_flags {
+    /// Every file of the filesystem is watched (a pod's Secret or projected volume).
+    pub const VOLUME: u8 = 1;
+    /// Some of its files are in the inventory.
+    pub const FILES: u8 = 2;
+}
+
+/// Value of the file inventory map's entries.
 pub const INVENTORY_FILE: u8 = 1;
-/// An inventory directory: files directly in it are watched.
-pub const INVENTORY_DIR: u8 = 2;
 
 /// Offsets into kernel structures, read from the running kernel's BTF at load time (aya
 /// has no CO-RE relocations for Rust programs). [`NO_FIELD`] marks a field this kernel

@@ -7,9 +7,9 @@ use core::{
 };
 
 use agent_monitor_common::{
-    path_flags, ConnectArgs, ConnectEvent, EventHeader, EventKind, FileKey, KernelOffsets, Lane,
-    MatchKind, OpenEvent, PathKey, ProcEvent, Syscall, AT_FDCWD, BASENAME_CAP, DPATH_CAP,
-    GROUP_ALIVE, GROUP_DEAD, GROUP_UNKNOWN, INVENTORY_DIR, INVENTORY_FILE, LANE_COUNT,
+    dev_flags, path_flags, ConnectArgs, ConnectEvent, EventHeader, EventKind, FileKey,
+    KernelOffsets, Lane, MatchKind, OpenEvent, PathKey, ProcEvent, Syscall, AT_FDCWD, BASENAME_CAP,
+    DPATH_CAP, GROUP_ALIVE, GROUP_DEAD, GROUP_UNKNOWN, INVENTORY_FILE, LANE_COUNT,
     MAX_CGROUP_DEPTH, MAX_DENTRY_DEPTH, MAX_INVENTORY, MAX_WATCHED_FS, MAX_WATCHED_PREFIXES,
     NAME_CAP, NO_FIELD, PATH_CAP,
 };
@@ -19,7 +19,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel as kernel_read, bpf_probe_read_kernel_buf, bpf_probe_read_user,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
             bpf_get_current_task_btf, bpf_ktime_get_boot_ns, bpf_loop, bpf_probe_read_kernel,
             bpf_probe_read_kernel_str, bpf_probe_read_user_str, bpf_task_pt_regs,
         },
@@ -281,10 +281,11 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 #[unsafe(no_mangle)]
 static EXFIL_WINDOW_NS: Global<u64> = Global::new(30_000_000_000);
 
-/// Filesystems (by `s_dev`) whose every file is watched: pods' Secret and projected volumes.
+/// Filesystems (by `s_dev`) that hold something watched, with [`dev_flags`]: pods' Secret
+/// and projected volumes (every file), and filesystems with inventory files.
 #[map]
-static WATCH_FS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_FS, 0);
-/// Node credential files ([`INVENTORY_FILE`]) and directories ([`INVENTORY_DIR`]).
+static WATCH_DEVS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_FS, 0);
+/// Node credential files by identity ([`INVENTORY_FILE`]).
 #[map]
 static WATCH_FILES: HashMap<FileKey, u8> = HashMap::with_max_entries(MAX_INVENTORY, 0);
 
@@ -366,15 +367,34 @@ fn fd_file(fd: i64) -> u64 {
         return 0;
     }
     let o = OFFSETS.load();
-    // SAFETY: helper without arguments.
-    let task = unsafe { bpf_get_current_task() };
-    let files = kread_u64(task, o.task_files);
-    let fdt = kread_u64(files, o.files_fdt);
-    let max = kread_u32(fdt, o.fdt_max_fds);
+    // Direct loads through the BTF-typed task pointer: the verifier knows the offsets
+    // (they are in the frozen .rodata) and checks them against the kernel's BTF, and the
+    // JIT makes each a plain load with a fault handler, far cheaper than a helper call.
+    // The chain stops at the fd array (`struct file **`), which the verifier does not
+    // type, so the last step goes through the helper.
+    // SAFETY: helper without arguments; the BTF pointer is valid for this program run.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    // SAFETY: (for each load) offsets of these very members in this kernel's BTF; a
+    // faulting load reads 0 (the JIT's exception table), a NULL pointer is checked.
+    let files: *const u8 =
+        unsafe { core::ptr::read_volatile(task.add(o.task_files as usize) as *const *const u8) };
+    if files.is_null() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let fdt: *const u8 =
+        unsafe { core::ptr::read_volatile(files.add(o.files_fdt as usize) as *const *const u8) };
+    if fdt.is_null() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let max: u32 =
+        unsafe { core::ptr::read_volatile(fdt.add(o.fdt_max_fds as usize) as *const u32) };
     if fd as u64 >= u64::from(max) {
         return 0;
     }
-    let table = kread_u64(fdt, o.fdt_fd);
+    // SAFETY: as above.
+    let table: u64 = unsafe { core::ptr::read_volatile(fdt.add(o.fdt_fd as usize) as *const u64) };
     if table == 0 {
         return 0;
     }
@@ -391,49 +411,94 @@ struct FileId {
     matched: u8,
 }
 
-/// Identifies `file` and decides whether it is watched.
+/// Bytes read at once by [`kread_pair`]: two fields within this span cost one helper
+/// call instead of two.
+const WINDOW_BYTES: usize = 128;
+
+/// Per-CPU landing area of [`kread_pair`].
+#[map]
+static WINDOW: PerCpuArray<[u8; WINDOW_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Reads the fields at offsets `a` (a `T`) and `b` (a `U`) of the kernel object at
+/// `base`. Helper calls dominate what a program costs here (tens of ns each), so two
+/// nearby fields are copied with one call and picked out of the copy.
+#[inline(always)]
+fn kread_pair<T: Copy + Default, U: Copy + Default>(base: u64, a: u32, b: u32) -> (T, U) {
+    if base == 0 || a == NO_FIELD || b == NO_FIELD {
+        return (T::default(), U::default());
+    }
+    let lo = if a < b { a } else { b };
+    let hi = if a < b { b } else { a };
+    let span = (hi - lo) as usize + 8;
+    if let (true, Some(w)) = (span <= WINDOW_BYTES, WINDOW.get_ptr_mut(0)) {
+        // SAFETY: per-CPU scratch slot, exclusively ours while this program runs; the
+        // helper checks the kernel address and writes at most WINDOW_BYTES.
+        let w = unsafe { &mut *w };
+        let copied = unsafe {
+            bpf_probe_read_kernel(
+                w.as_mut_ptr().cast(),
+                WINDOW_BYTES as u32,
+                (base + u64::from(lo)) as *const _,
+            )
+        };
+        if copied == 0 {
+            let ia = (a - lo) as usize & (WINDOW_BYTES - 8);
+            let ib = (b - lo) as usize & (WINDOW_BYTES - 8);
+            // SAFETY: both indices leave 8 bytes inside the window; unaligned reads.
+            return unsafe {
+                (
+                    core::ptr::read_unaligned(w.as_ptr().add(ia) as *const T),
+                    core::ptr::read_unaligned(w.as_ptr().add(ib) as *const U),
+                )
+            };
+        }
+    }
+    // Far apart, or the window ran past a mapping: one read each.
+    // SAFETY: the helper checks the kernel addresses.
+    unsafe {
+        (
+            kernel_read((base + u64::from(a)) as *const T).unwrap_or_default(),
+            kernel_read((base + u64::from(b)) as *const U).unwrap_or_default(),
+        )
+    }
+}
+
+/// Identifies `file` and decides whether it is watched. The common answer, "no", costs
+/// the descriptor lookup, three window reads and one or two hash lookups; only
+/// filesystems that hold something watched (per `WATCH_DEVS`) and procfs are looked at
+/// further. Directories are not matched here: a file created in an inventory directory
+/// joins the inventory when userspace's inotify watch on that directory fires.
 #[inline(always)]
 fn match_file(file: u64) -> Option<FileId> {
     if file == 0 {
         return None;
     }
     let o = OFFSETS.load();
-    let inode = kread_u64(file, o.file_inode);
-    let sb = kread_u64(inode, o.inode_sb);
-    let dev = kread_u32(sb, o.sb_dev);
-    let ino = kread_u64(inode, o.inode_ino);
-    let dentry = kread_u64(file, o.file_dentry);
+    let (inode, dentry): (u64, u64) = kread_pair(file, o.file_inode, o.file_dentry);
+    let (sb, ino): (u64, u64) = kread_pair(inode, o.inode_sb, o.inode_ino);
+    let (dev, magic): (u32, u64) = kread_pair(sb, o.sb_dev, o.sb_magic);
     let mut id = FileId {
         dentry,
         dev,
         ino,
         matched: 0,
     };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { WATCH_FS.get(&dev) }.is_some() {
+    // SAFETY: the value is copied out.
+    let flags = unsafe { WATCH_DEVS.get(&dev) }.copied().unwrap_or(0);
+    if flags & dev_flags::VOLUME != 0 {
         id.matched = MatchKind::Volume as u8;
         return Some(id);
     }
-    let key = FileKey { dev, _pad: 0, ino };
-    // SAFETY: the value is copied out.
-    if unsafe { WATCH_FILES.get(&key) }.copied() == Some(INVENTORY_FILE) {
-        id.matched = MatchKind::Inode as u8;
-        return Some(id);
-    }
-    let parent = kread_u64(dentry, o.dentry_parent);
-    let parent_inode = kread_u64(parent, o.dentry_inode);
-    let pkey = FileKey {
-        dev,
-        _pad: 0,
-        ino: kread_u64(parent_inode, o.inode_ino),
-    };
-    // SAFETY: the value is copied out.
-    if unsafe { WATCH_FILES.get(&pkey) }.copied() == Some(INVENTORY_DIR) {
-        id.matched = MatchKind::Directory as u8;
-        return Some(id);
+    if flags & dev_flags::FILES != 0 {
+        let key = FileKey { dev, _pad: 0, ino };
+        // SAFETY: the value is copied out.
+        if unsafe { WATCH_FILES.get(&key) }.copied() == Some(INVENTORY_FILE) {
+            id.matched = MatchKind::Inode as u8;
+            return Some(id);
+        }
     }
     if WATCH_PROC_ENVIRON.load() != 0
-        && kread_u64(sb, o.sb_magic) & 0xffff_ffff == PROC_SUPER_MAGIC
+        && magic & 0xffff_ffff == PROC_SUPER_MAGIC
         && dentry_is_environ(dentry)
     {
         id.matched = MatchKind::ProcEnviron as u8;
@@ -454,22 +519,20 @@ fn dentry_is_environ(dentry: u64) -> bool {
     &got == b"environ\0"
 }
 
-/// The `i`th syscall argument from the current task's saved user registers (valid at
-/// syscall exit: the kernel writes only the return register).
+/// The first three syscall arguments from the current task's saved user registers
+/// (valid at syscall exit: the kernel writes only the return register), with one window
+/// read where the registers lie together (x86_64: dx, si, di are adjacent).
 #[inline(always)]
-fn syscall_arg(i: usize) -> u64 {
-    let regs_arg = OFFSETS.load().regs_arg;
-    let off = match i {
-        0 => regs_arg[0],
-        1 => regs_arg[1],
-        _ => regs_arg[2],
-    };
-    if off == NO_FIELD {
-        return 0;
+fn syscall_args() -> [u64; 3] {
+    let r = OFFSETS.load().regs_arg;
+    if r[0] == NO_FIELD || r[1] == NO_FIELD || r[2] == NO_FIELD {
+        return [0; 3];
     }
     // SAFETY: helpers on the current task; the BTF task pointer is valid for the program.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    kread_u64(regs, off)
+    let (a0, a1): (u64, u64) = kread_pair(regs, r[0], r[1]);
+    let (_, a2): (u64, u64) = kread_pair(regs, r[1], r[2]);
+    [a0, a1, a2]
 }
 
 #[inline(always)]
@@ -776,7 +839,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
     };
     let ret: i64 = field(ctx, EXIT_RET);
     decide_open(ret, syscall, |s| {
-        let args = [syscall_arg(0), syscall_arg(1), syscall_arg(2)];
+        let args = syscall_args();
         let path = if path_arg < 3 {
             read_user_path(s, args[path_arg & 1])
         } else {

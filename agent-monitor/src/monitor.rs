@@ -39,7 +39,7 @@ use crate::{
         Identity,
     },
     probes::{ProbeError, Probes, Rings},
-    watching::{WatchStatus, Watching, MOUNTINFO},
+    watching::{DirWatch, WatchStatus, Watching, MOUNTINFO},
 };
 
 /// How often dead processes are pruned from the process table.
@@ -258,16 +258,6 @@ impl Enricher {
                     .map_or(CredentialClass::Other, |e| e.class),
                 None,
             ),
-            Some(MatchKind::Directory) => {
-                let by_path = crate::identity::credentials::classify(
-                    path,
-                    self.identity.kubelet_root(),
-                    None,
-                    None,
-                )
-                .class;
-                (by_path, None)
-            }
             _ => (CredentialClass::Other, None),
         }
     }
@@ -313,7 +303,6 @@ impl Enricher {
                 let matched_by = match matched {
                     Some(MatchKind::Volume) => "volume",
                     Some(MatchKind::Inode) => "inode",
-                    Some(MatchKind::Directory) => "directory",
                     Some(MatchKind::Basename) => "basename",
                     Some(MatchKind::ProcEnviron) => "proc_environ",
                     Some(MatchKind::Prefix) | None => "prefix",
@@ -439,7 +428,7 @@ fn attempted(ret: i64) -> bool {
 
 /// Whether an open's class and owner come from the file's identity (not its path).
 fn by_identity(matched_by: &str) -> bool {
-    matches!(matched_by, "volume" | "inode" | "directory")
+    matches!(matched_by, "volume" | "inode")
 }
 
 /// The path of a file within its filesystem from the kernel's dentry names (leaf first,
@@ -634,6 +623,22 @@ async fn consume(
         })
         .map_err(|e| warn!("no mount notifications ({MOUNTINFO}: {e}); volumes are rescanned every {INVENTORY_INTERVAL:?}"))
         .ok();
+    // inotify on the inventory's directories: a file created or replaced there is walked
+    // into the inventory at once.
+    let mut dirwatch = DirWatch::new()
+        .and_then(|w| {
+            // SAFETY: the AsyncFd owns the watch, so its descriptor stays open and
+            // unchanged while registered.
+            unsafe { AsyncFd::register_with_interest(w, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+        })
+        .map_err(|e| {
+            warn!("no inotify ({e}); the inventory is walked every {INVENTORY_INTERVAL:?}")
+        })
+        .ok();
+    if let Some(w) = dirwatch.as_mut() {
+        w.get_mut().set(st.watching.inventory_dirs());
+    }
     loop {
         let stopping = tokio::select! {
             _ = tick.tick() => false,
@@ -649,6 +654,20 @@ async fn consume(
             }
             _ = inventory.tick() => {
                 st.watching.sync(&mut probes, true);
+                if let Some(w) = dirwatch.as_mut() {
+                    w.get_mut().set(st.watching.inventory_dirs());
+                }
+                false
+            }
+            r = dir_changed(dirwatch.as_mut()) => {
+                if let Err(e) = r {
+                    warn!("inotify stopped: {e}");
+                    dirwatch = None;
+                }
+                st.watching.sync(&mut probes, true);
+                if let Some(w) = dirwatch.as_mut() {
+                    w.get_mut().set(st.watching.inventory_dirs());
+                }
                 false
             }
             r = mount_changed(mountinfo.as_mut()) => {
@@ -708,6 +727,19 @@ fn raw_ts(raw: &RawEvent) -> u64 {
         RawEvent::Open(e) => e.header.ts_ns,
         RawEvent::Connect(e) => e.header.ts_ns,
         RawEvent::Proc(e) => e.header.ts_ns,
+    }
+}
+
+/// Waits for a change in an inventory directory; never returns without inotify.
+async fn dir_changed(fd: Option<&mut AsyncFd<DirWatch>>) -> std::io::Result<()> {
+    match fd {
+        Some(fd) => {
+            let mut guard = fd.readable_mut().await?;
+            guard.get_inner().drain();
+            guard.clear_ready();
+            Ok(())
+        }
+        None => std::future::pending().await,
     }
 }
 

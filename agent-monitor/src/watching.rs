@@ -1,7 +1,8 @@
 //! Keeps the kernel's file-identity maps current: the filesystems of pods' Secret and
 //! projected volumes (found in the mount table) and the node credential inventory (found
-//! by walking the node's credential directories), and answers, for a record, which volume
-//! or inventory entry a (device, inode) is.
+//! by walking the node's credential directories, again whenever inotify says one of them
+//! changed), and answers, for a record, which volume or inventory entry a (device, inode)
+//! is.
 //!
 //! The maps are kept declaratively: every sync computes what should be watched, removes
 //! what no longer should and adds what is new. An insert the kernel refuses (a full map)
@@ -16,15 +17,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_monitor_common::FileKey;
+use agent_monitor_common::{dev_flags, FileKey};
 use log::{info, warn};
 
 use crate::{
     identity::watched::{
-        default_node_roots, home_dirs, host_path, node_inventory, parse_mountinfo,
+        default_node_roots, diff, home_dirs, host_path, node_inventory, parse_mountinfo,
         volume_filesystems, InventoryEntry, InventoryLimits, InventoryRoot, MountEntry, VolumeFs,
     },
-    probes::{Probes, WATCH_FILES_MAP, WATCH_FS_MAP},
+    probes::{Probes, WATCH_DEVS_MAP, WATCH_FILES_MAP},
 };
 
 /// The mount table the daemon sees: the host's, since the DaemonSet runs in the host's
@@ -52,6 +53,11 @@ pub struct WatchStatus {
     pub map_full: AtomicU64,
     /// Entries waiting for room in a full map right now.
     pub pending: AtomicU64,
+    /// Walks of the inventory begun, and the number of the last one finished: a walk
+    /// numbered above what `walks_begun` read at some moment saw the files as they were
+    /// then.
+    pub walks_begun: AtomicU64,
+    pub walks_done: AtomicU64,
     /// The watched filesystems as read back from the kernel map after the last sync.
     pub kernel_filesystems: Mutex<Vec<u32>>,
 }
@@ -64,6 +70,10 @@ pub struct Watching {
     volumes: BTreeMap<u32, VolumeFs>,
     retired: BTreeMap<u32, (VolumeFs, Instant)>,
     inventory: BTreeMap<FileKey, InventoryEntry>,
+    /// Inventory directories, for inotify.
+    dirs: Vec<String>,
+    /// What the kernel's watched-device map holds (as far as inserts succeeded).
+    devs: BTreeMap<u32, u8>,
     status: Arc<WatchStatus>,
     last_full_warn: Option<Instant>,
 }
@@ -101,6 +111,8 @@ impl Watching {
             volumes: BTreeMap::new(),
             retired: BTreeMap::new(),
             inventory: BTreeMap::new(),
+            dirs: Vec::new(),
+            devs: BTreeMap::new(),
             status: Arc::new(WatchStatus::default()),
             last_full_warn: None,
         }
@@ -122,6 +134,11 @@ impl Watching {
         self.inventory.get(&FileKey { dev, _pad: 0, ino })
     }
 
+    /// The inventory's directories, as of the last walk.
+    pub fn inventory_dirs(&self) -> &[String] {
+        &self.dirs
+    }
+
     /// The node path of a file given by its filesystem and its path within it.
     pub fn host_path(&self, dev: u32, within_fs: &str) -> Option<String> {
         host_path(&self.mounts, dev, within_fs)
@@ -139,16 +156,9 @@ impl Watching {
             .into_iter()
             .map(|v| (v.dev, v))
             .collect();
-        let gone: Vec<u32> = self
-            .volumes
-            .keys()
-            .filter(|d| !wanted.contains_key(d))
-            .copied()
-            .collect();
+        let known: BTreeSet<u32> = self.volumes.keys().copied().collect();
+        let (add, gone) = diff(&known, &wanted.keys().copied().collect());
         for dev in gone {
-            if let Err(e) = probes.unwatch_fs(dev) {
-                warn!("removing watched filesystem {dev:#x}: {e}");
-            }
             if let Some(v) = self.volumes.remove(&dev) {
                 info!(
                     "volume {} of pod {} unmounted; no longer watched",
@@ -157,27 +167,18 @@ impl Watching {
                 self.retired.insert(dev, (v, Instant::now()));
             }
         }
-        for (dev, v) in wanted {
-            if self.volumes.contains_key(&dev) {
-                continue;
-            }
-            match probes.watch_fs(dev) {
-                Ok(()) => {
-                    info!(
-                        "watching volume {} of pod {} ({}, dev {}:{})",
-                        v.volume,
-                        v.pod_uid,
-                        v.mount_point,
-                        dev >> 20,
-                        dev & 0xf_ffff
-                    );
-                    self.retired.remove(&dev);
-                    self.volumes.insert(dev, v);
-                }
-                Err(e) => {
-                    full += 1;
-                    self.warn_full(WATCH_FS_MAP, &v.mount_point, &e.to_string());
-                }
+        for dev in add {
+            if let Some(v) = wanted.get(&dev) {
+                info!(
+                    "watching volume {} of pod {} ({}, dev {}:{})",
+                    v.volume,
+                    v.pod_uid,
+                    v.mount_point,
+                    dev >> 20,
+                    dev & 0xf_ffff
+                );
+                self.retired.remove(&dev);
+                self.volumes.insert(dev, v.clone());
             }
         }
         let now = Instant::now();
@@ -187,25 +188,42 @@ impl Watching {
         if inventory {
             full += self.sync_inventory(probes);
         }
+        full += self.sync_devs(probes);
+        let volumes_in_kernel = self
+            .devs
+            .values()
+            .filter(|f| *f & dev_flags::VOLUME != 0)
+            .count();
         self.status
             .volumes
-            .store(self.volumes.len() as u64, Ordering::Relaxed);
+            .store(volumes_in_kernel as u64, Ordering::Relaxed);
         self.status
             .inventory
             .store(self.inventory.len() as u64, Ordering::Relaxed);
         self.status.pending.store(full, Ordering::Relaxed);
-        match probes.watched_fs() {
+        match probes.watched_devs() {
             Ok(devs) => {
                 if let Ok(mut k) = self.status.kernel_filesystems.lock() {
-                    *k = devs;
+                    *k = devs
+                        .into_iter()
+                        .filter(|(_, f)| f & dev_flags::VOLUME != 0)
+                        .map(|(d, _)| d)
+                        .collect();
                 }
             }
-            Err(e) => warn!("reading back {WATCH_FS_MAP}: {e}"),
+            Err(e) => warn!("reading back {WATCH_DEVS_MAP}: {e}"),
         }
         self.status.map_full.fetch_add(full, Ordering::Relaxed);
     }
 
     fn sync_inventory(&mut self, probes: &mut Probes) -> u64 {
+        let walk = self.status.walks_begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let full = self.walk_inventory(probes);
+        self.status.walks_done.store(walk, Ordering::SeqCst);
+        full
+    }
+
+    fn walk_inventory(&mut self, probes: &mut Probes) -> u64 {
         let found = node_inventory(
             &self.roots,
             &self.kubelet_root,
@@ -222,14 +240,15 @@ impl Watching {
                 "credential inventory stopped at {INVENTORY_MAX_ENTRIES} entries; files beyond are watched by path only"
             );
         }
+        // Files go to the kernel; directories are watched with inotify, so a file created
+        // in one joins the inventory at once.
+        let (dirs, files): (Vec<InventoryEntry>, Vec<InventoryEntry>) =
+            found.entries.into_iter().partition(|e| e.is_dir);
+        self.dirs = dirs.into_iter().map(|e| e.path).collect();
         let wanted: BTreeMap<FileKey, InventoryEntry> =
-            found.entries.into_iter().map(|e| (key(&e), e)).collect();
+            files.into_iter().map(|e| (key(&e), e)).collect();
         let installed: BTreeSet<FileKey> = self.inventory.keys().copied().collect();
-        let gone: Vec<FileKey> = installed
-            .iter()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect();
+        let (add, gone) = diff(&installed, &wanted.keys().copied().collect());
         for k in gone {
             if let Err(e) = probes.unwatch_file(k) {
                 warn!("removing inventory entry {}:{}: {e}", k.dev, k.ino);
@@ -237,20 +256,68 @@ impl Watching {
             self.inventory.remove(&k);
         }
         let mut full = 0;
-        for (k, e) in wanted {
-            // A rewritten file keeps its key only if it kept its inode; the entry is
-            // refreshed either way (its path or class may have changed).
-            if installed.contains(&k) {
-                self.inventory.insert(k, e);
+        for k in add {
+            let Some(e) = wanted.get(&k) else {
                 continue;
-            }
-            match probes.watch_file(k, e.is_dir) {
+            };
+            match probes.watch_file(k) {
                 Ok(()) => {
-                    self.inventory.insert(k, e);
+                    self.inventory.insert(k, e.clone());
                 }
                 Err(err) => {
                     full += 1;
                     self.warn_full(WATCH_FILES_MAP, &e.path, &err.to_string());
+                }
+            }
+        }
+        // Entries kept refresh their path and class (a rewritten file that kept its inode).
+        for (k, e) in wanted {
+            if let Some(slot) = self.inventory.get_mut(&k) {
+                *slot = e;
+            }
+        }
+        full
+    }
+
+    /// Brings the kernel's watched-device map in line with the volumes and the inventory
+    /// entries in the kernel. Returns the inserts refused.
+    fn sync_devs(&mut self, probes: &mut Probes) -> u64 {
+        let mut wanted: BTreeMap<u32, u8> = BTreeMap::new();
+        for dev in self.volumes.keys() {
+            *wanted.entry(*dev).or_default() |= dev_flags::VOLUME;
+        }
+        for e in self.inventory.values() {
+            *wanted.entry(e.dev).or_default() |= dev_flags::FILES;
+        }
+        let gone: Vec<u32> = self
+            .devs
+            .keys()
+            .filter(|d| !wanted.contains_key(d))
+            .copied()
+            .collect();
+        for dev in gone {
+            if let Err(e) = probes.clear_dev(dev) {
+                warn!(
+                    "removing watched device {}:{}: {e}",
+                    dev >> 20,
+                    dev & 0xf_ffff
+                );
+            }
+            self.devs.remove(&dev);
+        }
+        let mut full = 0;
+        for (dev, flags) in wanted {
+            if self.devs.get(&dev) == Some(&flags) {
+                continue;
+            }
+            match probes.set_dev_flags(dev, flags) {
+                Ok(()) => {
+                    self.devs.insert(dev, flags);
+                }
+                Err(e) => {
+                    full += 1;
+                    let what = format!("device {}:{}", dev >> 20, dev & 0xf_ffff);
+                    self.warn_full(WATCH_DEVS_MAP, &what, &e.to_string());
                 }
             }
         }
@@ -265,6 +332,105 @@ impl Watching {
         {
             self.last_full_warn = Some(now);
             warn!("kernel map {map} refused {what}: {err}; retried on the next sync (further refusals counted in agent_monitor_kernel_map_full_total)");
+        }
+    }
+}
+
+/// Most directories watched with inotify (each costs one of the user's
+/// `fs.inotify.max_user_watches`).
+const MAX_DIR_WATCHES: usize = 1024;
+
+/// inotify watches on the inventory's directories: any entry created, removed, renamed or
+/// rewritten in one of them makes the daemon walk the inventory again, so a rewritten
+/// kubeconfig or a rotated certificate is watched by its new inode at once.
+pub struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+    watches: BTreeMap<String, i32>,
+}
+
+impl std::os::fd::AsRawFd for DirWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl DirWatch {
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Self {
+            fd,
+            watches: BTreeMap::new(),
+        })
+    }
+
+    /// Watches exactly `dirs` (up to [`MAX_DIR_WATCHES`]).
+    pub fn set(&mut self, dirs: &[String]) {
+        use std::os::fd::AsRawFd as _;
+        let wanted: BTreeSet<&String> = dirs.iter().take(MAX_DIR_WATCHES).collect();
+        let gone: Vec<String> = self
+            .watches
+            .keys()
+            .filter(|d| !wanted.contains(d))
+            .cloned()
+            .collect();
+        for d in gone {
+            if let Some(wd) = self.watches.remove(&d) {
+                // SAFETY: plain syscall on our descriptor; a stale wd is harmless.
+                unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+            }
+        }
+        const MASK: u32 = libc::IN_CREATE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_DELETE
+            | libc::IN_CLOSE_WRITE
+            | libc::IN_ATTRIB
+            | libc::IN_DELETE_SELF
+            | libc::IN_ONLYDIR;
+        for d in wanted {
+            if self.watches.contains_key(d) {
+                continue;
+            }
+            let Ok(c) = std::ffi::CString::new(d.as_str()) else {
+                continue;
+            };
+            // SAFETY: valid C string and our descriptor.
+            let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
+            if wd < 0 {
+                warn!(
+                    "inotify on {d}: {}; files created there are found by the periodic walk",
+                    std::io::Error::last_os_error()
+                );
+                continue;
+            }
+            self.watches.insert(d.clone(), wd);
+        }
+        if dirs.len() > MAX_DIR_WATCHES {
+            warn!(
+                "{} inventory directories; inotify watches the first {MAX_DIR_WATCHES}, the rest are walked every sync",
+                dirs.len()
+            );
+        }
+    }
+
+    /// Reads and discards every pending event; returns whether there was any.
+    pub fn drain(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        loop {
+            // SAFETY: the buffer is valid for its length.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return any;
+            }
+            any = true;
         }
     }
 }

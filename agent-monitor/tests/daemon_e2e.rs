@@ -61,7 +61,8 @@ sys.path.insert(0, out_dir)
 from agent_monitor.v1 import agent_monitor_pb2 as pb, agent_monitor_pb2_grpc as rpc
 stub = rpc.AgentMonitorStub(grpc.insecure_channel(addr))
 status = stub.GetStatus(pb.StatusRequest(), timeout=10)
-print(json.dumps({"probes": len(status.probes_attached), "cache": status.identity_cache_size}), flush=True)
+print(json.dumps({"probes": len(status.probes_attached), "cache": status.identity_cache_size,
+                  "watched_filesystems": status.watched_filesystems}), flush=True)
 for resp in stub.StreamAnomalies(pb.Filter(namespaces=["agents"]), timeout=60):
     if resp.HasField("anomaly"):
         a = resp.anomaly
@@ -203,6 +204,8 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
         status["probes"].as_u64().is_some_and(|n| n >= 10),
         "{status}"
     );
+    // The pod's one projected volume is watched by its filesystem.
+    assert_eq!(status["watched_filesystems"], 1, "{status}");
 
     // The client is subscribed (GetStatus answered first); now a shell in the pod reads
     // the pod's token through the kubelet's directory.
@@ -248,6 +251,16 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
     assert!(events("credential").is_some_and(|n| n >= 1), "{metrics}");
     assert!(events("process").is_some_and(|n| n >= 1), "{metrics}");
     assert!(metrics.contains("agent_monitor_alerts_total{"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "agent_monitor_watched{kind=\"filesystems\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agent_monitor_kernel_map_refusals 0"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("agent_monitor_events_lost_total"),
         "{metrics}"

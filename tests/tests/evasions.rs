@@ -292,6 +292,15 @@ fn every_evasion_raises_what_the_plain_access_raises() {
             "/proc/self/fd/".to_owned(),
         ),
         (
+            "the path written another way",
+            vec![],
+            vec![format!(
+                "openat:/tmp/..//{}/./token",
+                s(&b_vol).trim_start_matches('/').replace('/', "//")
+            )],
+            "/tmp/..//".to_owned(),
+        ),
+        (
             "io_uring IORING_OP_OPENAT",
             vec![],
             vec![format!("uring-openat:{}", s(&b_vol.join("token")))],
@@ -344,6 +353,29 @@ fn every_evasion_raises_what_the_plain_access_raises() {
         assert!(got.opens[0].host_path.is_some(), "{name}");
         assert_eq!(got.opens[0].matched_by, "inode", "{name}");
     }
+
+    // ---- a node credential rewritten the way tools rewrite it (new file, renamed over
+    // the old one): a new inode, watched again without a restart.
+    let status = sc.h.watch_status();
+    let tmp = pki_key.with_extension("tmp");
+    std::fs::write(&tmp, "fixture, not a credential\n").expect("write new version");
+    std::fs::rename(&tmp, &pki_key).expect("rename over");
+    let begun = status.walks_begun.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + WAIT;
+    while status.walks_done.load(std::sync::atomic::Ordering::SeqCst) <= begun {
+        assert!(
+            Instant::now() < deadline,
+            "no inventory walk after the rewrite"
+        );
+        sc.h.settle(Duration::from_millis(20));
+    }
+    let rewritten = sc.run(&a, &[], &[format!("openat:{}", s(&pki_key))], 1);
+    assert_eq!(rewritten.rules(), node_plain.rules(), "{rewritten:#?}");
+    assert_eq!(rewritten.reads(), node_plain.reads());
+    assert_ne!(
+        rewritten.opens[0].inode, node_plain.opens[0].inode,
+        "a new inode"
+    );
 
     // ---- egress: a plain connect outside the allowlist, the same through io_uring, and a
     // datagram to port 53 of an address that is not the cluster's DNS.

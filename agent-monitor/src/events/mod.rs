@@ -58,7 +58,7 @@ pub struct OpenRecord {
     pub path_resolved: bool,
     /// The path was longer than the capture limit and is cut.
     pub path_truncated: bool,
-    /// Why it matched: `volume`, `inode`, `directory`, `prefix`, `basename` or
+    /// Why it matched: `volume`, `inode`, `prefix`, `basename` or
     /// `proc_environ`.
     pub matched_by: String,
     pub dirfd: i32,

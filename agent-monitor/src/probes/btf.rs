@@ -166,6 +166,7 @@ fn resolve(l: &Lookup) -> Result<Offsets, BtfError> {
     for (name, off) in [
         ("task_struct.files", kernel.task_files),
         ("files_struct.fdt", kernel.files_fdt),
+        ("fdtable.max_fds", kernel.fdt_max_fds),
         ("fdtable.fd", kernel.fdt_fd),
         ("file.f_inode", kernel.file_inode),
         ("inode.i_sb", kernel.inode_sb),

@@ -6,7 +6,7 @@ pub mod tracefs;
 use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
 
 use agent_monitor_common::{
-    FileKey, Lane, BASENAME_CAP, INVENTORY_DIR, INVENTORY_FILE, LANE_COUNT, NO_FIELD, PATH_CAP,
+    FileKey, Lane, BASENAME_CAP, INVENTORY_FILE, LANE_COUNT, NO_FIELD, PATH_CAP,
 };
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
@@ -53,7 +53,7 @@ const ATTACHMENTS: &[(&str, &str, &str, bool)] = &[
 ];
 
 /// Kernel map names, for errors and status.
-pub const WATCH_FS_MAP: &str = "WATCH_FS";
+pub const WATCH_DEVS_MAP: &str = "WATCH_DEVS";
 pub const WATCH_FILES_MAP: &str = "WATCH_FILES";
 pub const WATCH_PREFIXES_MAP: &str = "WATCH_PREFIXES";
 
@@ -278,44 +278,50 @@ impl Probes {
         &self.attached
     }
 
-    /// Watches every file of the filesystem whose `s_dev` (kernel encoding) is `dev`.
-    pub fn watch_fs(&mut self, dev: u32) -> Result<(), ProbeError> {
-        self.fs_map()?
-            .insert(dev, 1, 0)
-            .map_err(map_err(WATCH_FS_MAP))
+    /// Sets what the kernel checks for files of the filesystem whose `s_dev` (kernel
+    /// encoding) is `dev`: [`agent_monitor_common::dev_flags`] bits.
+    pub fn set_dev_flags(&mut self, dev: u32, flags: u8) -> Result<(), ProbeError> {
+        self.devs_map()?
+            .insert(dev, flags, 0)
+            .map_err(map_err(WATCH_DEVS_MAP))
     }
 
-    /// Stops watching a filesystem added with [`Probes::watch_fs`].
-    pub fn unwatch_fs(&mut self, dev: u32) -> Result<(), ProbeError> {
-        self.fs_map()?.remove(&dev).map_err(map_err(WATCH_FS_MAP))
+    /// Forgets a filesystem set with [`Probes::set_dev_flags`].
+    pub fn clear_dev(&mut self, dev: u32) -> Result<(), ProbeError> {
+        self.devs_map()?
+            .remove(&dev)
+            .map_err(map_err(WATCH_DEVS_MAP))
     }
 
-    fn fs_map(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, ProbeError> {
-        HashMap::try_from(self.ebpf.map_mut(WATCH_FS_MAP).ok_or(ProbeError::Missing {
-            kind: "map",
-            name: WATCH_FS_MAP,
-        })?)
-        .map_err(map_err(WATCH_FS_MAP))
+    fn devs_map(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, ProbeError> {
+        HashMap::try_from(
+            self.ebpf
+                .map_mut(WATCH_DEVS_MAP)
+                .ok_or(ProbeError::Missing {
+                    kind: "map",
+                    name: WATCH_DEVS_MAP,
+                })?,
+        )
+        .map_err(map_err(WATCH_DEVS_MAP))
     }
 
-    /// The filesystems in the kernel's watched-filesystem map, read back from the kernel.
-    pub fn watched_fs(&self) -> Result<Vec<u32>, ProbeError> {
+    /// The watched-device map as the kernel holds it: (device, flags).
+    pub fn watched_devs(&self) -> Result<Vec<(u32, u8)>, ProbeError> {
         let map: HashMap<_, u32, u8> =
-            HashMap::try_from(self.ebpf.map(WATCH_FS_MAP).ok_or(ProbeError::Missing {
+            HashMap::try_from(self.ebpf.map(WATCH_DEVS_MAP).ok_or(ProbeError::Missing {
                 kind: "map",
-                name: WATCH_FS_MAP,
+                name: WATCH_DEVS_MAP,
             })?)
-            .map_err(map_err(WATCH_FS_MAP))?;
-        map.keys()
-            .collect::<Result<Vec<u32>, _>>()
-            .map_err(map_err(WATCH_FS_MAP))
+            .map_err(map_err(WATCH_DEVS_MAP))?;
+        map.iter()
+            .collect::<Result<Vec<(u32, u8)>, _>>()
+            .map_err(map_err(WATCH_DEVS_MAP))
     }
 
-    /// Watches a file (or, with `dir`, the files directly in a directory) by identity.
-    pub fn watch_file(&mut self, key: FileKey, dir: bool) -> Result<(), ProbeError> {
-        let value = if dir { INVENTORY_DIR } else { INVENTORY_FILE };
+    /// Watches a file by identity.
+    pub fn watch_file(&mut self, key: FileKey) -> Result<(), ProbeError> {
         self.files_map()?
-            .insert(key, value, 0)
+            .insert(key, INVENTORY_FILE, 0)
             .map_err(map_err(WATCH_FILES_MAP))
     }
 
