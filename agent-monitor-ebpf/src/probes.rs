@@ -17,7 +17,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel as kernel_read, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_probe_read_kernel as kernel_read, bpf_probe_read_user,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
             bpf_get_current_task_btf, bpf_ktime_get_boot_ns, bpf_loop, bpf_probe_read_kernel,
@@ -429,15 +429,17 @@ fn kread_pair<T: Copy + Default, U: Copy + Default>(base: u64, a: u32, b: u32) -
     }
     let lo = if a < b { a } else { b };
     let hi = if a < b { b } else { a };
-    let span = (hi - lo) as usize + 8;
+    // Exactly the span: reading past the object could cross into an unmapped page, and a
+    // faulting read costs microseconds (pt_regs sit at the very top of the kernel stack).
+    let span = (hi - lo) as usize + core::mem::size_of::<T>().max(core::mem::size_of::<U>());
     if let (true, Some(w)) = (span <= WINDOW_BYTES, WINDOW.get_ptr_mut(0)) {
         // SAFETY: per-CPU scratch slot, exclusively ours while this program runs; the
-        // helper checks the kernel address and writes at most WINDOW_BYTES.
+        // helper checks the kernel address and writes at most `span` <= WINDOW_BYTES.
         let w = unsafe { &mut *w };
         let copied = unsafe {
             bpf_probe_read_kernel(
                 w.as_mut_ptr().cast(),
-                WINDOW_BYTES as u32,
+                (span & (WINDOW_BYTES * 2 - 1)).min(WINDOW_BYTES) as u32,
                 (base + u64::from(lo)) as *const _,
             )
         };
@@ -530,9 +532,18 @@ fn syscall_args() -> [u64; 3] {
     }
     // SAFETY: helpers on the current task; the BTF task pointer is valid for the program.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let (a0, a1): (u64, u64) = kread_pair(regs, r[0], r[1]);
-    let (_, a2): (u64, u64) = kread_pair(regs, r[1], r[2]);
-    [a0, a1, a2]
+    if r[0] == r[1] + 8 && r[1] == r[2] + 8 {
+        // di, si, dx stored in descending order: one read of [dx, si, di].
+        // SAFETY: the helper checks the kernel address.
+        let [dx, si, di] =
+            unsafe { kernel_read((regs + u64::from(r[2])) as *const [u64; 3]) }.unwrap_or([0; 3]);
+        return [di, si, dx];
+    }
+    [
+        kread_u64(regs, r[0]),
+        kread_u64(regs, r[1]),
+        kread_u64(regs, r[2]),
+    ]
 }
 
 #[inline(always)]
@@ -756,13 +767,32 @@ fn emit_open(
         (*ev).path_len = path_len as u16;
         (*ev).dpath_len = s.dpath_len as u16;
         (*ev)._pad = [0; 6];
-        let dst = core::slice::from_raw_parts_mut(addr_of_mut!((*ev).path) as *mut u8, PATH_CAP);
-        if bpf_probe_read_kernel_buf(s.key.data.as_ptr(), dst).is_err() {
-            (*ev).path = [0; PATH_CAP];
+        // Only the bytes in use are copied (the lengths say where they end).
+        let n = if path_len + 1 >= PATH_CAP {
+            PATH_CAP as u32
+        } else {
+            (path_len + 1) as u32
+        };
+        if bpf_probe_read_kernel(
+            addr_of_mut!((*ev).path) as *mut _,
+            n,
+            s.key.data.as_ptr() as *const _,
+        ) != 0
+        {
+            (*ev).path_len = 0;
         }
-        let dst = core::slice::from_raw_parts_mut(addr_of_mut!((*ev).dpath) as *mut u8, DPATH_CAP);
-        if bpf_probe_read_kernel_buf(s.dpath.as_ptr(), dst).is_err() {
-            (*ev).dpath = [0; DPATH_CAP];
+        let n = if s.dpath_len as usize >= DPATH_CAP {
+            DPATH_CAP as u32
+        } else {
+            s.dpath_len as u32
+        };
+        if bpf_probe_read_kernel(
+            addr_of_mut!((*ev).dpath) as *mut _,
+            n,
+            s.dpath.as_ptr() as *const _,
+        ) != 0
+        {
+            (*ev).dpath_len = 0;
         }
     }
     entry.submit(wakeup_flag(&CRED_EVENTS, Lane::Credential));
@@ -778,7 +808,15 @@ fn remember_reader() {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: helper without memory arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let _ = CRED_READERS.insert(&tgid, &now, 0);
+    // An LRU insert takes the map's lock (~0.5 µs here); a process that read before only
+    // gets its stamp refreshed in place.
+    match CRED_READERS.get_ptr_mut(&tgid) {
+        // SAFETY: a valid value of this map; a plain store of a newer stamp.
+        Some(at) => unsafe { *at = now },
+        None => {
+            let _ = CRED_READERS.insert(&tgid, &now, 0);
+        }
+    }
     if let Some(n) = CRED_READERS_ACTIVE.get_ptr_mut(0) {
         // SAFETY: a valid map value; a plain store of a flag.
         unsafe { *n = 1 };

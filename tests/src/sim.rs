@@ -281,3 +281,19 @@ pub fn run_in_pod(
     );
     out
 }
+
+/// Writes the AgentPolicy both detection tests use: every simulated pod's ServiceAccount
+/// (`sa-agent-*`) is a proxy tier whose credentials only am-testkid may read and whose
+/// egress is the API server and DNS.
+pub fn proxy_policy(path: &Path) {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: agent-monitor.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: proxies\n  namespace: agents\n\
+             spec:\n  selector:\n    namespaces: [agents]\n    serviceAccounts: [\"sa-agent-*\"]\n  tier: proxy\n\
+             \x20 credentials:\n    executables: [\"{}\"]\n  egress:\n    allow:\n      - class: api-server\n      - class: dns\n",
+            testkid().display()
+        ),
+    )
+    .expect("write policy");
+}

@@ -18,8 +18,8 @@ use agent_monitor::{
 use agent_monitor_tests::{
     netns::NetNs,
     privileged,
-    sim::{pods_file, run_in_pod, SimPod},
-    testkid, unique, Harness, TempTree, TestCgroup,
+    sim::{pods_file, proxy_policy, run_in_pod, SimPod},
+    unique, Harness, TempTree, TestCgroup,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -115,16 +115,7 @@ fn benign_agent_is_quiet_and_each_misuse_raises_its_rule() {
     let elsewhere = net.listen(8443);
 
     let policy = tree.root.join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: agent-monitor.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: proxies\n  namespace: agents\n\
-             spec:\n  selector:\n    namespaces: [agents]\n    serviceAccounts: [\"sa-agent-*\"]\n  tier: proxy\n\
-             \x20 credentials:\n    executables: [\"{}\"]\n  egress:\n    allow:\n      - class: api-server\n      - class: dns\n",
-            testkid().display()
-        ),
-    )
-    .expect("write policy");
+    proxy_policy(&policy);
 
     let mut config = Config::default();
     config.identity.kubelet_root = kroot.display().to_string();

@@ -23,7 +23,7 @@ use agent_monitor::{
 use agent_monitor_tests::{
     netns::NetNs,
     privileged,
-    sim::{atomic_write, pods_file, run_in_pod, spawn_in_pod, SimPod},
+    sim::{atomic_write, pods_file, proxy_policy, run_in_pod, spawn_in_pod, SimPod},
     testkid, unique, Harness, TempTree, TestCgroup,
 };
 
@@ -167,16 +167,7 @@ fn every_evasion_raises_what_the_plain_access_raises() {
     let dns_elsewhere = format!("{}:53", net.remote);
 
     let policy = tree.root.join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: agent-monitor.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: proxies\n  namespace: agents\n\
-             spec:\n  selector:\n    namespaces: [agents]\n    serviceAccounts: [\"sa-agent-*\"]\n  tier: proxy\n\
-             \x20 credentials:\n    executables: [\"{}\"]\n  egress:\n    allow:\n      - class: api-server\n      - class: dns\n",
-            testkid().display()
-        ),
-    )
-    .expect("write policy");
+    proxy_policy(&policy);
 
     let mut config = Config::default();
     config.identity.kubelet_root = s(&kroot);
