@@ -86,6 +86,8 @@ pub struct Config {
     pub cgroups: Vec<PathBuf>,
     /// Ring buffer of each lane.
     pub lanes: LanesConfig,
+    /// Capacities of the kernel's file-identity maps.
+    pub kernel_maps: KernelMapsConfig,
     /// How often the daemon collects records that did not wake it, in milliseconds. This
     /// bounds the delay of a lone event; a lane that fills a quarter of its ring wakes the
     /// daemon at once.
@@ -399,6 +401,31 @@ pub struct WatchConfig {
     pub proc_environ: bool,
 }
 
+/// Capacities of the kernel's file-identity maps. What does not fit is logged, counted
+/// (`agent_monitor_kernel_map_refusals`, `GetStatus.kernel_map_pending`) and retried on
+/// every sync.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelMapsConfig {
+    /// Filesystems watched whole (pods' Secret and projected volumes) or holding inventory
+    /// files.
+    pub watched_filesystems: u32,
+    /// Node credential files watched by (device, inode).
+    pub inventory_files: u32,
+}
+
+/// Largest capacity accepted for a kernel map.
+const MAX_KERNEL_MAP_ENTRIES: u32 = 1 << 20;
+
+impl Default for KernelMapsConfig {
+    fn default() -> Self {
+        Self {
+            watched_filesystems: agent_monitor_common::MAX_WATCHED_FS,
+            inventory_files: agent_monitor_common::MAX_INVENTORY,
+        }
+    }
+}
+
 /// The three lanes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -422,6 +449,7 @@ impl Default for Config {
             watch: WatchConfig::default(),
             cgroups: Vec::new(),
             lanes: LanesConfig::default(),
+            kernel_maps: KernelMapsConfig::default(),
             poll_interval_ms: 10,
             output: "-".to_owned(),
             kernel_log: false,
@@ -586,6 +614,24 @@ impl Config {
                     format!("cgroups[{i}]"),
                     "an absolute cgroup2 directory",
                     format!("{:?}", c.display().to_string()),
+                ));
+            }
+        }
+        for (field, n) in [
+            (
+                "kernel_maps.watched_filesystems",
+                self.kernel_maps.watched_filesystems,
+            ),
+            (
+                "kernel_maps.inventory_files",
+                self.kernel_maps.inventory_files,
+            ),
+        ] {
+            if n == 0 || n > MAX_KERNEL_MAP_ENTRIES {
+                return Err(invalid(
+                    field.to_owned(),
+                    "1 to 1048576 entries",
+                    n.to_string(),
                 ));
             }
         }
@@ -780,6 +826,10 @@ mod tests {
             ),
             ("wach: {}\n", &["unknown field `wach`"]),
             ("poll_interval_ms: 0\n", &["poll_interval_ms", "1 to 10000"]),
+            (
+                "kernel_maps: {watched_filesystems: 0}\n",
+                &["kernel_maps.watched_filesystems", "1 to 1048576"],
+            ),
             ("cgroups: [kubepods]\n", &["cgroups[0]", "absolute"]),
             ("watch: [\n", &["/etc/am.yaml"]),
             (

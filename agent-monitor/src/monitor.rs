@@ -536,7 +536,11 @@ impl Monitor {
             pending: VecDeque::new(),
             max_wait: Duration::from_millis(config.identity.pending.max_wait_ms),
             max_pending: config.identity.pending.max_events,
-            watching: Watching::new(&config.identity.kubelet_root, &config.watch.prefixes),
+            watching: Watching::new(
+                &config.identity.kubelet_root,
+                &config.watch.prefixes,
+                config.kernel_maps.inventory_files as usize,
+            ),
             cache_size: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         // Before the first record is read, so that volumes and node credentials present at

@@ -31,9 +31,6 @@ use crate::{
 /// The mount table the daemon sees: the host's, since the DaemonSet runs in the host's
 /// mount namespace (or with the host's `/proc` mounted).
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
-/// Most inventory entries pushed into the kernel (the map holds
-/// [`agent_monitor_common::MAX_INVENTORY`]).
-const INVENTORY_MAX_ENTRIES: usize = agent_monitor_common::MAX_INVENTORY as usize;
 /// Deepest directory walked below an inventory root.
 const INVENTORY_MAX_DEPTH: usize = 8;
 /// How long a volume stays known after its filesystem is unmounted, so that records read
@@ -70,6 +67,7 @@ pub struct Watching {
     volumes: BTreeMap<u32, VolumeFs>,
     retired: BTreeMap<u32, (VolumeFs, Instant)>,
     inventory: BTreeMap<FileKey, InventoryEntry>,
+    inventory_capacity: usize,
     /// Inventory directories, for inotify.
     dirs: Vec<String>,
     /// What the kernel's watched-device map holds (as far as inserts succeeded).
@@ -89,7 +87,8 @@ fn key(e: &InventoryEntry) -> FileKey {
 impl Watching {
     /// `extra_roots` are the configured watch prefixes that are directories or files on
     /// the node: they join the inventory.
-    pub fn new(kubelet_root: &str, extra_roots: &[String]) -> Self {
+    /// `inventory_capacity` is the kernel inventory map's size: the walk stops there.
+    pub fn new(kubelet_root: &str, extra_roots: &[String], inventory_capacity: usize) -> Self {
         let mut roots = default_node_roots(kubelet_root, &home_dirs());
         for p in extra_roots {
             let path = std::path::PathBuf::from(p.trim_end_matches('/'));
@@ -111,6 +110,7 @@ impl Watching {
             volumes: BTreeMap::new(),
             retired: BTreeMap::new(),
             inventory: BTreeMap::new(),
+            inventory_capacity,
             dirs: Vec::new(),
             devs: BTreeMap::new(),
             status: Arc::new(WatchStatus::default()),
@@ -228,7 +228,7 @@ impl Watching {
             &self.roots,
             &self.kubelet_root,
             InventoryLimits {
-                max_entries: INVENTORY_MAX_ENTRIES,
+                max_entries: self.inventory_capacity,
                 max_depth: INVENTORY_MAX_DEPTH,
             },
         );
@@ -237,7 +237,8 @@ impl Watching {
         }
         if found.truncated {
             warn!(
-                "credential inventory stopped at {INVENTORY_MAX_ENTRIES} entries; files beyond are watched by path only"
+                "credential inventory stopped at {} entries (kernel_maps.inventory_files); files beyond are watched by path only",
+                self.inventory_capacity
             );
         }
         // Files go to the kernel; directories are watched with inotify, so a file created

@@ -215,6 +215,9 @@ impl Probes {
         for (name, bytes) in RING_MAPS.iter().zip(ring_bytes) {
             loader.map_max_entries(name, bytes);
         }
+        loader
+            .map_max_entries(WATCH_DEVS_MAP, config.kernel_maps.watched_filesystems)
+            .map_max_entries(WATCH_FILES_MAP, config.kernel_maps.inventory_files);
         let mut ebpf = loader
             .load(PROBES_OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
