@@ -546,6 +546,12 @@ impl Monitor {
         // Before the first record is read, so that volumes and node credentials present at
         // start are matched from the first open on.
         enricher.watching.sync(&mut probes, true);
+        let ws = enricher.watching.status();
+        info!(
+            "watching by file identity: {} pod volume filesystems, {} node credential files",
+            ws.volumes.load(std::sync::atomic::Ordering::Relaxed),
+            ws.inventory.load(std::sync::atomic::Ordering::Relaxed)
+        );
         let identity_cache_size = enricher.cache_size.clone();
         let watch_status = enricher.watching.status();
         let (stop, stop_rx) = watch::channel(false);
