@@ -233,8 +233,19 @@ fn every_evasion_raises_what_the_plain_access_raises() {
     let innocent = tree.root.join("innocent-notes");
     std::os::unix::fs::symlink(b_vol.join("token"), &innocent).expect("symlink");
     let b_proc = spawn_in_pod(&b, &kroot, 30_000);
-    // Give B's process time to enter its mount namespace.
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until B's process has its token mounted in its own namespace.
+    let b_root_token = PathBuf::from(format!(
+        "/proc/{}/root/run/secrets/kubernetes.io/serviceaccount/token",
+        b_proc.id()
+    ));
+    let deadline = Instant::now() + WAIT;
+    while !b_root_token.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "pod B's process never set up its mounts"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let host_kubelet = "/host/kubelet";
     let via_host = format!(
         "{host_kubelet}/pods/{}/volumes/kubernetes.io~projected/{}/token",
