@@ -415,9 +415,10 @@ struct FileId {
 /// call instead of two.
 const WINDOW_BYTES: usize = 128;
 
-/// Per-CPU landing area of [`kread_pair`].
+/// Per-CPU landing area of [`kread_pair`]: twice the span read, so a field read at any
+/// index below `WINDOW_BYTES` stays inside it, as the verifier requires.
 #[map]
-static WINDOW: PerCpuArray<[u8; WINDOW_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+static WINDOW: PerCpuArray<[u8; 2 * WINDOW_BYTES]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Reads the fields at offsets `a` (a `T`) and `b` (a `U`) of the kernel object at
 /// `base`. Helper calls dominate what a program costs here (tens of ns each), so two
@@ -444,9 +445,11 @@ fn kread_pair<T: Copy + Default, U: Copy + Default>(base: u64, a: u32, b: u32) -
             )
         };
         if copied == 0 {
-            let ia = (a - lo) as usize & (WINDOW_BYTES - 8);
-            let ib = (b - lo) as usize & (WINDOW_BYTES - 8);
-            // SAFETY: both indices leave 8 bytes inside the window; unaligned reads.
+            // Any alignment: a u32 field may sit 4 bytes past the other.
+            let ia = (a - lo) as usize & (WINDOW_BYTES - 1);
+            let ib = (b - lo) as usize & (WINDOW_BYTES - 1);
+            // SAFETY: both indices are below WINDOW_BYTES in a buffer twice that size;
+            // unaligned reads.
             return unsafe {
                 (
                     core::ptr::read_unaligned(w.as_ptr().add(ia) as *const T),
