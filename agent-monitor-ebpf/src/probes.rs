@@ -704,6 +704,7 @@ extern "C" fn walk_dentry(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn emit_open(
+    ctx: &TracePointContext,
     s: &mut OpenScratch,
     id: Option<FileId>,
     matched: u8,
@@ -734,6 +735,11 @@ fn emit_open(
     }
     let Some(mut entry) = CRED_EVENTS.reserve::<OpenEvent>(0) else {
         count_drop(Lane::Credential);
+        warn!(
+            ctx,
+            "credential ring full: open by tid {} lost",
+            bpf_get_current_pid_tgid() as u32
+        );
         return Err(0);
     };
     let ev = entry.as_mut_ptr();
@@ -879,7 +885,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         _ => return Ok(0),
     };
     let ret: i64 = field(ctx, EXIT_RET);
-    decide_open(ret, syscall, |s| {
+    decide_open(ctx, ret, syscall, |s| {
         let args = syscall_args();
         let path = if path_arg < 3 {
             read_user_path(s, args[path_arg & 1])
@@ -897,6 +903,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
 /// file alone does not already say "not watched".
 #[inline(always)]
 fn decide_open(
+    ctx: &TracePointContext,
     ret: i64,
     syscall: Syscall,
     fill_path: impl FnOnce(&mut OpenScratch) -> ((usize, u16), [u64; 3]),
@@ -922,7 +929,7 @@ fn decide_open(
     if matched == 0 {
         return Ok(0);
     }
-    emit_open(s, file_id, matched, ret, syscall, args, len, pflags)
+    emit_open(ctx, s, file_id, matched, ret, syscall, args, len, pflags)
 }
 
 // ------------------------------------------------------------------ io_uring
@@ -1010,7 +1017,7 @@ fn try_io_uring_complete(ctx: &TracePointContext) -> Result<u32, u32> {
     } else {
         Syscall::IoUringOpenat
     };
-    decide_open(i64::from(res), syscall, |s| {
+    decide_open(ctx, i64::from(res), syscall, |s| {
         s.key.data = io.path;
         (
             (usize::from(io.path_len) & (PATH_CAP - 1), io.path_flags),
@@ -1060,6 +1067,9 @@ fn stash_destination(addr: u64, fd: i32, syscall: Syscall) -> Result<u32, u32> {
     let Some(args) = read_sockaddr(addr, fd, syscall) else {
         return Ok(0);
     };
+    if syscall == Syscall::Connect && is_stream_socket(i64::from(fd)) {
+        return Ok(0);
+    }
     if NET_STASH.insert(&id, &args, 0).is_err() {
         count_drop(Lane::Network);
     } else {
@@ -1098,9 +1108,6 @@ pub fn connect_enter(ctx: TracePointContext) -> u32 {
     // sys_enter_connect: fd, uservaddr, addrlen.
     let fd: u64 = field(&ctx, ARG0);
     let addr: u64 = field(&ctx, ARG1);
-    if is_stream_socket(fd as i64) {
-        return 0;
-    }
     match stash_destination(addr, fd as i32, Syscall::Connect) {
         Ok(r) | Err(r) => r,
     }
@@ -1149,26 +1156,8 @@ fn try_net_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     };
     let ret: i64 = field(ctx, EXIT_RET);
-    match NET_EVENTS.reserve::<ConnectEvent>(0) {
-        Some(mut entry) => {
-            let ev = entry.as_mut_ptr();
-            // SAFETY: `ev` is the reserved record; `args` points into the stash map value.
-            unsafe {
-                (*ev).args = *args;
-                fill_header(
-                    addr_of_mut!((*ev).header),
-                    EventKind::Connect,
-                    (*ev).args.ts_ns,
-                );
-                (*ev).ret = ret;
-            }
-            entry.submit(wakeup_flag(&NET_EVENTS, Lane::Network));
-        }
-        None => {
-            count_drop(Lane::Network);
-            warn!(ctx, "network ring full: connect by tid {} lost", id as u32);
-        }
-    }
+    // SAFETY: `args` points into the stash map value, removed only below.
+    emit_net(ctx, unsafe { &*args }, ret);
     if NET_STASH.remove(&id).is_ok() {
         inflight_add(INFLIGHT_NET, u64::MAX);
     }
@@ -1222,13 +1211,13 @@ pub fn tcp_syn_sent(ctx: TracePointContext) -> u32 {
         }
         _ => return 0,
     }
-    emit_net(&args, 0);
+    emit_net(&ctx, &args, 0);
     0
 }
 
-/// Submits a network record for the current task.
+/// Submits a network record for the current task, or counts (and logs) a drop.
 #[inline(always)]
-fn emit_net(args: &ConnectArgs, ret: i64) {
+fn emit_net(ctx: &TracePointContext, args: &ConnectArgs, ret: i64) {
     match NET_EVENTS.reserve::<ConnectEvent>(0) {
         Some(mut entry) => {
             let ev = entry.as_mut_ptr();
@@ -1240,7 +1229,14 @@ fn emit_net(args: &ConnectArgs, ret: i64) {
             }
             entry.submit(wakeup_flag(&NET_EVENTS, Lane::Network));
         }
-        None => count_drop(Lane::Network),
+        None => {
+            count_drop(Lane::Network);
+            warn!(
+                ctx,
+                "network ring full: record of tid {} lost",
+                bpf_get_current_pid_tgid() as u32
+            );
+        }
     }
 }
 
@@ -1304,7 +1300,7 @@ pub fn sock_send(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let ret: i32 = field(&ctx, SEND_RET);
-    emit_net(&args, i64::from(ret));
+    emit_net(&ctx, &args, i64::from(ret));
     0
 }
 

@@ -35,7 +35,7 @@ use crate::{
         credentials::{normalize, projected_class, CredentialClass, Owner},
         pods::PodStore,
         process::{ProcessTable, DEFAULT_CAPACITY},
-        watched::VolumePlugin,
+        watched::{dev_name, VolumePlugin},
         Identity,
     },
     probes::{ProbeError, Probes, Rings},
@@ -341,7 +341,7 @@ impl Enricher {
                     class,
                     owner,
                     host_path,
-                    device: opened.then(|| format!("{}:{}", ev.dev >> 20, ev.dev & 0xf_ffff)),
+                    device: opened.then(|| dev_name(ev.dev)),
                     inode: opened.then_some(ev.ino),
                 }))
             }
@@ -546,14 +546,17 @@ impl Monitor {
         // Before the first record is read, so that volumes and node credentials present at
         // start are matched from the first open on.
         enricher.watching.sync(&mut probes, true);
-        let ws = enricher.watching.status();
+        let watch_status = enricher.watching.status();
         info!(
             "watching by file identity: {} pod volume filesystems, {} node credential files",
-            ws.volumes.load(std::sync::atomic::Ordering::Relaxed),
-            ws.inventory.load(std::sync::atomic::Ordering::Relaxed)
+            watch_status
+                .volumes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            watch_status
+                .inventory
+                .load(std::sync::atomic::Ordering::Relaxed)
         );
         let identity_cache_size = enricher.cache_size.clone();
-        let watch_status = enricher.watching.status();
         let (stop, stop_rx) = watch::channel(false);
         let poll = Duration::from_millis(config.poll_interval_ms);
         let task = tokio::spawn(consume(probes, fds, enricher, out, stop_rx, poll));
@@ -656,17 +659,11 @@ async fn consume(
                 st.table.prune();
                 false
             }
-            r = pods_changed.changed() => {
-                if r.is_ok() {
-                    st.watching.sync(&mut probes, false);
-                }
-                false
-            }
+            // A new pod's metadata releases its waiting records below; what is watched
+            // comes from the mount table, not from pod specs.
+            _ = pods_changed.changed() => false,
             _ = inventory.tick() => {
-                st.watching.sync(&mut probes, true);
-                if let Some(w) = dirwatch.as_mut() {
-                    w.get_mut().set(st.watching.inventory_dirs());
-                }
+                resync_inventory(&mut st.watching, &mut probes, dirwatch.as_mut());
                 false
             }
             r = dir_changed(dirwatch.as_mut()) => {
@@ -674,10 +671,7 @@ async fn consume(
                     warn!("inotify stopped: {e}");
                     dirwatch = None;
                 }
-                st.watching.sync(&mut probes, true);
-                if let Some(w) = dirwatch.as_mut() {
-                    w.get_mut().set(st.watching.inventory_dirs());
-                }
+                resync_inventory(&mut st.watching, &mut probes, dirwatch.as_mut());
                 false
             }
             r = mount_changed(mountinfo.as_mut()) => {
@@ -737,6 +731,19 @@ fn raw_ts(raw: &RawEvent) -> u64 {
         RawEvent::Open(e) => e.header.ts_ns,
         RawEvent::Connect(e) => e.header.ts_ns,
         RawEvent::Proc(e) => e.header.ts_ns,
+    }
+}
+
+/// Syncs the volumes and walks the inventory again, then points inotify at the
+/// inventory's directories as that walk found them.
+fn resync_inventory(
+    watching: &mut Watching,
+    probes: &mut Probes,
+    dirwatch: Option<&mut AsyncFd<DirWatch>>,
+) {
+    watching.sync(probes, true);
+    if let Some(w) = dirwatch {
+        w.get_mut().set(watching.inventory_dirs());
     }
 }
 

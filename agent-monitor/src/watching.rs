@@ -22,7 +22,7 @@ use log::{info, warn};
 
 use crate::{
     identity::watched::{
-        default_node_roots, diff, home_dirs, host_path, node_inventory, parse_mountinfo,
+        default_node_roots, dev_name, diff, home_dirs, host_path, node_inventory, parse_mountinfo,
         volume_filesystems, InventoryEntry, InventoryLimits, InventoryRoot, MountEntry, VolumeFs,
     },
     probes::{Probes, WATCH_DEVS_MAP, WATCH_FILES_MAP},
@@ -68,6 +68,8 @@ pub struct Watching {
     retired: BTreeMap<u32, (VolumeFs, Instant)>,
     inventory: BTreeMap<FileKey, InventoryEntry>,
     inventory_capacity: usize,
+    /// Inventory files the kernel refused on the last walk (retried on the next).
+    inventory_refused: u64,
     /// Inventory directories, for inotify.
     dirs: Vec<String>,
     /// What the kernel's watched-device map holds (as far as inserts succeeded).
@@ -111,6 +113,7 @@ impl Watching {
             retired: BTreeMap::new(),
             inventory: BTreeMap::new(),
             inventory_capacity,
+            inventory_refused: 0,
             dirs: Vec::new(),
             devs: BTreeMap::new(),
             status: Arc::new(WatchStatus::default()),
@@ -151,7 +154,6 @@ impl Watching {
             Ok(text) => self.mounts = parse_mountinfo(&text),
             Err(e) => warn!("reading {MOUNTINFO}: {e}; watched volumes not updated"),
         }
-        let mut full = 0u64;
         let wanted: BTreeMap<u32, VolumeFs> = volume_filesystems(&self.mounts, &self.kubelet_root)
             .into_iter()
             .map(|v| (v.dev, v))
@@ -170,12 +172,11 @@ impl Watching {
         for dev in add {
             if let Some(v) = wanted.get(&dev) {
                 info!(
-                    "watching volume {} of pod {} ({}, dev {}:{})",
+                    "watching volume {} of pod {} ({}, dev {})",
                     v.volume,
                     v.pod_uid,
                     v.mount_point,
-                    dev >> 20,
-                    dev & 0xf_ffff
+                    dev_name(dev)
                 );
                 self.retired.remove(&dev);
                 self.volumes.insert(dev, v.clone());
@@ -185,10 +186,12 @@ impl Watching {
         self.retired
             .retain(|_, (_, at)| now.duration_since(*at) < RETIRED_GRACE);
 
+        let mut refused = 0;
         if inventory {
-            full += self.sync_inventory(probes);
+            refused += self.sync_inventory(probes);
         }
-        full += self.sync_devs(probes);
+        let devs_refused = self.sync_devs(probes);
+        refused += devs_refused;
         let volumes_in_kernel = self
             .devs
             .values()
@@ -200,7 +203,11 @@ impl Watching {
         self.status
             .inventory
             .store(self.inventory.len() as u64, Ordering::Relaxed);
-        self.status.pending.store(full, Ordering::Relaxed);
+        // What waits for room now: devices refused just now, inventory files refused by
+        // the last walk.
+        self.status
+            .pending
+            .store(devs_refused + self.inventory_refused, Ordering::Relaxed);
         match probes.watched_devs() {
             Ok(devs) => {
                 if let Ok(mut k) = self.status.kernel_filesystems.lock() {
@@ -213,7 +220,7 @@ impl Watching {
             }
             Err(e) => warn!("reading back {WATCH_DEVS_MAP}: {e}"),
         }
-        self.status.map_full.fetch_add(full, Ordering::Relaxed);
+        self.status.map_full.fetch_add(refused, Ordering::Relaxed);
     }
 
     fn sync_inventory(&mut self, probes: &mut Probes) -> u64 {
@@ -277,6 +284,7 @@ impl Watching {
                 *slot = e;
             }
         }
+        self.inventory_refused = full;
         full
     }
 
@@ -290,19 +298,11 @@ impl Watching {
         for e in self.inventory.values() {
             *wanted.entry(e.dev).or_default() |= dev_flags::FILES;
         }
-        let gone: Vec<u32> = self
-            .devs
-            .keys()
-            .filter(|d| !wanted.contains_key(d))
-            .copied()
-            .collect();
+        let installed: BTreeSet<u32> = self.devs.keys().copied().collect();
+        let (_, gone) = diff(&installed, &wanted.keys().copied().collect());
         for dev in gone {
             if let Err(e) = probes.clear_dev(dev) {
-                warn!(
-                    "removing watched device {}:{}: {e}",
-                    dev >> 20,
-                    dev & 0xf_ffff
-                );
+                warn!("removing watched device {}: {e}", dev_name(dev));
             }
             self.devs.remove(&dev);
         }
@@ -317,7 +317,7 @@ impl Watching {
                 }
                 Err(e) => {
                     full += 1;
-                    let what = format!("device {}:{}", dev >> 20, dev & 0xf_ffff);
+                    let what = format!("device {}", dev_name(dev));
                     self.warn_full(WATCH_DEVS_MAP, &what, &e.to_string());
                 }
             }
@@ -332,7 +332,7 @@ impl Watching {
             .is_none_or(|t| now.duration_since(t) >= FULL_WARN_INTERVAL)
         {
             self.last_full_warn = Some(now);
-            warn!("kernel map {map} refused {what}: {err}; retried on the next sync (further refusals counted in agent_monitor_kernel_map_full_total)");
+            warn!("kernel map {map} refused {what}: {err}; retried on the next sync (further refusals counted in agent_monitor_kernel_map_refusals_total)");
         }
     }
 }

@@ -45,6 +45,11 @@ pub fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << KERNEL_MINOR_BITS) | (minor & KERNEL_MINOR_MASK)
 }
 
+/// `major:minor` of a device number in the kernel's encoding, as mountinfo prints it.
+pub fn dev_name(dev: u32) -> String {
+    format!("{}:{}", dev >> KERNEL_MINOR_BITS, dev & KERNEL_MINOR_MASK)
+}
+
 /// The kernel encoding of a userspace `st_dev` (`new_encode_dev` in kdev_t.h turns the
 /// kernel's into this one; libc's `major`/`minor` undo it).
 pub fn kernel_dev_of_st_dev(st_dev: u64) -> u32 {

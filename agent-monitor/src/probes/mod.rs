@@ -297,25 +297,17 @@ impl Probes {
     }
 
     fn devs_map(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, ProbeError> {
-        HashMap::try_from(
-            self.ebpf
-                .map_mut(WATCH_DEVS_MAP)
-                .ok_or(ProbeError::Missing {
-                    kind: "map",
-                    name: WATCH_DEVS_MAP,
-                })?,
-        )
-        .map_err(map_err(WATCH_DEVS_MAP))
+        map_mut(&mut self.ebpf, WATCH_DEVS_MAP)
     }
 
     /// The watched-device map as the kernel holds it: (device, flags).
     pub fn watched_devs(&self) -> Result<Vec<(u32, u8)>, ProbeError> {
-        let map: HashMap<_, u32, u8> =
-            HashMap::try_from(self.ebpf.map(WATCH_DEVS_MAP).ok_or(ProbeError::Missing {
-                kind: "map",
-                name: WATCH_DEVS_MAP,
-            })?)
-            .map_err(map_err(WATCH_DEVS_MAP))?;
+        let map: HashMap<&MapData, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map(WATCH_DEVS_MAP)
+                .ok_or(missing_map(WATCH_DEVS_MAP))?,
+        )
+        .map_err(map_err(WATCH_DEVS_MAP))?;
         map.iter()
             .collect::<Result<Vec<(u32, u8)>, _>>()
             .map_err(map_err(WATCH_DEVS_MAP))
@@ -336,15 +328,7 @@ impl Probes {
     }
 
     fn files_map(&mut self) -> Result<HashMap<&mut MapData, FileKey, u8>, ProbeError> {
-        HashMap::try_from(
-            self.ebpf
-                .map_mut(WATCH_FILES_MAP)
-                .ok_or(ProbeError::Missing {
-                    kind: "map",
-                    name: WATCH_FILES_MAP,
-                })?,
-        )
-        .map_err(map_err(WATCH_FILES_MAP))
+        map_mut(&mut self.ebpf, WATCH_FILES_MAP)
     }
 
     /// Takes the ring buffers out for the consumer. Fails if called twice.
@@ -385,12 +369,20 @@ impl Probes {
     }
 }
 
+fn missing_map(name: &'static str) -> ProbeError {
+    ProbeError::Missing { kind: "map", name }
+}
+
+/// The map `name` of the loaded object, opened as `M` (a `HashMap`, an `LpmTrie`, ...).
+fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, ProbeError>
+where
+    M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    M::try_from(ebpf.map_mut(name).ok_or(missing_map(name))?).map_err(map_err(name))
+}
+
 fn prefix_map(ebpf: &mut Ebpf) -> Result<LpmTrie<&mut MapData, [u8; PATH_CAP], u8>, ProbeError> {
-    LpmTrie::try_from(ebpf.map_mut("WATCH_PREFIXES").ok_or(ProbeError::Missing {
-        kind: "map",
-        name: "WATCH_PREFIXES",
-    })?)
-    .map_err(map_err("WATCH_PREFIXES"))
+    map_mut(ebpf, WATCH_PREFIXES_MAP)
 }
 
 /// The LPM key of a prefix: its bytes, matched bit for bit.
@@ -414,12 +406,7 @@ fn fill_filters(ebpf: &mut Ebpf, config: &Config, cgroup_ids: &[u64]) -> Result<
     }
     debug!("watching {} path prefixes", all.len());
 
-    let mut basenames: HashMap<_, [u8; BASENAME_CAP], u8> =
-        HashMap::try_from(ebpf.map_mut("WATCH_BASENAMES").ok_or(ProbeError::Missing {
-            kind: "map",
-            name: "WATCH_BASENAMES",
-        })?)
-        .map_err(map_err("WATCH_BASENAMES"))?;
+    let mut basenames: HashMap<_, [u8; BASENAME_CAP], u8> = map_mut(ebpf, "WATCH_BASENAMES")?;
     for name in &config.watch.basenames {
         let mut key = [0u8; BASENAME_CAP];
         key[..name.len()].copy_from_slice(name.as_bytes());
@@ -428,14 +415,7 @@ fn fill_filters(ebpf: &mut Ebpf, config: &Config, cgroup_ids: &[u64]) -> Result<
             .map_err(map_err("WATCH_BASENAMES"))?;
     }
 
-    let mut cgroups: HashMap<_, u64, u8> = HashMap::try_from(
-        ebpf.map_mut("MONITORED_CGROUPS")
-            .ok_or(ProbeError::Missing {
-                kind: "map",
-                name: "MONITORED_CGROUPS",
-            })?,
-    )
-    .map_err(map_err("MONITORED_CGROUPS"))?;
+    let mut cgroups: HashMap<_, u64, u8> = map_mut(ebpf, "MONITORED_CGROUPS")?;
     for id in cgroup_ids {
         cgroups
             .insert(id, 1, 0)
