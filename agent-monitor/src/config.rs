@@ -402,7 +402,7 @@ pub struct WatchConfig {
 }
 
 /// Capacities of the kernel's file-identity maps. What does not fit is logged, counted
-/// (`agent_monitor_kernel_map_refusals`, `GetStatus.kernel_map_pending`) and retried on
+/// (`agent_monitor_kernel_map_refusals_total`, `GetStatus.kernel_map_pending`) and retried on
 /// every sync.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

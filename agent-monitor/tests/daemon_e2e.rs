@@ -206,6 +206,8 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
     );
     // The pod's one projected volume is watched by its filesystem.
     assert_eq!(status["watched_filesystems"], 1, "{status}");
+    // Processes, cgroups and pods known: at least the processes seeded from /proc.
+    assert!(status["cache"].as_u64().is_some_and(|n| n >= 1), "{status}");
 
     // The client is subscribed (GetStatus answered first); now a shell in the pod reads
     // the pod's token through the kubelet's directory.
@@ -258,7 +260,7 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
         "{metrics}"
     );
     assert!(
-        metrics.contains("agent_monitor_kernel_map_refusals 0"),
+        metrics.contains("agent_monitor_kernel_map_refusals_total 0"),
         "{metrics}"
     );
     assert!(

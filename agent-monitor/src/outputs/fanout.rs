@@ -127,6 +127,7 @@ impl StatusSource for DaemonStatus {
     fn status(&self) -> pb::StatusResponse {
         let mut s = pb::StatusResponse {
             probes_attached: self.probes.clone(),
+            identity_cache_size: self.identity_cache.load(Ordering::Relaxed),
             watched_filesystems: self.watch.volumes.load(Ordering::Relaxed),
             watched_inventory: self.watch.inventory.load(Ordering::Relaxed),
             kernel_map_refusals: self.watch.map_full.load(Ordering::Relaxed),

@@ -78,7 +78,7 @@ pub struct Metrics {
     grpc_clients: Gauge,
     sink_failures: Family<Labels<1>, Counter>,
     watched: Family<Labels<1>, Gauge>,
-    kernel_map_refusals: Gauge,
+    kernel_map_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -101,7 +101,7 @@ impl Metrics {
         let grpc_clients = Gauge::default();
         let sink_failures = Family::<Labels<1>, Counter>::default();
         let watched = Family::<Labels<1>, Gauge>::default();
-        let kernel_map_refusals = Gauge::default();
+        let kernel_map_refusals = Counter::default();
         registry.register(
             "agent_monitor_watched",
             "Entries the kernel matches opens against by file identity: pod volume filesystems and node credential inventory entries",
@@ -232,8 +232,10 @@ impl Metrics {
         self.watched
             .get_or_create(&[("kind", owned("inventory"))])
             .set(gauge(w.inventory.load(Relaxed)));
+        // A counter: it only grows, so the delta since the last copy is added.
+        let total = w.map_full.load(Relaxed);
         self.kernel_map_refusals
-            .set(gauge(w.map_full.load(Relaxed)));
+            .inc_by(total.saturating_sub(self.kernel_map_refusals.get()));
     }
 
     /// Sets the number of attached eBPF programs.
