@@ -19,7 +19,8 @@ pub const EXIT_FAILURE: u8 = 1;
     long_about = "agent-monitor loads eBPF programs that trace opens of credential files \
 (ServiceAccount tokens, Secret volumes, node kubeconfigs and PKI, cloud credential files), \
 outbound connections and process lifecycle, and prints every event as one JSON line.\n\n\
-It needs root (CAP_BPF, CAP_PERFMON) and tracefs."
+It needs root (CAP_BPF, CAP_PERFMON), tracefs and the kernel's BTF \
+(/sys/kernel/btf/vmlinux), and reads the mount table it runs in to find pods' volumes."
 )]
 pub struct Cli {
     #[command(subcommand)]
