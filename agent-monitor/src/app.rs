@@ -22,7 +22,7 @@ use crate::{
         metrics::{self, Health, Metrics},
         protojson, Sink,
     },
-    policy::PolicySet,
+    policy::{PolicySet, PolicySources},
 };
 
 /// Records queued between the lane consumer and the output writer. When the writer falls
@@ -52,6 +52,9 @@ pub enum AppError {
     /// The pod source could not start.
     #[error("pod source: {0}")]
     PodSource(String),
+    /// A policy source (the cluster's AgentPolicy objects) could not start.
+    #[error("policy source: {0}")]
+    PolicySource(String),
     /// Writing records failed (e.g. the stdout pipe closed).
     #[error("writing records: {0}")]
     Write(#[source] std::io::Error),
@@ -198,14 +201,27 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         alerts.push(Box::new(falco::FalcoLines::new(w, hostname.clone())));
     }
     let policy_count = policies.policies().len();
-    let policies = Arc::new(RwLock::new(policies));
+    // Files and cluster objects feed one owner, which recomputes the set the engine reads
+    // (files first: they win when both select a workload).
+    let sources = PolicySources::new(policies);
     let _reloader = (!config.detect.policies.is_empty()).then(|| {
         crate::policy::spawn_reloader(
             config.detect.policies.clone(),
-            policies.clone(),
+            sources.clone(),
             std::time::Duration::from_secs(1),
         )
     });
+    let _cluster_policies = if config.detect.cluster_policies {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| AppError::PolicySource(format!("kube client: {e}")))?;
+        info!("policies: {policy_count} from files; watching AgentPolicy objects of all namespaces through the API server");
+        Some(crate::policy::cluster::spawn(client, sources.clone()))
+    } else {
+        info!("policies: {policy_count} from files; cluster AgentPolicy objects not used (detect.cluster_policies)");
+        None
+    };
+    let policies: Arc<RwLock<PolicySet>> = sources.combined();
     let engine = Engine::new(
         DetectConfig::from_settings(&config.detect, config.alerts.rate_limit_per_minute),
         policies,

@@ -197,6 +197,12 @@ pub fn listen_addr(s: &str) -> Option<std::net::SocketAddr> {
 pub struct DetectSettings {
     /// AgentPolicy YAML files or directories of them; reloaded when they change.
     pub policies: Vec<PathBuf>,
+    /// Also apply the cluster's AgentPolicy objects (all namespaces), watched through the
+    /// API server. Needs a Kubernetes client: in a pod, its ServiceAccount, allowed to list
+    /// and watch `agentpolicies.agent-monitor.dev` in all namespaces; it does not need
+    /// `identity.pods.source: kube`. An object selects pods of its own namespace only, and
+    /// the policy files come first: when both select a workload, the file policy applies.
+    pub cluster_policies: bool,
     /// API server endpoints (`10.96.0.1:443`, `192.168.1.10`): the `api-server` class.
     /// Empty: the `kubernetes` Service from KUBERNETES_SERVICE_HOST/PORT, when set.
     pub api_servers: Vec<String>,
@@ -215,6 +221,7 @@ impl Default for DetectSettings {
     fn default() -> Self {
         Self {
             policies: Vec::new(),
+            cluster_policies: false,
             api_servers: Vec::new(),
             dns_servers: None,
             cluster_cidrs: Vec::new(),
@@ -327,6 +334,10 @@ pub enum PodSourceKind {
 pub struct IdentityConfig {
     /// The kubelet's root directory; `<root>/pods/` is watched and owners are read from it.
     pub kubelet_root: String,
+    /// Where the node's cgroup2 hierarchy is mounted (or its parent on a hybrid v1+v2 node,
+    /// with cgroup2 at `<dir>/unified`). Default: the first cgroup2 mount of the daemon's own
+    /// mount namespace, which in a container is only the container's own cgroup.
+    pub cgroup_root: Option<PathBuf>,
     /// Pod label naming the agent.
     pub agent_label: String,
     /// Pod label naming the agent's tier (`proxy`, `worker`).
@@ -362,6 +373,7 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             kubelet_root: "/var/lib/kubelet".to_owned(),
+            cgroup_root: None,
             agent_label: "agent-monitor.dev/agent".to_owned(),
             tier_label: "agent-monitor.dev/tier".to_owned(),
             pods: PodsConfig::default(),
@@ -605,6 +617,15 @@ impl Config {
                     format!("lanes.{name}.ring_bytes"),
                     &format!("a power of two from {MIN_RING_BYTES} to {MAX_RING_BYTES}"),
                     n.to_string(),
+                ));
+            }
+        }
+        if let Some(root) = &self.identity.cgroup_root {
+            if !root.is_absolute() {
+                return Err(invalid(
+                    "identity.cgroup_root".to_owned(),
+                    "an absolute directory where the node's cgroup2 hierarchy is mounted",
+                    format!("{:?}", root.display().to_string()),
                 ));
             }
         }
@@ -876,6 +897,14 @@ mod tests {
                 assert!(err.contains(n), "{text:?}: {err:?} lacks {n:?}");
             }
         }
+    }
+
+    #[test]
+    fn cluster_policies_are_off_by_default_and_need_no_kube_pod_source() {
+        assert!(!parse("").expect("default").detect.cluster_policies);
+        let c = parse("detect:\n  cluster_policies: true\n").expect("valid");
+        assert!(c.detect.cluster_policies);
+        assert_eq!(c.identity.pods.source, PodSourceKind::None);
     }
 
     #[test]

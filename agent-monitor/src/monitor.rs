@@ -61,6 +61,9 @@ pub enum MonitorError {
         #[source]
         source: std::io::Error,
     },
+    /// `identity.cgroup_root` is not the node's cgroup2 hierarchy.
+    #[error(transparent)]
+    CgroupRoot(#[from] crate::identity::cgroup::CgroupRootError),
     /// The consumer task panicked or was cancelled.
     #[error("the lane consumer task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -504,6 +507,12 @@ impl Monitor {
         pods: Arc<PodStore>,
         out: mpsc::Sender<Record>,
     ) -> Result<Self, MonitorError> {
+        let cgroup_root =
+            crate::identity::cgroup::cgroup2_root(config.identity.cgroup_root.as_deref())?;
+        match &cgroup_root {
+            Some(root) => info!("cgroup2 hierarchy at {}", root.display()),
+            None => warn!("no cgroup2 mount found: events will name no pod or container"),
+        }
         let mut probes = Probes::load(config, std::process::id())?;
         let attached = probes.attached().to_vec();
         let Rings {
@@ -528,7 +537,7 @@ impl Monitor {
         let has_pod_source = config.identity.pods.source != crate::config::PodSourceKind::None;
         let mut enricher = Enricher {
             table,
-            identity: Identity::new(config.identity.clone(), pods, has_pod_source),
+            identity: Identity::new(config.identity.clone(), cgroup_root, pods, has_pod_source),
             clock: Clock::new(),
             seq: 0,
             lost_reported: [0; LANE_COUNT as usize],

@@ -1,202 +1,45 @@
 //! The kube pod source against a scripted API server: initial list, watch events, and a
 //! 410 Gone that forces a relist replacing the store.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+#[path = "support/fake_api.rs"]
+mod fake_api;
+
+use std::collections::BTreeMap;
 
 use agent_monitor::identity::pods::{kube as kube_source, PodStore};
+use fake_api::{FakeApiServer, WAIT};
 use serde_json::{json, Value};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
-};
+use tokio::sync::{mpsc, watch};
 
 const NODE: &str = "node-a";
 const SELECTOR: &str = "spec.nodeName=node-a";
-/// How long any one expected change may take (the relist waits out a backoff of ~1 s).
-const WAIT: Duration = Duration::from_secs(15);
 
-/// A test double for the Kubernetes API server: no real API server can run here, so this
-/// speaks just enough HTTP/1.1 for kube's pod list+watch. Every request is reported on
-/// [`FakeApiServer::next_request`]; a list answers with the pods set by
-/// [`FakeApiServer::set_list`] and closes, a watch stays open (chunked) and streams the
-/// events the test pushes through the request's `watch` sender.
-struct FakeApiServer {
-    addr: SocketAddr,
-    list: Arc<Mutex<(String, Vec<Value>)>>,
-    requests: mpsc::UnboundedReceiver<Request>,
-}
-
-/// One request the fake server received.
-#[derive(Debug)]
-struct Request {
-    path: String,
-    query: HashMap<String, String>,
-    /// For a watch: where to push the events streamed to the client.
-    watch: Option<mpsc::UnboundedSender<Value>>,
-}
-
-impl FakeApiServer {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let list = Arc::new(Mutex::new((String::from("1"), Vec::new())));
-        let (tx, requests) = mpsc::unbounded_channel();
-        let shared = list.clone();
-        tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve(conn, shared.clone(), tx.clone()));
-            }
-        });
-        Self {
-            addr,
-            list,
-            requests,
-        }
-    }
-
-    /// What the next list returns.
-    fn set_list(&self, resource_version: &str, pods: Vec<Value>) {
-        *self.list.lock().expect("list lock") = (resource_version.to_owned(), pods);
-    }
-
-    async fn next_request(&mut self) -> Request {
-        tokio::time::timeout(WAIT, self.requests.recv())
-            .await
-            .expect("timed out waiting for a request")
-            .expect("server running")
-    }
-
+/// The requests of the pod source to the fake API server: lists and watches of this
+/// node's pods.
+trait NodePods {
     /// The next request, which must be a list of this node's pods.
+    async fn expect_list(&mut self);
+    /// The next request, which must be a watch of this node's pods from `resource_version`.
+    async fn expect_watch(&mut self, resource_version: &str) -> mpsc::UnboundedSender<Value>;
+}
+
+impl NodePods for FakeApiServer {
     async fn expect_list(&mut self) {
-        let req = self.next_request().await;
-        assert_eq!(req.path, "/api/v1/pods");
-        assert!(req.watch.is_none(), "expected a list, got {req:?}");
+        let req = self.expect_list_at("/api/v1/pods").await;
         assert_eq!(
             req.query.get("fieldSelector").map(String::as_str),
             Some(SELECTOR)
         );
     }
 
-    /// The next request, which must be a watch of this node's pods from `resource_version`.
     async fn expect_watch(&mut self, resource_version: &str) -> mpsc::UnboundedSender<Value> {
-        let req = self.next_request().await;
-        assert_eq!(req.path, "/api/v1/pods");
-        assert_eq!(req.query.get("watch").map(String::as_str), Some("true"));
+        let req = self.expect_watch_at("/api/v1/pods", resource_version).await;
         assert_eq!(
             req.query.get("fieldSelector").map(String::as_str),
             Some(SELECTOR)
-        );
-        assert_eq!(
-            req.query.get("resourceVersion").map(String::as_str),
-            Some(resource_version)
         );
         req.watch.expect("watch request has an event sender")
     }
-}
-
-/// Serves one connection: one request, then a closed list or an open watch.
-async fn serve(
-    conn: TcpStream,
-    list: Arc<Mutex<(String, Vec<Value>)>>,
-    requests: mpsc::UnboundedSender<Request>,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line).await?;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).await? == 0 || header == "\r\n" {
-            break;
-        }
-    }
-    let mut conn = reader.into_inner();
-    let target = request_line.split_whitespace().nth(1).unwrap_or_default();
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let query: HashMap<String, String> = query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect();
-    let path = path.to_owned();
-
-    if query.get("watch").map(String::as_str) == Some("true") {
-        let (tx, mut events) = mpsc::unbounded_channel::<Value>();
-        conn.write_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
-        )
-        .await?;
-        conn.flush().await?;
-        let _ = requests.send(Request {
-            path,
-            query,
-            watch: Some(tx),
-        });
-        while let Some(event) = events.recv().await {
-            let line = format!("{event}\n");
-            conn.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes())
-                .await?;
-            conn.flush().await?;
-        }
-        conn.write_all(b"0\r\n\r\n").await?;
-    } else {
-        let (rv, items) = list.lock().expect("list lock").clone();
-        let body = json!({
-            "kind": "PodList", "apiVersion": "v1",
-            "metadata": {"resourceVersion": rv},
-            "items": items,
-        })
-        .to_string();
-        let _ = requests.send(Request {
-            path,
-            query,
-            watch: None,
-        });
-        conn.write_all(
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await?;
-    }
-    conn.shutdown().await
-}
-
-/// Decodes `application/x-www-form-urlencoded` (what kube encodes query values with).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A pod of node-a, with managed fields as the API server sends them.
@@ -259,7 +102,7 @@ fn label(store: &PodStore, uid: &str, key: &str) -> Option<String> {
 #[tokio::test]
 async fn follows_list_watch_and_relists_after_gone() {
     let _ = env_logger::builder().is_test(true).try_init();
-    let mut server = FakeApiServer::start().await;
+    let mut server = FakeApiServer::start("PodList").await;
     let a = pod(
         "uid-a",
         "agents",

@@ -2,10 +2,13 @@
 //! and what was expected; the shipped examples and the CRD stay valid and in sync; and the
 //! reloader swaps in good versions and keeps the last good one over a bad one.
 
+#[path = "support/logs.rs"]
+mod logs;
+
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, Once, PoisonError, RwLock},
+    sync::RwLock,
     time::{Duration, Instant},
 };
 
@@ -13,9 +16,10 @@ use agent_monitor::{
     identity::Workload,
     policy::{
         crd_yaml, learning_window, parse_policies, policy_allows_egress, spawn_reloader,
-        DestinationClass, PolicySet, Tier,
+        DestinationClass, PolicySet, PolicySources, Tier,
     },
 };
+use logs::{logged, record_logs};
 
 const HEADER: &str = "apiVersion: agent-monitor.dev/v1alpha1\nkind: AgentPolicy\n";
 
@@ -456,10 +460,12 @@ fn load_reads_directories_in_order_and_rejects_duplicates() {
 
 #[test]
 fn shipped_policies_parse() {
-    let dir = repo_root().join("deploy/policies");
+    // Each example under deploy/examples/ keeps its policies in `agentpolicies.yaml`.
+    let dir = repo_root().join("deploy/examples");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("deploy/policies")
-        .map(|e| e.expect("entry").path())
+        .expect("deploy/examples")
+        .map(|e| e.expect("entry").path().join("agentpolicies.yaml"))
+        .filter(|f| f.is_file())
         .collect();
     files.sort();
     assert!(
@@ -476,10 +482,10 @@ fn shipped_policies_parse() {
 
 #[test]
 fn two_tier_example_says_what_it_means() {
-    let set = PolicySet::load(&[repo_root().join("deploy/policies/two-tier.yaml")])
-        .expect("two-tier.yaml");
+    let set = PolicySet::load(&[repo_root().join("deploy/examples/two-tier/agentpolicies.yaml")])
+        .expect("two-tier/agentpolicies.yaml");
     let workload = |sa: &str| Workload {
-        namespace: Some("agents".into()),
+        namespace: Some("agent-system".into()),
         service_account: Some(sa.into()),
         ..Workload::default()
     };
@@ -550,44 +556,6 @@ fn committed_crd_matches_the_types() {
     );
 }
 
-/// Log records, so tests can wait for the reloader to have seen a version.
-static LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Recorder;
-
-impl log::Log for Recorder {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        let line = format!("{} {}", record.level(), record.args());
-        LOGGED
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(line);
-    }
-
-    fn flush(&self) {}
-}
-
-fn record_logs() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        log::set_logger(&Recorder).expect("no other logger");
-        log::set_max_level(log::LevelFilter::Info);
-    });
-}
-
-/// Whether a record containing every needle was logged.
-fn logged(needles: &[&str]) -> bool {
-    LOGGED
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .iter()
-        .any(|l| needles.iter().all(|n| l.contains(n)))
-}
-
 /// Waits until `cond` holds, for at most five seconds.
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -613,8 +581,9 @@ async fn reloader_swaps_in_good_versions_and_keeps_the_last_good_one() {
     let file = dir.path().join("policies.yaml");
     std::fs::write(&file, doc("first", "  tier: proxy\n")).expect("write v1");
     let paths = vec![file.clone()];
-    let current = Arc::new(RwLock::new(PolicySet::load(&paths).expect("v1")));
-    let task = spawn_reloader(paths, current.clone(), Duration::from_millis(20));
+    let sources = PolicySources::new(PolicySet::load(&paths).expect("v1"));
+    let current = sources.combined();
+    let task = spawn_reloader(paths, sources.clone(), Duration::from_millis(20));
 
     std::fs::write(
         &file,
@@ -666,8 +635,9 @@ async fn reloader_watches_directories() {
     let dir = temp_dir();
     std::fs::write(dir.path().join("10-a.yaml"), doc("a", "  tier: proxy\n")).expect("write a");
     let paths = vec![dir.path().to_owned()];
-    let current = Arc::new(RwLock::new(PolicySet::load(&paths).expect("dir")));
-    let task = spawn_reloader(paths, current.clone(), Duration::from_millis(20));
+    let sources = PolicySources::new(PolicySet::load(&paths).expect("dir"));
+    let current = sources.combined();
+    let task = spawn_reloader(paths, sources.clone(), Duration::from_millis(20));
 
     std::fs::write(dir.path().join("20-b.yaml"), doc("b", "  tier: worker\n")).expect("write b");
     wait_for("a new file", || names(&current) == ["a", "b"]).await;

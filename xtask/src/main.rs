@@ -4,6 +4,8 @@
 //! needs nothing but rustup and cargo before `cargo xtask run` or `cargo xtask test`.
 
 mod bench;
+mod image;
+mod manifests;
 
 use std::{
     path::{Path, PathBuf},
@@ -19,8 +21,16 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM majors bpf-linker 0.13 can be built for.
 const BPF_LINKER_LLVM_MAJORS: &[u32] = &[21, 22, 23];
-/// Debian packages the tests use (ip for network namespaces, unshare for mount namespaces).
-const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("unshare", "util-linux")];
+/// Debian packages the tests use (ip for network namespaces, unshare for mount namespaces,
+/// podman and runc for the image and the container test, kubectl to render `deploy/`).
+/// runc is named because podman's default runtime, crun, refuses a hybrid cgroup layout.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("unshare", "util-linux"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("kubectl", "kubernetes-client"),
+];
 
 #[derive(Parser)]
 #[command(about = "agent-monitor developer tasks")]
@@ -41,9 +51,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then check formatting and lints and run every test, including the ones that
-    /// need root and BPF (which fail here rather than skip).
+    /// Set up, then check formatting and lints, build the image, run every test (including
+    /// the ones that need root, BPF and podman, which fail here rather than skip), validate
+    /// the rendered manifests (kubernetes-validate, checkov) and run the demo.
     Test,
+    /// Set up and run the two-tier demo on this machine: simulated pods, the real daemon,
+    /// one benign and a few hostile actions, and the alerts they raise.
+    Demo,
+    /// Set up, build the release binary and the OCI image `localhost/agent-monitor:<version>`
+    /// (FROM scratch, podman with the vfs storage driver; no Docker engine or registry).
+    Image,
     /// Set up and run a benchmark (`overhead`: cost the probes add to open+close).
     Bench {
         #[arg(default_value = "overhead")]
@@ -89,11 +106,25 @@ fn main() -> Result<()> {
                     "warnings",
                 ],
             )?;
+            // The container test runs the image.
+            image::build(&root, &env)?;
             let mut env = env;
             // Privileged tests fail instead of skipping: this command promises they ran.
             env.push(("AGENT_MONITOR_REQUIRE_PRIVILEGED".into(), "1".into()));
             cargo(&root, &env, &["test", "--workspace"])?;
-            println!("xtask test: formatting, lints and every test passed");
+            manifests::check(&root)?;
+            demo(&root, &env)?;
+            println!(
+                "xtask test: formatting, lints, every test, the manifest checks and the demo passed"
+            );
+        }
+        Task::Demo => {
+            let env = setup()?;
+            demo(&root, &env)?;
+        }
+        Task::Image => {
+            let env = setup()?;
+            image::build(&root, &env)?;
         }
         Task::Bench { name, iterations } => {
             let env = setup()?;
@@ -104,6 +135,33 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Builds the daemon and the demo driver (`tests/src/bin/am-demo.rs`) and runs the demo,
+/// which fails when an expected alert is missing.
+fn demo(root: &Path, env: &Env) -> Result<()> {
+    cargo(
+        root,
+        env,
+        &[
+            "build",
+            "--package",
+            "agent-monitor",
+            "--bin",
+            "agent-monitor",
+            "--package",
+            "agent-monitor-tests",
+            "--bin",
+            "am-demo",
+        ],
+    )?;
+    let mut cmd = Command::new(root.join("target/debug/am-demo"));
+    cmd.current_dir(root)
+        .arg("--daemon")
+        .arg(root.join("target/debug/agent-monitor"))
+        .arg("--policies")
+        .arg(root.join("deploy/examples/two-tier/agentpolicies.yaml"));
+    run(&mut cmd)
 }
 
 fn exec(mut cmd: Command) -> std::io::Error {

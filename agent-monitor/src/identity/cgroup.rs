@@ -134,14 +134,55 @@ pub fn parse_path(path: &str) -> CgroupInfo {
     info
 }
 
-/// The cgroup2 mount point of this process's mount namespace.
+/// The cgroup2 mount points of this process's mount namespace, in mount table order.
+fn cgroup2_mounts() -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount = left.split_whitespace().nth(4)?;
+            right.starts_with("cgroup2 ").then(|| PathBuf::from(mount))
+        })
+        .collect()
+}
+
+/// The first cgroup2 mount point of this process's mount namespace.
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mount = left.split_whitespace().nth(4)?;
-        right.starts_with("cgroup2 ").then(|| PathBuf::from(mount))
-    })
+    cgroup2_mounts().into_iter().next()
+}
+
+/// The configured root of the node's cgroup2 hierarchy was not one.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "identity.cgroup_root {dir}: neither it nor {dir}/unified is a cgroup2 mount in /proc/self/mountinfo \
+     (mount the node's /sys/fs/cgroup there)"
+)]
+pub struct CgroupRootError {
+    /// The configured directory.
+    pub dir: String,
+}
+
+/// Where the node's cgroup2 hierarchy is: `configured` when it is a cgroup2 mount, or its
+/// `unified` child on a node with the hybrid (v1 + v2) layout; without a configured root,
+/// the first cgroup2 mount of this mount namespace.
+///
+/// A DaemonSet's own `/sys/fs/cgroup` is usually a cgroup namespace showing only the
+/// container's cgroup, which names no pod: the node's hierarchy is mounted elsewhere
+/// (`/host/sys/fs/cgroup` in `deploy/`) and configured here.
+pub fn cgroup2_root(configured: Option<&Path>) -> Result<Option<PathBuf>, CgroupRootError> {
+    let Some(dir) = configured else {
+        return Ok(cgroup2_mount());
+    };
+    let mounts = cgroup2_mounts();
+    [dir.to_path_buf(), dir.join("unified")]
+        .into_iter()
+        .find(|d| mounts.contains(d))
+        .map(Some)
+        .ok_or_else(|| CgroupRootError {
+            dir: dir.display().to_string(),
+        })
 }
 
 /// Cached cgroup id → [`CgroupInfo`].
@@ -152,11 +193,8 @@ pub struct CgroupResolver {
 }
 
 impl CgroupResolver {
-    /// A resolver over the cgroup2 mount of this mount namespace (none: every lookup misses).
-    pub fn new() -> Self {
-        Self::with_root(cgroup2_mount())
-    }
-
+    /// A resolver over the hierarchy at `root` (none: every lookup misses); see
+    /// [`cgroup2_root`].
     pub fn with_root(root: Option<PathBuf>) -> Self {
         Self {
             root,
@@ -231,12 +269,6 @@ impl CgroupResolver {
     /// Resolves a path under the mount directly (tests and tools).
     pub fn root(&self) -> Option<&Path> {
         self.root.as_deref()
-    }
-}
-
-impl Default for CgroupResolver {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -71,9 +71,15 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn new(config: IdentityConfig, pods: Arc<PodStore>, has_pod_source: bool) -> Self {
+    /// Identity over the cgroup2 hierarchy at `cgroup_root` (see [`cgroup::cgroup2_root`]).
+    pub fn new(
+        config: IdentityConfig,
+        cgroup_root: Option<std::path::PathBuf>,
+        pods: Arc<PodStore>,
+        has_pod_source: bool,
+    ) -> Self {
         Self {
-            cgroups: CgroupResolver::new(),
+            cgroups: CgroupResolver::with_root(cgroup_root),
             pods,
             config,
             has_pod_source,

@@ -152,16 +152,21 @@ impl ProcessTable {
     }
 
     /// A process called execve with `filename`: the executable is that path with symlinks
-    /// resolved, or, for a relative path, what /proc says while the process lives.
+    /// resolved inside the process's own root, or, for a relative path, what /proc says
+    /// while the process lives.
     pub fn on_exec(&mut self, tgid: u32, filename: &str) -> Option<String> {
         // The path the kernel recorded comes first: /proc says what the process runs when
-        // the record is read, which is a later program if it exec'd again since.
-        let p = Path::new(filename);
-        let exe = if p.is_absolute() {
+        // the record is read, which is a later program if it exec'd again since. Its
+        // symlinks are the container's, so they are resolved under /proc/<pid>/root, not
+        // in the daemon's own filesystem; when that cannot be read (the process is gone,
+        // or the daemon lacks CAP_SYS_PTRACE for it) the path stays as recorded.
+        let exe = if filename.starts_with('/') {
             Some(
-                std::fs::canonicalize(p)
-                    .map(|c| c.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| filename.to_owned()),
+                realpath_in(
+                    &self.proc_root.join(tgid.to_string()).join("root"),
+                    filename,
+                )
+                .unwrap_or_else(|| filename.to_owned()),
             )
         } else {
             self.read_exe(tgid)
@@ -213,6 +218,51 @@ impl ProcessTable {
     }
 }
 
+/// Symlinks followed while resolving one path, as the kernel's own limit (`MAXSYMLINKS`).
+const MAX_SYMLINKS: usize = 40;
+
+/// `path` (absolute) with every symlink resolved as a process whose root directory is
+/// `root` sees it: absolute link targets restart at `root`, `..` never climbs above it.
+/// Each component is looked at with `lstat`, so the kernel follows no symlink itself and
+/// none can lead out of `root`. `None` when a component does not exist or cannot be read.
+fn realpath_in(root: &Path, path: &str) -> Option<String> {
+    let mut resolved = PathBuf::from("/");
+    // Components still to resolve, the next one last.
+    let mut pending: Vec<std::ffi::OsString> = Path::new(path)
+        .iter()
+        .rev()
+        .map(|c| c.to_os_string())
+        .collect();
+    let mut links = 0;
+    while let Some(c) = pending.pop() {
+        match c.to_str() {
+            Some("/" | "." | "") => continue,
+            Some("..") => {
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let candidate = resolved.join(&c);
+        let on_disk = root.join(candidate.strip_prefix("/").ok()?);
+        let meta = std::fs::symlink_metadata(&on_disk).ok()?;
+        if !meta.file_type().is_symlink() {
+            resolved = candidate;
+            continue;
+        }
+        links += 1;
+        if links > MAX_SYMLINKS {
+            return None;
+        }
+        let target = std::fs::read_link(&on_disk).ok()?;
+        if target.is_absolute() {
+            resolved = PathBuf::from("/");
+        }
+        pending.extend(target.iter().rev().map(|c| c.to_os_string()));
+    }
+    Some(resolved.to_string_lossy().into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,15 +301,42 @@ mod tests {
     }
 
     #[test]
-    fn exec_of_a_gone_process_canonicalizes_the_filename() {
+    fn exec_resolves_symlinks_in_the_process_root_and_keeps_a_gone_ones_path() {
         let mut t = ProcessTable::new(16);
         let dir = tempfile::tempdir().expect("tempdir");
         let real = dir.path().join("real");
         std::fs::write(&real, b"").expect("write");
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        let exe = t.on_exec(999_999_998, link.to_str().expect("utf-8"));
+        let link = link.to_str().expect("utf-8");
+        let exe = t.on_exec(std::process::id(), link);
         assert_eq!(exe.as_deref(), real.canonicalize().expect("canon").to_str());
+        // A process that is gone: its root is unknown, the path stays as recorded.
+        assert_eq!(t.on_exec(999_999_998, link).as_deref(), Some(link));
+    }
+
+    #[test]
+    fn realpath_stays_inside_the_root() {
+        // A container root where /usr/bin/python3 -> /usr/bin/python3.12 (absolute) and
+        // /bin -> usr/bin; the host may have neither.
+        let root = tempfile::tempdir().expect("tempdir");
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        std::fs::write(bin.join("python3.12"), b"").expect("write");
+        std::os::unix::fs::symlink("/usr/bin/python3.12", bin.join("python3")).expect("ln");
+        std::os::unix::fs::symlink("usr/bin", root.path().join("bin")).expect("ln");
+        assert_eq!(
+            realpath_in(root.path(), "/bin/python3").as_deref(),
+            Some("/usr/bin/python3.12")
+        );
+        assert_eq!(
+            realpath_in(root.path(), "/../../usr/./bin/python3").as_deref(),
+            Some("/usr/bin/python3.12")
+        );
+        assert_eq!(realpath_in(root.path(), "/usr/bin/missing"), None);
+        // A loop ends instead of spinning.
+        std::os::unix::fs::symlink("/loop", root.path().join("loop")).expect("ln");
+        assert_eq!(realpath_in(root.path(), "/loop"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Arc, PoisonError, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -20,7 +20,10 @@ use log::{info, warn};
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
-use super::types::{AgentPolicy, AgentPolicySpec, DestinationClass, EgressRule, Selector};
+use super::{
+    sources::PolicySources,
+    types::{AgentPolicy, AgentPolicySpec, DestinationClass, EgressRule, Selector},
+};
 use crate::identity::Workload;
 
 /// The `apiVersion` of a policy.
@@ -794,7 +797,9 @@ fn display_name(p: &AgentPolicy) -> String {
 }
 
 /// The loaded policies, in load order: files in the order given, a directory's files
-/// sorted by name, a file's documents in order.
+/// sorted by name, a file's documents in order. The set the detection engine reads is
+/// combined by [`PolicySources`]: file policies first, then the cluster's AgentPolicy
+/// objects, so that files win when both select a workload.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     policies: Vec<AgentPolicy>,
@@ -898,15 +903,16 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Stamp)> {
     out
 }
 
-/// Reloads the policies of `paths` into `current` whenever one of the files changes
-/// (modification time or size, polled every `poll`; files added to or removed from a
-/// directory count). A change is loaded once it has held for one more poll, so a file
-/// caught half-written (an editor truncating it first) is not taken for an empty policy
-/// set. A valid new set replaces the old one; an invalid one is logged, once per change,
-/// and the old set is kept.
+/// Reloads the policies of `paths` into the file part of `sources` whenever one of the
+/// files changes (modification time or size, polled every `poll`; files added to or
+/// removed from a directory count); the cluster part is left alone, and `sources`
+/// recomputes the combined set. A change is loaded once it has held for one more poll, so
+/// a file caught half-written (an editor truncating it first) is not taken for an empty
+/// policy set. A valid new set replaces the old file policies; an invalid one is logged,
+/// once per change, and the old file policies are kept.
 pub fn spawn_reloader(
     paths: Vec<PathBuf>,
-    current: Arc<RwLock<PolicySet>>,
+    sources: Arc<PolicySources>,
     poll: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -925,16 +931,15 @@ pub fn spawn_reloader(
             loaded = Some(now);
             match PolicySet::load(&paths) {
                 Ok(set) => {
-                    let mut guard = current.write().unwrap_or_else(PoisonError::into_inner);
-                    // The first load usually finds the set the caller loaded.
-                    if *guard != set {
-                        info!("policies reloaded: {} policies", set.len());
-                        *guard = set;
+                    let count = set.len();
+                    // The first load usually finds the set the caller loaded: unchanged.
+                    if sources.replace_files(set) {
+                        info!("policies reloaded: {count} policies from files");
                     }
                 }
                 Err(e) => {
-                    let kept = current.read().unwrap_or_else(PoisonError::into_inner).len();
-                    warn!("{e}; keeping the {kept} policies already loaded");
+                    let kept = sources.file_count();
+                    warn!("{e}; keeping the {kept} policies already loaded from files");
                 }
             }
         }
