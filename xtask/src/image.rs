@@ -109,6 +109,9 @@ pub fn build(root: &Path, env: &Env) -> Result<String> {
         .args(["build", "--quiet", "--tag", &reference, "--file"])
         .arg(context.join("Containerfile"))
         .arg(&context))?;
+    // The previous build's image lost its tag to this one; with vfs every image is a full
+    // copy, so untagged ones are removed rather than left to fill the disk.
+    run(podman().args(["image", "prune", "--force"]))?;
     eprintln!(
         "image: {reference} (the binary and {} shared libraries, FROM scratch)",
         libs.len()
