@@ -10,8 +10,11 @@ use anyhow::Context as _;
 /// `cargo xtask setup` builds bpf-linker against this toolchain's own LLVM.
 const DEFAULT_EBPF_TOOLCHAIN: &str = "nightly";
 
-/// The API's proto file, relative to `proto/`.
-const PROTO_FILE: &str = "agent_monitor/v1/agent_monitor.proto";
+/// The API's proto files, relative to `proto/`: the gRPC API and the journal's record.
+const PROTO_FILES: [&str; 2] = [
+    "agent_monitor/v1/agent_monitor.proto",
+    "agent_monitor/v1/journal.proto",
+];
 
 /// File name (in OUT_DIR) of the encoded file descriptor set.
 const DESCRIPTOR_FILE: &str = "agent_monitor_descriptor.bin";
@@ -30,8 +33,8 @@ fn compile_protos(manifest_dir: &Path) -> anyhow::Result<()> {
     let mut compiler = protox::Compiler::new([&include]).context("proto include path")?;
     compiler.include_source_info(true).include_imports(true);
     compiler
-        .open_file(PROTO_FILE)
-        .with_context(|| format!("compiling {PROTO_FILE}"))?;
+        .open_files(PROTO_FILES)
+        .with_context(|| format!("compiling {PROTO_FILES:?}"))?;
     let descriptor_path = out_dir.join(DESCRIPTOR_FILE);
     std::fs::write(&descriptor_path, compiler.encode_file_descriptor_set())
         .with_context(|| format!("writing {}", descriptor_path.display()))?;

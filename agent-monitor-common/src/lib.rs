@@ -28,6 +28,10 @@ pub const MAX_WATCHED_FS: u32 = 16 * 1024;
 pub const MAX_INVENTORY: u32 = 64 * 1024;
 /// Capacity of the kernel's watched-prefix trie.
 pub const MAX_WATCHED_PREFIXES: u32 = 4096;
+/// Capacity of the kernel's watched-basename map (`watch.basenames`).
+pub const MAX_WATCHED_BASENAMES: u32 = 1024;
+/// Capacity of the kernel's monitored-cgroup map (`cgroups`).
+pub const MAX_MONITORED_CGROUPS: u32 = 16 * 1024;
 /// Number of lanes, each with its own ring buffer and drop counter.
 pub const LANE_COUNT: u32 = 3;
 

@@ -1,10 +1,14 @@
 //! Wiring and shutdown: config → monitor → output writer; SIGTERM/SIGINT stop intake,
-//! drain every lane, flush the output and detach the probes.
+//! drain every lane, flush the output and detach the probes. SIGHUP reopens the output
+//! files (log rotation).
 
 use std::sync::{Arc, Mutex, RwLock};
 
 use log::{error, info};
-use tokio::{signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    signal::unix::SignalKind,
+    sync::{mpsc, Notify},
+};
 
 use crate::{
     config::listen_addr,
@@ -17,9 +21,10 @@ use crate::{
         falco,
         falcosidekick::{self, SidekickConfig},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
-        grpc::{GrpcConfig, GrpcServer, Hub, TlsConfig},
+        grpc::{GrpcConfig, GrpcServer, Hub, RunningGrpc, TlsConfig},
         jsonl,
-        metrics::{self, Health, Metrics},
+        listen::{self, LimitedListener},
+        metrics::{self, Health, Heartbeat, Metrics},
         protojson, Sink,
     },
     policy::{PolicySet, PolicySources},
@@ -58,86 +63,167 @@ pub enum AppError {
     /// Writing records failed (e.g. the stdout pipe closed).
     #[error("writing records: {0}")]
     Write(#[source] std::io::Error),
+    /// SIGTERM/SIGINT: the drain did not finish within `shutdown_timeout_ms`; the daemon
+    /// exited anyway, abandoning what is listed.
+    #[error("shutdown did not finish within {bound_ms} ms; abandoned: {abandoned}")]
+    ShutdownIncomplete { bound_ms: u128, abandoned: String },
 }
 
 /// How often rate-limit summaries are flushed.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-/// No record at all for this long means the kernel side went silent: on a live node
-/// processes fork, exec and exit all the time.
-pub const KERNEL_SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 type EventSink = Box<dyn Sink<Record> + Send>;
 type AlertSink = Box<dyn Sink<Anomaly> + Send>;
 
+/// What the pipeline reports about itself and listens to, besides its records.
+#[derive(Clone, Default)]
+pub struct PipelineControl {
+    /// No record for this long raises one `monitor-kernel-silent` notice per silent spell
+    /// (`health.kernel_silence_ms`); `None`: never.
+    pub silence: Option<std::time::Duration>,
+    /// Notified (SIGHUP) to reopen every sink's output.
+    pub reopen: Arc<Notify>,
+    /// Beaten at every turn of the loop, for `/healthz`.
+    pub heartbeat: Heartbeat,
+    /// Where failed writes are counted (`agent_monitor_sink_failures_total`, sinks
+    /// `events` and `alerts`).
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl PipelineControl {
+    fn count_failure(&self, sink: &str) {
+        if let Some(m) = &self.metrics {
+            m.record_sink_failure(sink);
+        }
+    }
+
+    /// Counts a failed write to `sink` and passes the error on.
+    fn failed(&self, sink: &str, e: std::io::Error) -> std::io::Error {
+        self.count_failure(sink);
+        e
+    }
+}
+
+/// Writes to every sink of one kind, counting failures under `name`.
+fn write_all<T>(
+    sinks: &mut [Box<dyn Sink<T> + Send>],
+    item: &T,
+    name: &str,
+    control: &PipelineControl,
+) -> std::io::Result<()> {
+    for s in sinks.iter_mut() {
+        s.write(item).map_err(|e| control.failed(name, e))?;
+    }
+    Ok(())
+}
+
+fn flush_all<T>(
+    sinks: &mut [Box<dyn Sink<T> + Send>],
+    name: &str,
+    control: &PipelineControl,
+) -> std::io::Result<()> {
+    for s in sinks.iter_mut() {
+        s.flush().map_err(|e| control.failed(name, e))?;
+    }
+    Ok(())
+}
+
+/// Reopens every sink of one kind. A sink that cannot reopen keeps writing where it did
+/// (logged and counted): losing the output over a failed rotation would be worse.
+fn reopen_all<T>(sinks: &mut [Box<dyn Sink<T> + Send>], name: &str, control: &PipelineControl) {
+    for s in sinks.iter_mut() {
+        if let Err(e) = s.reopen() {
+            control.count_failure(name);
+            error!("reopening the {name} output failed: {e}; still writing to the old file");
+        }
+    }
+}
+
 /// The stage after the monitor: every record to the event output, through detection,
 /// and every anomaly to the alert output. Flushes whenever the queue is empty, so a quiet
-/// stream is never left sitting in a buffer.
-/// `silence` is how long without any record counts as the kernel side gone silent
-/// ([`KERNEL_SILENCE`] in the daemon).
+/// stream is never left sitting in a buffer; reopens the outputs when
+/// [`PipelineControl::reopen`] is notified.
 pub async fn pipeline(
     mut rx: mpsc::Receiver<Record>,
     mut events: Vec<EventSink>,
     mut alerts: Vec<AlertSink>,
     mut engine: Engine,
-    silence: std::time::Duration,
+    control: PipelineControl,
 ) -> std::io::Result<()> {
     let mut flush = tokio::time::interval(FLUSH_INTERVAL);
     let mut last_record = std::time::Instant::now();
     let mut silence_reported = false;
     loop {
+        control.heartbeat.beat();
         tokio::select! {
             rec = rx.recv() => {
                 let Some(rec) = rec else { break };
                 last_record = std::time::Instant::now();
                 silence_reported = false;
-                for s in events.iter_mut() {
-                    s.write(&rec)?;
-                }
+                write_all(&mut events, &rec, "events", &control)?;
                 for a in engine.process(&rec) {
-                    for s in alerts.iter_mut() {
-                        s.write(&a)?;
-                    }
+                    write_all(&mut alerts, &a, "alerts", &control)?;
                 }
                 if rx.is_empty() {
-                    for s in events.iter_mut() {
-                        s.flush()?;
-                    }
-                    for s in alerts.iter_mut() {
-                        s.flush()?;
-                    }
+                    flush_all(&mut events, "events", &control)?;
+                    flush_all(&mut alerts, "alerts", &control)?;
                 }
+            }
+            _ = control.reopen.notified() => {
+                // Everything written so far goes to the old files, whole; what follows
+                // to new ones at the configured paths.
+                reopen_all(&mut events, "events", &control);
+                reopen_all(&mut alerts, "alerts", &control);
             }
             _ = flush.tick() => {
                 let mut summaries = engine.flush();
                 let silent = last_record.elapsed();
-                if silent >= silence && !silence_reported {
+                if control.silence.is_some_and(|s| silent >= s) && !silence_reported {
                     silence_reported = true;
                     summaries.push(engine.kernel_silent(silent));
                 }
-                for s in alerts.iter_mut() {
-                    for a in &summaries {
-                        s.write(a)?;
-                    }
-                    s.flush()?;
+                for a in &summaries {
+                    write_all(&mut alerts, a, "alerts", &control)?;
                 }
+                flush_all(&mut alerts, "alerts", &control)?;
+                crate::ratelog::flush(false);
             }
         }
     }
     for a in engine.flush() {
-        for s in alerts.iter_mut() {
-            s.write(&a)?;
-        }
+        write_all(&mut alerts, &a, "alerts", &control)?;
     }
-    for s in events.iter_mut() {
-        s.flush()?;
-    }
-    for s in alerts.iter_mut() {
-        s.flush()?;
-    }
+    flush_all(&mut events, "events", &control)?;
+    flush_all(&mut alerts, "alerts", &control)?;
+    // The lane consumer has ended (the channel closed): the counts of repeated warnings
+    // are final.
+    crate::ratelog::flush(true);
     Ok(())
 }
 
-fn open_output(output: &str) -> Result<Option<Box<dyn std::io::Write + Send>>, AppError> {
+/// Runs [`pipeline`] on a thread of its own, with its own single-threaded runtime. Output
+/// writes are blocking writes: one that never returns (an output FIFO nobody reads, a hung
+/// disk) then stalls only this thread. The lanes fill and the kernel counts what it drops,
+/// the pipeline's heartbeat goes stale (so `/healthz` says which loop stopped), and the
+/// runtime keeps serving `/healthz`, gRPC and the signals; on a runtime worker it would
+/// take one of them with it.
+fn spawn_pipeline(
+    rx: mpsc::Receiver<Record>,
+    events: Vec<EventSink>,
+    alerts: Vec<AlertSink>,
+    engine: Engine,
+    control: PipelineControl,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("agent-monitor-outputs")
+            .build()?
+            .block_on(pipeline(rx, events, alerts, engine, control))
+    })
+}
+
+fn open_output(output: &str) -> Result<Option<jsonl::Output>, AppError> {
     if output == "none" {
         return Ok(None);
     }
@@ -165,7 +251,9 @@ async fn start_pod_source(
                 "identity.pods.file is not set".to_owned(),
             ))?;
             // Fail early on a file that is unusable now; later bad versions are survived.
-            let first = pods::file::load(&file).map_err(|e| AppError::PodSource(e.to_string()))?;
+            let first = pods::file::load_async(file.clone())
+                .await
+                .map_err(|e| AppError::PodSource(e.to_string()))?;
             pods.replace_all(first);
             Some(pods::file::spawn(
                 file,
@@ -187,6 +275,9 @@ async fn start_pod_source(
 /// Runs the daemon until SIGTERM or SIGINT, with the policies already loaded (and
 /// validated) from `config.detect.policies`.
 pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
+    // First, so that a SIGHUP during start-up (a log rotation) does not kill the daemon:
+    // the reopen is served once the pipeline runs.
+    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup()).map_err(AppError::Signal)?;
     let hostname = falco::hostname();
     let mut events: Vec<EventSink> = Vec::new();
     let mut alerts: Vec<AlertSink> = Vec::new();
@@ -208,7 +299,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         crate::policy::spawn_reloader(
             config.detect.policies.clone(),
             sources.clone(),
-            std::time::Duration::from_secs(1),
+            crate::policy::DEFAULT_POLL,
         )
     });
     let _cluster_policies = if config.detect.cluster_policies {
@@ -249,7 +340,9 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
 
     // Metrics and health.
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::new(KERNEL_SILENCE));
+    let health = Arc::new(Health::new(std::time::Duration::from_millis(
+        config.health.loop_stall_ms,
+    )));
     let counters = Arc::new(Mutex::new(Counters::default()));
     events.push(Box::new(Observer {
         metrics: metrics.clone(),
@@ -264,6 +357,13 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
 
     // The gRPC API.
     let hub = Hub::new(config.grpc.queue_per_client);
+    {
+        // Fed on every subscribe and disconnect, so a scrape sees the clients of that moment.
+        let metrics = metrics.clone();
+        hub.observe_clients(move |n| {
+            metrics.set_grpc_clients(i64::try_from(n).unwrap_or(i64::MAX));
+        });
+    }
     events.push(Box::new(HubSink(hub.clone())));
     alerts.push(Box::new(HubSink(hub.clone())));
 
@@ -273,31 +373,70 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
     // Weak: a strong sender here would keep the pipeline from ever seeing the end.
     let depth_tx = tx.downgrade();
-    let writer = tokio::spawn(pipeline(rx, events, alerts, engine, KERNEL_SILENCE));
-    let pods = PodStore::new();
+    let pipeline_depth = depth_tx.clone();
+    let control = PipelineControl {
+        silence: (config.health.kernel_silence_ms > 0)
+            .then(|| std::time::Duration::from_millis(config.health.kernel_silence_ms)),
+        reopen: Arc::new(Notify::new()),
+        heartbeat: Heartbeat::new(),
+        metrics: Some(metrics.clone()),
+    };
+    health.watch_loop("pipeline", control.heartbeat.clone());
+    let reopen = control.reopen.clone();
+    let writer = spawn_pipeline(rx, events, alerts, engine, control);
+    // Events of pods over the metadata limits keep the configured agent and tier labels.
+    let pods = Arc::new(PodStore::with_keep_labels(vec![
+        config.identity.agent_label.clone(),
+        config.identity.tier_label.clone(),
+    ]));
     let _pod_source = start_pod_source(&config, &pods).await?;
     let monitor = Monitor::start(&config, pods.clone(), tx)?;
+    health.watch_loop("lane consumer", monitor.heartbeat());
     metrics.set_probes_attached(monitor.attached().len() as i64);
     {
-        // Gauges owned by the lane consumer, copied into the metrics once a second.
-        let (metrics, watch, cache) = (
+        // Values owned by other tasks, copied into the metrics once a second.
+        let (metrics, watch, cache, sidekick) = (
             metrics.clone(),
             monitor.watch_status(),
             monitor.identity_cache_size(),
+            sidekick_counters.clone(),
         );
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 metrics.set_watch(&watch);
-                metrics.set_identity_cache_size(
-                    i64::try_from(cache.load(std::sync::atomic::Ordering::Relaxed))
-                        .unwrap_or(i64::MAX),
-                );
+                metrics.set_identity_cache_size(gauge(
+                    cache.load(std::sync::atomic::Ordering::Relaxed),
+                ));
+                // Records between the lane consumer and the outputs: a backlog here is
+                // the first sign of an output that cannot keep up.
+                let depth = pipeline_depth
+                    .upgrade()
+                    .map_or(0, |t| (OUTPUT_QUEUE - t.capacity()) as u64);
+                metrics.set_queue_depth("pipeline", gauge(depth));
+                if let Some(k) = &sidekick {
+                    let s = k.snapshot();
+                    metrics.set_queue_depth("falcosidekick", gauge(s.queued));
+                    metrics.set_sink_failures_total(
+                        "falcosidekick",
+                        s.failed_attempts + s.rejected + s.dropped_queue_full + s.undelivered,
+                    );
+                }
             }
         });
     }
     health.set_probes_attached(monitor.attached().len() as u64);
+
+    // SIGHUP: reopen the output files (log rotation). The pipeline flushes what it wrote
+    // to the old files first, so they end with whole lines.
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            info!("SIGHUP received: reopening the event and alert outputs");
+            reopen.notify_one();
+        }
+    });
 
     let (stop_servers, servers_stopped) = tokio::sync::watch::channel(false);
     let stopped_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -312,8 +451,16 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             client_ca: t.client_ca.clone(),
         }),
         queue_per_client: config.grpc.queue_per_client,
+        limits: config.grpc.limits(),
+        keepalive_interval: std::time::Duration::from_millis(config.grpc.keepalive_interval_ms),
+        keepalive_timeout: std::time::Duration::from_millis(config.grpc.keepalive_timeout_ms),
     };
-    let grpc_task = if grpc_cfg.tcp.is_some() || grpc_cfg.unix.is_some() {
+    // Every admitted connection holds a descriptor; the daemon's own (maps, programs,
+    // rings, watched directories, outputs: about a hundred) come on top.
+    listen::ensure_descriptors(
+        2 * config.grpc.max_connections as u64 + config.admin.max_connections as u64 + 256,
+    );
+    let grpc = if grpc_cfg.tcp.is_some() || grpc_cfg.unix.is_some() {
         let status = Arc::new(DaemonStatus {
             probes: monitor.attached().to_vec(),
             counters: counters.clone(),
@@ -328,7 +475,11 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         });
         let server = GrpcServer::bind(&grpc_cfg)
             .await
-            .map_err(|e| AppError::Server(format!("gRPC: {e}")))?;
+            .map_err(|e| AppError::Server(format!("gRPC: {e}")))?
+            .with_connection_metrics(
+                metrics.connection_metrics("grpc_tcp"),
+                metrics.connection_metrics("grpc_unix"),
+            );
         info!(
             "gRPC API on {}{}",
             server
@@ -338,22 +489,23 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
                 .unix_path()
                 .map_or(String::new(), |p| format!(" and {}", p.display()))
         );
-        Some(tokio::spawn(server.run(
-            hub.clone(),
-            status,
-            stopped_signal(servers_stopped.clone()),
-        )))
+        Some(server.start(hub.clone(), status))
     } else {
         None
     };
     let admin_task = match listen_addr(&config.admin.listen) {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            let listener = listen::bind_tcp(addr)
                 .map_err(|e| AppError::Server(format!("admin endpoint {addr}: {e}")))?;
             let bound = listener.local_addr().unwrap_or(addr);
             info!("metrics, /healthz and /readyz on http://{bound}");
-            Some(tokio::spawn(metrics::serve_admin_on(
+            let listener = LimitedListener::new(
+                listener,
+                "admin listener",
+                config.admin.limits(),
+                metrics.connection_metrics("admin"),
+            );
+            Some(tokio::spawn(metrics::serve_admin_limited(
                 listener,
                 metrics.clone(),
                 health.clone(),
@@ -378,36 +530,129 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    info!("{signal} received: draining lanes and flushing output");
-    health.set_ready(false);
-    let stopped = monitor.stop().await;
-    let written = match writer.await {
-        Ok(r) => r.map_err(AppError::Write),
-        Err(e) => Err(AppError::Write(std::io::Error::other(format!(
-            "output stage failed: {e}"
-        )))),
-    };
+    shut_down(
+        signal,
+        config.shutdown_timeout(),
+        Running {
+            health,
+            stop_listeners: stop_servers,
+            grpc,
+            admin: admin_task,
+            hub,
+            monitor,
+            writer,
+            sidekick: sidekick_task,
+        },
+    )
+    .await
+}
+
+/// What SIGTERM/SIGINT stops.
+struct Running {
+    health: Arc<Health>,
+    /// Tells the admin server to close its listener and finish.
+    stop_listeners: tokio::sync::watch::Sender<bool>,
+    grpc: Option<RunningGrpc>,
+    admin: Option<tokio::task::JoinHandle<Result<(), metrics::AdminError>>>,
+    hub: Hub,
+    monitor: Monitor,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+    sidekick: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// SIGTERM/SIGINT, within `bound`:
+///
+/// 1. the listeners close at once (the Unix socket file is removed), so a restarted daemon
+///    can bind the same ports and path while this one drains;
+/// 2. the lanes and the outputs drain; stream clients still receive what was in flight;
+/// 3. every stream client's stream ends with UNAVAILABLE "agent-monitor is shutting down",
+///    and the connections close;
+/// 4. Falcosidekick deliveries finish.
+///
+/// Whatever is not done at the bound is logged and abandoned, and the daemon exits: a
+/// client that never reads, or an output that blocks, cannot hold the node's old daemon
+/// past the pod's grace period (and the port past its end).
+async fn shut_down(signal: &str, bound: std::time::Duration, r: Running) -> Result<(), AppError> {
+    use tokio::time::{timeout_at, Instant};
+    let started = Instant::now();
+    // Exiting takes time too (detaching the probes, closing every descriptor): the waits
+    // end a little before the bound so that the process is gone by then.
+    let deadline = started + bound - (bound / 10).min(std::time::Duration::from_millis(500));
+    // The drain may not take the whole bound: stream clients must still be told why their
+    // stream ends, and that takes a moment after the drain.
+    let drain_deadline = deadline - (bound / 4).min(std::time::Duration::from_secs(2));
+    r.health.set_ready(false);
+    if let Some(grpc) = &r.grpc {
+        grpc.stop_accepting();
+    }
+    let _ = r.stop_listeners.send(true);
+    info!(
+        "{signal} received: closing the listeners; draining lanes and outputs (at most {} ms)",
+        bound.as_millis()
+    );
+
+    let mut abandoned: Vec<String> = Vec::new();
+    let mut stopped = Ok(());
+    let mut written = Ok(());
+    match timeout_at(drain_deadline, r.monitor.stop()).await {
+        Ok(s) => {
+            stopped = s;
+            match timeout_at(drain_deadline, r.writer).await {
+                Ok(Ok(w)) => written = w.map_err(AppError::Write),
+                Ok(Err(e)) => {
+                    written = Err(AppError::Write(std::io::Error::other(format!(
+                        "output stage failed: {e}"
+                    ))))
+                }
+                Err(_) => abandoned.push(
+                    "the outputs (records still queued for them, and their unflushed lines)"
+                        .to_owned(),
+                ),
+            }
+        }
+        Err(_) => abandoned.push(
+            "the lanes (records still in the kernel rings) and the outputs behind them".to_owned(),
+        ),
+    }
     if let Err(e) = &written {
         error!("{e}");
     }
-    let _ = stop_servers.send(true);
-    if let Some(t) = grpc_task {
-        if let Ok(Err(e)) = t.await {
-            error!("gRPC server: {e}");
+    let clients = r.hub.clients();
+    r.hub.shut_down();
+    if let Some(grpc) = r.grpc {
+        match timeout_at(deadline, grpc.wait()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("gRPC server: {e}"),
+            Err(_) => abandoned.push(format!(
+                "gRPC connections still open ({clients} stream clients were told to go away)"
+            )),
         }
     }
-    if let Some(t) = admin_task {
-        if let Ok(Err(e)) = t.await {
-            error!("admin endpoint: {e}");
+    if let Some(admin) = r.admin {
+        match timeout_at(deadline, admin).await {
+            Ok(Ok(Err(e))) => error!("admin endpoint: {e}"),
+            Ok(_) => {}
+            Err(_) => abandoned.push("admin connections still open".to_owned()),
         }
     }
-    if let Some(t) = sidekick_task {
-        // The pipeline dropped its sink: the sender drains within its grace period.
-        let _ = t.await;
+    if let Some(sidekick) = r.sidekick {
+        // The pipeline dropped its sink: the sender drains within its own grace period.
+        if timeout_at(deadline, sidekick).await.is_err() {
+            abandoned.push("Falcosidekick deliveries still queued".to_owned());
+        }
     }
     stopped?;
     written?;
-    info!("agent-monitor stopped");
+    if !abandoned.is_empty() {
+        return Err(AppError::ShutdownIncomplete {
+            bound_ms: bound.as_millis(),
+            abandoned: abandoned.join("; "),
+        });
+    }
+    info!(
+        "agent-monitor stopped in {} ms",
+        started.elapsed().as_millis()
+    );
     Ok(())
 }
 
@@ -447,7 +692,10 @@ mod tests {
             Vec::new(),
             vec![Box::new(Collect(got.clone()))],
             engine,
-            std::time::Duration::from_millis(300),
+            PipelineControl {
+                silence: Some(std::time::Duration::from_millis(300)),
+                ..PipelineControl::default()
+            },
         ));
         tx.send(Record::Lost(LostRecord {
             seq: 1,
@@ -476,6 +724,14 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        let notice = got
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|a| a.rule == KERNEL_SILENT)
+            .map(|a| a.priority);
+        // A quiet node is not a fault: a notice, not an error.
+        assert_eq!(notice, Some(crate::policy::Priority::Notice));
         // Still silent: not reported again.
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         let silent = got
@@ -487,5 +743,87 @@ mod tests {
         assert_eq!(silent, 1);
         drop(tx);
         task.await.expect("join").expect("pipeline");
+    }
+
+    /// An event sink that counts reopens and fails every write after `fail_after`.
+    struct Flaky {
+        reopened: Arc<std::sync::atomic::AtomicU64>,
+        writes: u64,
+        fail_after: u64,
+    }
+
+    impl Sink<Record> for Flaky {
+        fn write(&mut self, _: &Record) -> std::io::Result<()> {
+            self.writes += 1;
+            if self.writes > self.fail_after {
+                return Err(std::io::Error::other("disk full"));
+            }
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn reopen(&mut self) -> std::io::Result<()> {
+            self.reopened
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn lost(seq: u64) -> Record {
+        Record::Lost(LostRecord {
+            seq,
+            time: "2026-11-23T07:00:00.000000001Z".into(),
+            lane: "process".into(),
+            count: 1,
+            total: seq,
+        })
+    }
+
+    #[tokio::test]
+    async fn reopen_reaches_the_sinks_and_failed_writes_are_counted() {
+        let reopened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let metrics = Arc::new(Metrics::new());
+        let control = PipelineControl {
+            metrics: Some(metrics.clone()),
+            ..PipelineControl::default()
+        };
+        let reopen = control.reopen.clone();
+        let engine = Engine::new(
+            DetectConfig::default(),
+            Arc::new(RwLock::new(PolicySet::default())),
+        );
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(pipeline(
+            rx,
+            vec![Box::new(Flaky {
+                reopened: reopened.clone(),
+                writes: 0,
+                fail_after: 1,
+            })],
+            Vec::new(),
+            engine,
+            control,
+        ));
+        tx.send(lost(1)).await.expect("send");
+        // A SIGHUP while the pipeline runs (or before it waits: the permit is kept).
+        reopen.notify_one();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reopened.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never reopened");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The second write fails: counted under the sink's kind, and the error ends the
+        // pipeline as before.
+        tx.send(lost(2)).await.expect("send");
+        let err = task.await.expect("join").expect_err("write failed");
+        assert_eq!(err.to_string(), "disk full");
+        assert!(
+            metrics
+                .render()
+                .contains("agent_monitor_sink_failures_total{sink=\"events\"} 1\n"),
+            "{}",
+            metrics.render()
+        );
     }
 }

@@ -1,10 +1,16 @@
-//! Command line: `run`, `check-config`, `version`.
+//! Command line: `run`, `check-config`, `tail`, `version`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, ConfigError};
+use crate::{
+    config::{Config, ConfigError},
+    outputs::grpc::{EventKind, OutputFormat},
+};
 
 /// Exit status for a bad config or bad arguments (EX_USAGE in sysexits.h).
 pub const EXIT_CONFIG: u8 = 64;
@@ -35,7 +41,9 @@ pub struct Cli {
 pub enum Command {
     /// Load the probes and print every event as a JSON line until SIGTERM or SIGINT.
     Run(RunArgs),
-    /// Validate a config file: exit 0 when valid, 64 with a message naming the problem.
+    /// Validate a config as `run` would, short of loading the eBPF programs: the file, the
+    /// policies, and what it names on this machine (outputs, cgroups, pods file, TLS files,
+    /// Kubernetes client). Exit 0 when valid, 64 with a message naming the problem.
     CheckConfig(ConfigArgs),
     /// Connect to a running daemon's gRPC API and print anomalies (or events) as they come.
     Tail(TailArgs),
@@ -46,14 +54,27 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct TailArgs {
     /// The daemon's API: `http://127.0.0.1:50051`, `https://host:port` or `unix:/path`.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    #[arg(long, visible_alias = "addr", default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
     /// Print events instead of anomalies.
     #[arg(long)]
     pub events: bool,
-    /// One JSON object per line instead of a table.
-    #[arg(long)]
+    /// How to print each anomaly or event.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Compact)]
+    pub output: OutputFormat,
+    /// Same as `--output json`.
+    #[arg(long, conflicts_with = "output")]
     pub json: bool,
+    /// Only these kinds of events (with --events; comma-separated or repeated). Applied by
+    /// this client: the server sends every event the other filters let through.
+    #[arg(
+        long = "kind",
+        value_name = "KIND",
+        value_enum,
+        value_delimiter = ',',
+        requires = "events"
+    )]
+    pub kinds: Vec<EventKind>,
     /// Only these namespaces (repeatable).
     #[arg(long = "namespace", value_name = "NS")]
     pub namespaces: Vec<String>,
@@ -63,10 +84,12 @@ pub struct TailArgs {
     /// Only these agents (repeatable).
     #[arg(long = "agent", value_name = "AGENT")]
     pub agents: Vec<String>,
-    /// Only these rules (repeatable; anomalies only).
+    /// Only these rules (repeatable; anomalies only): built-in rule ids such as
+    /// `foreign-credential-read`.
     #[arg(long = "rule", value_name = "RULE")]
     pub rules: Vec<String>,
-    /// Only anomalies at least this severe (Emergency .. Debug).
+    /// Only anomalies at least this severe (anomalies only): emergency, alert, critical,
+    /// error, warning, notice, informational (info) or debug, in any case.
     #[arg(long, value_name = "PRIORITY")]
     pub min_priority: Option<String>,
     /// CA certificate (PEM) to verify an https endpoint.
@@ -105,12 +128,19 @@ pub struct RunArgs {
     pub kernel_log: bool,
 }
 
-/// The policies a config names, or the exit status after printing why they are unusable.
-fn load_policies(config: &Config) -> Result<crate::policy::PolicySet, ExitCode> {
-    crate::policy::PolicySet::load(&config.detect.policies).map_err(|e| {
-        eprintln!("agent-monitor: {e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
+/// Runs every start-up check of `run` short of loading the probes (see [`crate::preflight`])
+/// and returns the policies, or the exit status after printing why the config is unusable.
+fn preflight(
+    runtime: &tokio::runtime::Runtime,
+    config: &Config,
+    source: &Path,
+) -> Result<crate::policy::PolicySet, ExitCode> {
+    runtime
+        .block_on(crate::preflight::check(config, source))
+        .map_err(|e| {
+            eprintln!("agent-monitor: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
 }
 
 /// A tokio runtime, or the exit status after printing why it could not start.
@@ -129,6 +159,13 @@ pub fn load_config(args: &ConfigArgs) -> Result<Config, ConfigError> {
     }
 }
 
+/// How a config is named in messages: its file, or what stands for it.
+fn config_source(args: &ConfigArgs, default: &str) -> PathBuf {
+    args.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
 fn load_run_config(args: &RunArgs) -> Result<Config, ConfigError> {
     let mut config = load_config(&args.config)?;
     if let Some(output) = &args.output {
@@ -136,12 +173,7 @@ fn load_run_config(args: &RunArgs) -> Result<Config, ConfigError> {
     }
     config.cgroups.extend(args.cgroups.iter().cloned());
     config.kernel_log |= args.kernel_log;
-    let source = args
-        .config
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("<command line>"));
-    config.validate(&source)?;
+    config.validate(&config_source(&args.config, "<command line>"))?;
     Ok(config)
 }
 
@@ -163,74 +195,98 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Tail(args) => tail(args),
-        Command::CheckConfig(args) => match load_config(&args) {
-            Ok(config) => {
-                let policies = match load_policies(&config) {
-                    Ok(p) => p,
-                    Err(code) => return code,
-                };
-                let name = args.config.map_or_else(
-                    || "built-in default".to_owned(),
-                    |p| p.display().to_string(),
-                );
-                println!("config {name}: ok ({} policies)", policies.policies().len());
-                ExitCode::SUCCESS
+        Command::CheckConfig(args) => check_config(&args),
+        Command::Run(args) => run(&args),
+    }
+}
+
+fn check_config(args: &ConfigArgs) -> ExitCode {
+    let config = match load_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent-monitor: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let source = config_source(args, "<built-in default>");
+    let policies = match preflight(&runtime, &config, &source) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let name = args.config.as_ref().map_or_else(
+        || "built-in default".to_owned(),
+        |p| p.display().to_string(),
+    );
+    println!("config {name}: ok ({} policies)", policies.policies().len());
+    ExitCode::SUCCESS
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    let config = match load_run_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent-monitor: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2);
+    let runtime = match runtime(builder) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // The same checks as check-config, so both refuse a config with the same message.
+    let source = config_source(&args.config, "<command line>");
+    let policies = match preflight(&runtime, &config, &source) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(crate::app::run(config, policies));
+    // Dropping a runtime waits for every blocking task without limit; the shutdown bound
+    // was spent in `run`, so whatever is still running (a read stuck on a FIFO, a
+    // connection task) is left to the process exit.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent-monitor: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
             }
-            Err(e) => {
-                eprintln!("agent-monitor: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
-        Command::Run(args) => {
-            let config = match load_run_config(&args) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("agent-monitor: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let policies = match load_policies(&config) {
-                Ok(p) => p,
-                Err(code) => return code,
-            };
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(2);
-            let runtime = match runtime(builder) {
-                Ok(rt) => rt,
-                Err(code) => return code,
-            };
-            match runtime.block_on(crate::app::run(config, policies)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("agent-monitor: {e}");
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        eprintln!("  caused by: {s}");
-                        source = s.source();
-                    }
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
 
-fn tail(args: TailArgs) -> ExitCode {
+/// The filter and print options of `tail`, or the message saying which argument is wrong.
+fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, String> {
     use crate::outputs::grpc::{self, pb};
-    let min_priority = match args.min_priority.as_deref() {
-        None => None,
-        Some(p) => {
-            let parsed: Result<crate::policy::Priority, _> =
-                serde_json::from_value(serde_json::Value::String(p.to_owned()));
-            match parsed {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    eprintln!("agent-monitor: --min-priority: expected one of Emergency, Alert, Critical, Error, Warning, Notice, Informational, Debug, got {p:?}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            }
+    if args.events {
+        // Events carry no rule or priority: the server would ignore these filters.
+        if !args.rules.is_empty() {
+            return Err(
+                "--rule selects anomalies; events have no rule (filter events with \
+                        --kind, --namespace, --pod or --agent)"
+                    .to_owned(),
+            );
         }
-    };
+        if args.min_priority.is_some() {
+            return Err("--min-priority selects anomalies; events have no priority".to_owned());
+        }
+    }
+    let known: Vec<&str> = crate::detect::RULES.iter().map(|r| r.id).collect();
+    if let Some(unknown) = args.rules.iter().find(|r| !known.contains(&r.as_str())) {
+        return Err(format!(
+            "--rule {unknown:?}: no such rule; the rules are {}",
+            known.join(", ")
+        ));
+    }
     let mut filter = pb::Filter {
         namespaces: args.namespaces,
         pods: args.pods,
@@ -238,8 +294,14 @@ fn tail(args: TailArgs) -> ExitCode {
         rules: args.rules,
         ..Default::default()
     };
-    if let Some(p) = min_priority {
-        filter.min_priority = grpc::priority_to_pb(p) as i32;
+    if let Some(p) = args.min_priority.as_deref() {
+        let parsed = grpc::parse_priority(p).ok_or_else(|| {
+            format!(
+                "--min-priority: expected one of emergency, alert, critical, error, warning, \
+                 notice, informational (or info), debug, in any case; got {p:?}"
+            )
+        })?;
+        filter.min_priority = grpc::priority_to_pb(parsed) as i32;
     }
     let tls = match (args.ca, &args.cert) {
         (Some(ca), _) => Some(grpc::ClientTls {
@@ -249,25 +311,45 @@ fn tail(args: TailArgs) -> ExitCode {
             domain: None,
         }),
         (None, Some(_)) => {
-            eprintln!(
-                "agent-monitor: --cert needs --ca (the CA that signed the server's certificate)"
-            );
-            return ExitCode::from(EXIT_CONFIG);
+            return Err(
+                "--cert needs --ca (the CA that signed the server's certificate)".to_owned(),
+            )
         }
         (None, None) => None,
+    };
+    Ok(grpc::TailOptions {
+        endpoint: args.endpoint,
+        events: args.events,
+        filter,
+        format: if args.json {
+            OutputFormat::Json
+        } else {
+            args.output
+        },
+        kinds: args.kinds,
+        tls,
+    })
+}
+
+fn tail(args: TailArgs) -> ExitCode {
+    use crate::outputs::grpc::GrpcError;
+    let options = match tail_options(args) {
+        Ok(o) => o,
+        Err(message) => {
+            eprintln!("agent-monitor: tail: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(grpc::tail(
-        args.endpoint,
-        args.events,
-        filter,
-        args.json,
-        tls,
-    )) {
+    match runtime.block_on(crate::outputs::grpc::tail(options)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ GrpcError::Connect { .. }) => {
+            eprintln!("agent-monitor: tail: {e} (is agent-monitor running? is --endpoint right?)");
+            ExitCode::from(EXIT_FAILURE)
+        }
         Err(e) => {
             eprintln!("agent-monitor: tail: {e}");
             ExitCode::from(EXIT_FAILURE)

@@ -55,12 +55,13 @@ pub const DEFAULT_BASENAMES: &[&str] = &[
 /// A config file could not be used. Each variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("config {file}: cannot read: {source}")]
+    /// The file could not be read: missing, unreadable, not a regular file, or larger than
+    /// [`MAX_CONFIG_BYTES`].
+    #[error("config {file}: {source}")]
     Read {
         file: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::boundedfile::ReadError,
     },
     /// The YAML is malformed, has an unknown field, or a value of the wrong type.
     #[error("config {file}: {message}")]
@@ -108,6 +109,37 @@ pub struct Config {
     pub falcosidekick: SidekickSettings,
     /// Prometheus metrics, `/healthz` and `/readyz`.
     pub admin: AdminSettings,
+    /// What `/healthz` and the kernel-silence notice judge.
+    pub health: HealthSettings,
+    /// Longest SIGTERM/SIGINT shutdown, in milliseconds: listeners close at once, lanes
+    /// and outputs drain, stream clients are told; what is left at the bound is logged
+    /// and abandoned. Well under Kubernetes' default 30 s grace period.
+    pub shutdown_timeout_ms: u64,
+}
+
+/// Default of `shutdown_timeout_ms`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+/// Liveness settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    /// `/healthz` fails when the lane consumer or the pipeline loop has not turned for this
+    /// long, in milliseconds.
+    pub loop_stall_ms: u64,
+    /// No record from the kernel for this long raises one `monitor-kernel-silent` notice
+    /// per silent spell, in milliseconds; 0: never. Silence is not a health failure (a
+    /// quiet node is healthy); its length is always in `agent_monitor_kernel_silence_seconds`.
+    pub kernel_silence_ms: u64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            loop_stall_ms: 30_000,
+            kernel_silence_ms: 60_000,
+        }
+    }
 }
 
 /// gRPC API settings.
@@ -122,6 +154,22 @@ pub struct GrpcSettings {
     pub tls: Option<TlsSettings>,
     /// Messages queued per streaming client before it is sent a gap notice.
     pub queue_per_client: usize,
+    /// Connections admitted at once, per listener (TCP and the Unix socket each). Over
+    /// it, the oldest connection that made no request yet is closed, or else the new one.
+    pub max_connections: usize,
+    /// Longest time from accept to the first call (TLS and HTTP/2 handshakes included).
+    pub handshake_timeout_ms: u64,
+    /// Longest silence from a client after its first call; keepalive pings are answered
+    /// by every gRPC client, so a quiet stream stays open.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keepalive: a connection silent this long is pinged...
+    pub keepalive_interval_ms: u64,
+    /// ...and closed if the ping is not answered within this.
+    pub keepalive_timeout_ms: u64,
+    /// Serve plain-text gRPC on a non-loopback `listen` address. Without it such a config
+    /// is refused: the API streams credential events, so off the node it needs `tls`
+    /// (or this, when something else such as a NetworkPolicy restricts who connects).
+    pub allow_insecure: bool,
 }
 
 /// TLS files.
@@ -139,7 +187,39 @@ impl Default for GrpcSettings {
             listen: "127.0.0.1:50051".to_owned(),
             unix_socket: None,
             tls: None,
-            queue_per_client: 10_000,
+            queue_per_client: crate::outputs::grpc::DEFAULT_QUEUE_PER_CLIENT,
+            max_connections: crate::outputs::listen::DEFAULT_GRPC_MAX_CONNECTIONS,
+            handshake_timeout_ms: ms(crate::outputs::listen::DEFAULT_HANDSHAKE_TIMEOUT),
+            idle_timeout_ms: ms(crate::outputs::listen::DEFAULT_IDLE_TIMEOUT),
+            keepalive_interval_ms: ms(crate::outputs::grpc::DEFAULT_KEEPALIVE_INTERVAL),
+            keepalive_timeout_ms: ms(crate::outputs::grpc::DEFAULT_KEEPALIVE_TIMEOUT),
+            allow_insecure: false,
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl GrpcSettings {
+    /// The connection limits of each gRPC listener.
+    pub fn limits(&self) -> crate::outputs::listen::ConnLimits {
+        crate::outputs::listen::ConnLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: std::time::Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
+        }
+    }
+}
+
+impl AdminSettings {
+    /// The connection limits of the admin listener.
+    pub fn limits(&self) -> crate::outputs::listen::ConnLimits {
+        crate::outputs::listen::ConnLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: std::time::Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
         }
     }
 }
@@ -170,14 +250,24 @@ impl Default for SidekickSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
-    /// TCP address of `/metrics`, `/healthz` and `/readyz`, or `none`.
+    /// TCP address of `/metrics`, `/healthz` and `/readyz`, or `none`. Any address is
+    /// accepted without TLS: metrics and health carry no credentials or events.
     pub listen: String,
+    /// Connections admitted at once (see `grpc.max_connections`).
+    pub max_connections: usize,
+    /// Longest time from accept to the first request.
+    pub handshake_timeout_ms: u64,
+    /// Longest silence after a request before a kept-alive connection is closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9880".to_owned(),
+            max_connections: crate::outputs::listen::DEFAULT_ADMIN_MAX_CONNECTIONS,
+            handshake_timeout_ms: ms(crate::outputs::listen::DEFAULT_HANDSHAKE_TIMEOUT),
+            idle_timeout_ms: ms(crate::outputs::listen::DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -215,6 +305,10 @@ pub struct DetectSettings {
     pub exfil_window_ms: u64,
     /// Executable names that may never read a credential (shells, file utilities).
     pub suspicious_readers: Vec<String>,
+    /// Executable names of the node's own agents (the kubelet), which read node
+    /// credentials as their job: `node-credential-read` does not fire for host processes
+    /// running them.
+    pub node_agents: Vec<String>,
 }
 
 impl Default for DetectSettings {
@@ -227,6 +321,10 @@ impl Default for DetectSettings {
             cluster_cidrs: Vec::new(),
             exfil_window_ms: 30_000,
             suspicious_readers: crate::detect::DEFAULT_SUSPICIOUS_READERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            node_agents: crate::detect::DEFAULT_NODE_AGENTS
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
@@ -471,6 +569,8 @@ impl Default for Config {
             grpc: GrpcSettings::default(),
             falcosidekick: SidekickSettings::default(),
             admin: AdminSettings::default(),
+            health: HealthSettings::default(),
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
         }
     }
 }
@@ -501,13 +601,101 @@ impl Default for LanesConfig {
     }
 }
 
+/// Largest config file read: a config is a few KiB, and a ConfigMap (where a DaemonSet
+/// takes it from) holds at most 1 MiB.
+pub const MAX_CONFIG_BYTES: u64 = crate::boundedfile::MIB;
+
 impl Config {
-    /// Reads, parses and validates a config file.
-    pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+    /// `shutdown_timeout_ms` as a duration.
+    pub fn shutdown_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// Connection limits, timeouts, exposure and the shutdown bound.
+    fn validate_listeners(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, expected: &str, got: String| ConfigError::Invalid {
             file: file.to_owned(),
-            source,
-        })?;
+            field: field.to_owned(),
+            expected: expected.to_owned(),
+            got,
+        };
+        let g = &self.grpc;
+        // A plain-text API reachable from other hosts streams credential events to anyone
+        // who can connect. The admin listener has no such rule: metrics and health carry
+        // no credentials or events, only counts.
+        if let Some(addr) = listen_addr(&g.listen) {
+            if g.tls.is_none() && !g.allow_insecure && !addr.ip().to_canonical().is_loopback() {
+                return Err(invalid(
+                    "grpc.listen",
+                    "a loopback address (127.0.0.1:50051), or grpc.tls for a non-loopback one \
+                     (or grpc.allow_insecure: true to serve plain-text gRPC on a non-loopback \
+                     address, when something else restricts who can connect)",
+                    format!("{:?} without grpc.tls", g.listen),
+                ));
+            }
+        }
+        for (field, n) in [
+            ("grpc.max_connections", g.max_connections),
+            ("admin.max_connections", self.admin.max_connections),
+        ] {
+            if n == 0 || n > 65_536 {
+                return Err(invalid(field, "1 to 65536", n.to_string()));
+            }
+        }
+        for (field, v) in [
+            ("grpc.handshake_timeout_ms", g.handshake_timeout_ms),
+            ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
+            (
+                "admin.handshake_timeout_ms",
+                self.admin.handshake_timeout_ms,
+            ),
+            ("admin.idle_timeout_ms", self.admin.idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&v) {
+                return Err(invalid(field, "100 to 3600000", v.to_string()));
+            }
+        }
+        if !(1_000..=3_600_000).contains(&g.keepalive_interval_ms) {
+            return Err(invalid(
+                "grpc.keepalive_interval_ms",
+                "1000 to 3600000",
+                g.keepalive_interval_ms.to_string(),
+            ));
+        }
+        // A quiet stream client only sends keepalive answers: the idle timeout must leave
+        // room for a ping and its answer, or healthy clients would be cut off.
+        let min_idle = g
+            .keepalive_interval_ms
+            .saturating_add(g.keepalive_timeout_ms);
+        if g.idle_timeout_ms <= min_idle || g.idle_timeout_ms > 86_400_000 {
+            return Err(invalid(
+                "grpc.idle_timeout_ms",
+                &format!(
+                    "more than keepalive_interval_ms + keepalive_timeout_ms ({min_idle}), at most 86400000"
+                ),
+                g.idle_timeout_ms.to_string(),
+            ));
+        }
+        if !(100..=600_000).contains(&self.shutdown_timeout_ms) {
+            return Err(invalid(
+                "shutdown_timeout_ms",
+                "100 to 600000 (keep it under the pod's terminationGracePeriodSeconds)",
+                self.shutdown_timeout_ms.to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads (a regular file of at most [`MAX_CONFIG_BYTES`]), parses and validates a
+    /// config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text =
+            crate::boundedfile::read_to_string(file, MAX_CONFIG_BYTES).map_err(|source| {
+                ConfigError::Read {
+                    file: file.to_owned(),
+                    source,
+                }
+            })?;
         Self::parse(&text, file)
     }
 
@@ -518,6 +706,13 @@ impl Config {
         let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
+            // Before serde_yaml: its parser's time grows with the square of the nesting.
+            crate::boundedfile::check_yaml_nesting(text, crate::boundedfile::MAX_NESTING).map_err(
+                |e| ConfigError::Parse {
+                    file: file.to_owned(),
+                    message: e.to_string(),
+                },
+            )?;
             serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
                 file: file.to_owned(),
                 message: e.to_string(),
@@ -765,6 +960,24 @@ impl Config {
                 ));
             }
         }
+        self.validate_listeners(file)?;
+        // A loop turns at least every poll interval (the lane consumer) and every second
+        // (the pipeline): a shorter limit would fail a healthy daemon.
+        let min_stall = (2 * self.poll_interval_ms).max(2_000);
+        if self.health.loop_stall_ms < min_stall || self.health.loop_stall_ms > 3_600_000 {
+            return Err(invalid(
+                "health.loop_stall_ms".to_owned(),
+                &format!("{min_stall} (twice poll_interval_ms, at least 2000) to 3600000"),
+                self.health.loop_stall_ms.to_string(),
+            ));
+        }
+        if self.health.kernel_silence_ms > 86_400_000 {
+            return Err(invalid(
+                "health.kernel_silence_ms".to_owned(),
+                "0 (never) to 86400000",
+                self.health.kernel_silence_ms.to_string(),
+            ));
+        }
         if self.grpc.queue_per_client == 0 || self.falcosidekick.queue == 0 {
             return Err(invalid(
                 "grpc.queue_per_client / falcosidekick.queue".to_owned(),
@@ -890,6 +1103,92 @@ mod tests {
                 "detect:\n  dns_servers: 10.96.0.10\n",
                 &["/etc/am.yaml", "detect.dns_servers"],
             ),
+            (
+                "health: {loop_stall_ms: 500}\n",
+                &["health.loop_stall_ms", "at least 2000", "500"],
+            ),
+            (
+                "poll_interval_ms: 5000\nhealth: {loop_stall_ms: 9000}\n",
+                &["health.loop_stall_ms", "10000", "9000"],
+            ),
+        ];
+        for (text, needles) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            for n in *needles {
+                assert!(err.contains(n), "{text:?}: {err:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_loopback_plain_text_grpc_needs_tls_or_an_explicit_allowance() {
+        for listen in ["0.0.0.0:50051", "10.0.0.5:50051", "[::]:50051"] {
+            let err = parse(&format!("grpc: {{listen: \"{listen}\"}}\n"))
+                .expect_err(listen)
+                .to_string();
+            for needle in [
+                "/etc/am.yaml",
+                "grpc.listen",
+                "grpc.tls",
+                "grpc.allow_insecure: true",
+                listen,
+            ] {
+                assert!(err.contains(needle), "{listen}: {err:?} lacks {needle:?}");
+            }
+            parse(&format!(
+                "grpc: {{listen: \"{listen}\", allow_insecure: true}}\n"
+            ))
+            .expect("explicitly allowed");
+            parse(&format!(
+                "grpc: {{listen: \"{listen}\", tls: {{cert: /c.pem, key: /k.pem}}}}\n"
+            ))
+            .expect("with TLS");
+        }
+        for listen in [
+            "127.0.0.1:50051",
+            "127.3.4.5:1",
+            "[::1]:50051",
+            "[::ffff:127.0.0.1]:9",
+            "none",
+        ] {
+            parse(&format!("grpc: {{listen: \"{listen}\"}}\n")).expect(listen);
+        }
+        // The admin listener carries no credentials: any address.
+        parse("admin: {listen: \"0.0.0.0:9880\"}\n").expect("admin anywhere");
+    }
+
+    #[test]
+    fn listener_limits_and_shutdown_bound() {
+        let c = parse("").expect("default");
+        assert_eq!(
+            c.grpc.queue_per_client,
+            crate::outputs::grpc::DEFAULT_QUEUE_PER_CLIENT
+        );
+        assert_eq!(
+            crate::outputs::grpc::GrpcConfig::default().queue_per_client,
+            c.grpc.queue_per_client
+        );
+        assert_eq!(c.grpc.limits(), crate::outputs::listen::ConnLimits::GRPC);
+        assert_eq!(c.admin.limits(), crate::outputs::listen::ConnLimits::ADMIN);
+        assert_eq!(c.shutdown_timeout(), std::time::Duration::from_secs(10));
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "grpc: {max_connections: 0}\n",
+                &["grpc.max_connections", "1 to 65536"],
+            ),
+            ("admin: {max_connections: 0}\n", &["admin.max_connections"]),
+            (
+                "grpc: {idle_timeout_ms: 40000}\n",
+                &["grpc.idle_timeout_ms", "(50000)"],
+            ),
+            (
+                "admin: {handshake_timeout_ms: 5}\n",
+                &["admin.handshake_timeout_ms"],
+            ),
+            (
+                "shutdown_timeout_ms: 0\n",
+                &["shutdown_timeout_ms", "100 to 600000"],
+            ),
         ];
         for (text, needles) in cases {
             let err = parse(text).expect_err(text).to_string();
@@ -968,6 +1267,40 @@ mod tests {
         );
         // A directory cannot be read as a file.
         assert!(read_resolv_conf(dir.path()).is_empty(), "unreadable");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_serde_yaml() {
+        let deep = format!("watch: {}1{}\n", "[".repeat(70), "]".repeat(70));
+        let err = parse(&deep).expect_err("too deep").to_string();
+        assert_eq!(
+            err,
+            "config /etc/am.yaml: nested deeper than 64 levels at line 1 column 71"
+        );
+    }
+
+    #[test]
+    fn load_reads_only_bounded_regular_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big.yaml");
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(MAX_CONFIG_BYTES + 1).expect("grow");
+        let err = Config::load(&big).expect_err("too big").to_string();
+        assert_eq!(
+            err,
+            format!(
+                "config {}: larger than 1 MiB: {} bytes",
+                big.display(),
+                MAX_CONFIG_BYTES + 1
+            )
+        );
+        let err = Config::load(dir.path())
+            .expect_err("a directory")
+            .to_string();
+        assert!(err.ends_with(": not a regular file (a directory)"), "{err}");
+        let ok = dir.path().join("ok.yaml");
+        std::fs::write(&ok, "poll_interval_ms: 20\n").expect("write");
+        assert_eq!(Config::load(&ok).expect("valid").poll_interval_ms, 20);
     }
 
     #[test]

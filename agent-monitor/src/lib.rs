@@ -7,13 +7,17 @@
 //! [`app`] wires it to a config and owns shutdown.
 
 pub mod app;
+pub mod boundedfile;
 pub mod cli;
 pub mod config;
 pub mod detect;
 pub mod events;
 pub mod identity;
+pub mod journal;
 pub mod monitor;
 pub mod outputs;
 pub mod policy;
+pub mod preflight;
 pub mod probes;
+pub mod ratelog;
 pub mod watching;

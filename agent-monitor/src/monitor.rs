@@ -38,6 +38,7 @@ use crate::{
         watched::{dev_name, VolumePlugin},
         Identity,
     },
+    outputs::metrics::Heartbeat,
     probes::{ProbeError, Probes, Rings},
     watching::{DirWatch, WatchStatus, Watching, MOUNTINFO},
 };
@@ -128,6 +129,9 @@ struct Enricher {
     watching: Watching,
     /// Processes, cgroups and pods known, for status and metrics.
     cache_size: Arc<std::sync::atomic::AtomicU64>,
+    /// Beaten at every turn of the consumer loop and for every record drained, so a long
+    /// drain under load is alive and a stuck one is not.
+    heartbeat: Heartbeat,
 }
 
 impl Enricher {
@@ -182,8 +186,11 @@ impl Enricher {
         }
         if self.pending.len() >= self.max_pending {
             if let Some(oldest) = self.pending.pop_front() {
-                warn!(
-                    "pending queue full ({}): a record leaves without its pod",
+                // One line per interval with the count: one unknown pod can push out
+                // every record it makes.
+                crate::warn_limited!(
+                    "pending-queue-full",
+                    "pending queue full ({} records, identity.pending.max_events): a record leaves without its pod's metadata",
                     self.max_pending
                 );
                 if !self.send(oldest.record, out).await {
@@ -376,7 +383,8 @@ impl Enricher {
                 match EventKind::from_u16(h.kind) {
                     Some(EventKind::Exec) => {
                         let filename = c_string(&ev.filename, usize::from(ev.filename_len));
-                        self.table.on_exec(h.tgid, &filename);
+                        let host = self.identity.attribute(h.cgroup_id).workload.host;
+                        self.table.on_exec(h.tgid, &filename, host);
                         Some(Record::Exec(ExecRecord {
                             seq: 0,
                             task: self.task(h),
@@ -483,7 +491,7 @@ fn next_raw(ring: &mut RingBuf<MapData>, errors: &mut u64) -> Option<RawEvent> {
             Ok(raw) => return Some(raw),
             Err(e) => {
                 *errors += 1;
-                warn!("undecodable ring record skipped: {e}");
+                crate::warn_limited!("undecodable-record", "undecodable ring record skipped: {e}");
             }
         }
     }
@@ -497,6 +505,7 @@ pub struct Monitor {
     attached: Vec<String>,
     identity_cache_size: Arc<std::sync::atomic::AtomicU64>,
     watch_status: Arc<WatchStatus>,
+    heartbeat: Heartbeat,
 }
 
 impl Monitor {
@@ -551,6 +560,7 @@ impl Monitor {
                 config.kernel_maps.inventory_files as usize,
             ),
             cache_size: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            heartbeat: Heartbeat::new(),
         };
         // Before the first record is read, so that volumes and node credentials present at
         // start are matched from the first open on.
@@ -566,6 +576,7 @@ impl Monitor {
                 .load(std::sync::atomic::Ordering::Relaxed)
         );
         let identity_cache_size = enricher.cache_size.clone();
+        let heartbeat = enricher.heartbeat.clone();
         let (stop, stop_rx) = watch::channel(false);
         let poll = Duration::from_millis(config.poll_interval_ms);
         let task = tokio::spawn(consume(probes, fds, enricher, out, stop_rx, poll));
@@ -575,7 +586,13 @@ impl Monitor {
             attached,
             identity_cache_size,
             watch_status,
+            heartbeat,
         })
+    }
+
+    /// The consumer loop's heartbeat (see [`crate::outputs::metrics::Health::watch_loop`]).
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// The tracepoints attached.
@@ -662,6 +679,7 @@ async fn consume(
         w.get_mut().set(st.watching.inventory_dirs());
     }
     loop {
+        st.heartbeat.beat();
         let stopping = tokio::select! {
             _ = tick.tick() => false,
             _ = prune.tick() => {
@@ -798,6 +816,7 @@ async fn drain(fds: &mut LaneFds, st: &mut Enricher, out: &mpsc::Sender<Record>)
         let Some(raw) = heads[i].take() else {
             return true;
         };
+        st.heartbeat.beat();
         if let Some(rec) = st.enrich(raw) {
             if !st.emit(rec, out).await {
                 return false;
@@ -812,7 +831,7 @@ async fn report_drops(probes: &Probes, st: &mut Enricher, out: &mpsc::Sender<Rec
     let totals = match probes.drops() {
         Ok(t) => t,
         Err(e) => {
-            warn!("reading drop counters: {e}");
+            crate::warn_limited!("drop-counters", "reading drop counters: {e}");
             return true;
         }
     };
@@ -829,12 +848,21 @@ async fn report_drops(probes: &Probes, st: &mut Enricher, out: &mpsc::Sender<Rec
             count: total - reported,
             total,
         });
-        warn!(
+        // Per lane: a busy process lane must not hide a credential-lane loss.
+        const KEYS: [&str; LANE_COUNT as usize] = [
+            "records-lost-credential",
+            "records-lost-network",
+            "records-lost-process",
+        ];
+        crate::warn_limited!(
+            KEYS.get(lane).copied().unwrap_or("records-lost"),
             "{} {} records lost (ring full); {total} in all",
             total - reported,
             LANE_NAMES[lane]
         );
-        if out.send(rec).await.is_err() {
+        // Numbered from the same sequence as every other record, so a reader can tell
+        // where in the stream the loss was noticed.
+        if !st.send(rec, out).await {
             return false;
         }
     }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use agent_monitor_common::{dev_flags, FileKey};
-use log::{info, warn};
+use log::info;
 
 use crate::{
     identity::watched::{
@@ -36,8 +36,6 @@ const INVENTORY_MAX_DEPTH: usize = 8;
 /// How long a volume stays known after its filesystem is unmounted, so that records read
 /// after a pod's deletion still name the owner.
 const RETIRED_GRACE: Duration = Duration::from_secs(120);
-/// At most one "map full" warning per map per this interval.
-const FULL_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Counters for status and metrics, shared with the outputs.
 #[derive(Debug, Default)]
@@ -75,7 +73,6 @@ pub struct Watching {
     /// What the kernel's watched-device map holds (as far as inserts succeeded).
     devs: BTreeMap<u32, u8>,
     status: Arc<WatchStatus>,
-    last_full_warn: Option<Instant>,
 }
 
 fn key(e: &InventoryEntry) -> FileKey {
@@ -117,7 +114,6 @@ impl Watching {
             dirs: Vec::new(),
             devs: BTreeMap::new(),
             status: Arc::new(WatchStatus::default()),
-            last_full_warn: None,
         }
     }
 
@@ -152,7 +148,10 @@ impl Watching {
     pub fn sync(&mut self, probes: &mut Probes, inventory: bool) {
         match std::fs::read_to_string(MOUNTINFO) {
             Ok(text) => self.mounts = parse_mountinfo(&text),
-            Err(e) => warn!("reading {MOUNTINFO}: {e}; watched volumes not updated"),
+            Err(e) => crate::warn_limited!(
+                "mountinfo-read",
+                "reading {MOUNTINFO}: {e}; watched volumes not updated"
+            ),
         }
         let wanted: BTreeMap<u32, VolumeFs> = volume_filesystems(&self.mounts, &self.kubelet_root)
             .into_iter()
@@ -218,7 +217,7 @@ impl Watching {
                         .collect();
                 }
             }
-            Err(e) => warn!("reading back {WATCH_DEVS_MAP}: {e}"),
+            Err(e) => crate::warn_limited!("devs-read-back", "reading back {WATCH_DEVS_MAP}: {e}"),
         }
         self.status.map_full.fetch_add(refused, Ordering::Relaxed);
     }
@@ -240,10 +239,11 @@ impl Watching {
             },
         );
         for e in &found.errors {
-            warn!("credential inventory: {e}");
+            crate::warn_limited!("inventory-walk", "credential inventory: {e}");
         }
         if found.truncated {
-            warn!(
+            crate::warn_limited!(
+                "inventory-full",
                 "credential inventory stopped at {} entries (kernel_maps.inventory_files); files beyond are watched by path only",
                 self.inventory_capacity
             );
@@ -259,7 +259,12 @@ impl Watching {
         let (add, gone) = diff(&installed, &wanted.keys().copied().collect());
         for k in gone {
             if let Err(e) = probes.unwatch_file(k) {
-                warn!("removing inventory entry {}:{}: {e}", k.dev, k.ino);
+                crate::warn_limited!(
+                    "inventory-remove",
+                    "removing inventory entry {}:{}: {e}",
+                    k.dev,
+                    k.ino
+                );
             }
             self.inventory.remove(&k);
         }
@@ -302,7 +307,11 @@ impl Watching {
         let (_, gone) = diff(&installed, &wanted.keys().copied().collect());
         for dev in gone {
             if let Err(e) = probes.clear_dev(dev) {
-                warn!("removing watched device {}: {e}", dev_name(dev));
+                crate::warn_limited!(
+                    "device-remove",
+                    "removing watched device {}: {e}",
+                    dev_name(dev)
+                );
             }
             self.devs.remove(&dev);
         }
@@ -326,14 +335,10 @@ impl Watching {
     }
 
     fn warn_full(&mut self, map: &str, what: &str, err: &str) {
-        let now = Instant::now();
-        if self
-            .last_full_warn
-            .is_none_or(|t| now.duration_since(t) >= FULL_WARN_INTERVAL)
-        {
-            self.last_full_warn = Some(now);
-            warn!("kernel map {map} refused {what}: {err}; retried on the next sync (further refusals counted in agent_monitor_kernel_map_refusals_total)");
-        }
+        crate::warn_limited!(
+            "kernel-map-full",
+            "kernel map {map} refused {what}: {err}; retried on the next sync (refusals counted in agent_monitor_kernel_map_refusals_total)"
+        );
     }
 }
 
@@ -404,7 +409,8 @@ impl DirWatch {
             // SAFETY: valid C string and our descriptor.
             let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
             if wd < 0 {
-                warn!(
+                crate::warn_limited!(
+                    "inotify-add",
                     "inotify on {d}: {}; files created there are found by the periodic walk",
                     std::io::Error::last_os_error()
                 );
@@ -413,7 +419,8 @@ impl DirWatch {
             self.watches.insert(d.clone(), wd);
         }
         if dirs.len() > MAX_DIR_WATCHES {
-            warn!(
+            crate::warn_limited!(
+                "inotify-too-many",
                 "{} inventory directories; inotify watches the first {MAX_DIR_WATCHES}, the rest are walked every sync",
                 dirs.len()
             );

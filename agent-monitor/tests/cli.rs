@@ -256,3 +256,567 @@ fn the_daemon_prints_json_lines_and_stops_cleanly_on_sigterm() {
     // Cleanup: cat has exited, so the cgroup is empty and can go.
     let _ = std::fs::remove_dir(&cgroup);
 }
+
+/// Runs `agent-monitor <args>` to completion. A daemon that started anyway (a check that
+/// should have refused the config did not) is killed and the test fails, rather than
+/// hanging: this bounds a failure, it asserts nothing about speed.
+fn run_to_end(args: &[&std::ffi::OsStr], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start agent-monitor");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect");
+            panic!(
+                "{args:?} did not exit: it started instead of refusing the config\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect")
+}
+
+/// A server certificate and key, and a key that does not belong to it.
+fn write_tls_files(dir: &std::path::Path) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.join("server.pem"), cert.pem()).expect("write cert");
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).expect("write key");
+    let other = rcgen::KeyPair::generate().expect("other key");
+    std::fs::write(dir.join("other-key.pem"), other.serialize_pem()).expect("write key");
+    std::fs::write(dir.join("garbage.pem"), "not a certificate\n").expect("write garbage");
+}
+
+#[test]
+fn check_config_refuses_what_run_would_refuse_at_start() {
+    let dir = temp_dir("am-preflight");
+    let d = dir.path().display().to_string();
+    write_tls_files(dir.path());
+    std::fs::write(dir.path().join("pods.json"), "{\"items\": [").expect("write pods");
+    let too_many: Vec<String> = (0..4094).map(|i| format!("/w/{i}/")).collect();
+    // Keep the daemon's listeners out of the way in case a check is missing.
+    let quiet = "grpc: {listen: none}\nadmin: {listen: none}\n";
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("cgroups: [{d}/no-such-cgroup]\n{quiet}"),
+            vec!["`cgroups[0]`", "an existing cgroup2 directory", "No such file or directory"],
+        ),
+        (
+            format!("cgroups: [{d}]\n{quiet}"),
+            vec!["`cgroups[0]`", "not cgroup2"],
+        ),
+        (
+            format!("output: {d}\n{quiet}"),
+            vec!["`output`", "a file to append to", "which is a directory"],
+        ),
+        (
+            format!("alerts:\n  output: {d}/missing/alerts.jsonl\n{quiet}"),
+            vec!["`alerts.output`", "a file to append to", "No such file or directory"],
+        ),
+        (
+            format!("identity:\n  pods: {{source: file, file: {d}/missing-pods.json}}\n{quiet}"),
+            vec!["`identity.pods.file`", "kubectl get pods -o json", "No such file or directory"],
+        ),
+        (
+            format!("identity:\n  pods: {{source: file, file: {d}/pods.json}}\n{quiet}"),
+            vec!["`identity.pods.file`", "kubectl get pods -o json", "pods.json"],
+        ),
+        (
+            format!("identity:\n  cgroup_root: {d}\n{quiet}"),
+            vec!["`identity.cgroup_root`", "cgroup2 mount", d.as_str()],
+        ),
+        (
+            format!(
+                "grpc:\n  listen: 127.0.0.1:0\n  tls: {{cert: {d}/missing.pem, key: {d}/server-key.pem}}\nadmin: {{listen: none}}\n"
+            ),
+            vec!["`grpc.tls.cert`", "a readable PEM certificate", "missing.pem"],
+        ),
+        (
+            format!(
+                "grpc:\n  listen: 127.0.0.1:0\n  tls: {{cert: {d}/server.pem, key: {d}/server-key.pem, client_ca: {d}/missing-ca.pem}}\nadmin: {{listen: none}}\n"
+            ),
+            vec!["`grpc.tls.client_ca`", "missing-ca.pem"],
+        ),
+        (
+            format!(
+                "grpc:\n  listen: 127.0.0.1:0\n  tls: {{cert: {d}/garbage.pem, key: {d}/server-key.pem}}\nadmin: {{listen: none}}\n"
+            ),
+            vec!["`grpc.tls`", "PEM certificate chain", "certificate"],
+        ),
+        (
+            format!(
+                "grpc:\n  listen: 127.0.0.1:0\n  tls: {{cert: {d}/server.pem, key: {d}/garbage.pem}}\nadmin: {{listen: none}}\n"
+            ),
+            vec!["`grpc.tls`", "private key"],
+        ),
+        (
+            format!(
+                "grpc:\n  listen: 127.0.0.1:0\n  tls: {{cert: {d}/server.pem, key: {d}/other-key.pem}}\nadmin: {{listen: none}}\n"
+            ),
+            vec!["`grpc.tls`", "KeyMismatch"],
+        ),
+        (
+            format!(
+                "grpc:\n  listen: 127.0.0.1:0\n  tls: {{cert: {d}/server.pem, key: {d}/server-key.pem, client_ca: {d}/server-key.pem}}\nadmin: {{listen: none}}\n"
+            ),
+            vec!["`grpc.tls`", "trust anchors"],
+        ),
+        (
+            format!("grpc: {{listen: none, unix_socket: {d}/missing/am.sock}}\nadmin: {{listen: none}}\n"),
+            vec!["`grpc.unix_socket`", "existing directory", "No such file or directory"],
+        ),
+        (
+            format!(
+                "watch:\n  prefixes: [{}]\n{quiet}",
+                too_many.join(", ")
+            ),
+            vec!["`watch.prefixes`", "at most 4096", "4097 prefixes"],
+        ),
+        (
+            format!("falcosidekick: {{url: \"http://127.0.0.1:2801/\", ca: {d}/missing-ca.pem}}\n{quiet}"),
+            vec!["`falcosidekick.ca`", "missing-ca.pem"],
+        ),
+        (
+            format!("identity:\n  pods: {{source: kube, node_name: node-a}}\n{quiet}"),
+            vec!["`identity.pods.source`", "Kubernetes client configuration"],
+        ),
+        (
+            format!("detect:\n  cluster_policies: true\n{quiet}"),
+            vec!["`detect.cluster_policies`", "Kubernetes client configuration"],
+        ),
+    ];
+    // No kubeconfig and no in-cluster environment: the Kubernetes client cannot be built.
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).expect("mkdir home");
+    let envs = [
+        ("KUBECONFIG", "/nonexistent/kubeconfig"),
+        ("HOME", home.to_str().expect("utf-8 path")),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("case{i}.yaml"));
+        std::fs::write(&file, text).expect("write config");
+        let out = run_to_end(
+            &[
+                "check-config".as_ref(),
+                "--config".as_ref(),
+                file.as_os_str(),
+            ],
+            &envs,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "case {i} {text:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("config {}: field ", file.display())),
+            "case {i}: no file: {stderr}"
+        );
+        for n in needles {
+            assert!(stderr.contains(n), "case {i}: no {n:?} in {stderr}");
+        }
+        // Some of them through `run` as well: the same message, before anything starts.
+        let through_run = [
+            "`cgroups[0]`",
+            "`output`",
+            "`grpc.tls.cert`",
+            "`watch.prefixes`",
+        ];
+        if through_run.contains(&needles[0]) {
+            let run = run_to_end(
+                &["run".as_ref(), "--config".as_ref(), file.as_os_str()],
+                &envs,
+            );
+            let run_stderr = String::from_utf8_lossy(&run.stderr);
+            assert_eq!(run.status.code(), Some(64), "run case {i}: {run_stderr}");
+            assert!(
+                run_stderr.contains(stderr.trim()),
+                "run case {i} says something else: {run_stderr}"
+            );
+        }
+    }
+    // Nothing was created by checking.
+    assert!(!dir.path().join("missing").exists());
+}
+
+#[test]
+fn check_config_accepts_usable_files_and_creates_nothing() {
+    let dir = temp_dir("am-preflight-ok");
+    let d = dir.path().display().to_string();
+    write_tls_files(dir.path());
+    std::fs::write(
+        dir.path().join("pods.json"),
+        "{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": []}",
+    )
+    .expect("write pods");
+    std::fs::write(dir.path().join("events.jsonl"), "").expect("write output");
+    let cgroups = agent_monitor::identity::cgroup::cgroup2_mount()
+        .map(|m| format!("cgroups: [{}]\n", m.display()))
+        .unwrap_or_default();
+    let text = format!(
+        "output: {d}/events.jsonl\nalerts: {{output: {d}/alerts.jsonl}}\n{cgroups}\
+         identity:\n  pods: {{source: file, file: {d}/pods.json}}\n\
+         grpc:\n  listen: 127.0.0.1:0\n  unix_socket: {d}/am.sock\n  tls: {{cert: {d}/server.pem, key: {d}/server-key.pem}}\n\
+         admin: {{listen: \"127.0.0.1:0\"}}\n"
+    );
+    let file = dir.path().join("ok.yaml");
+    std::fs::write(&file, &text).expect("write config");
+    let out = run_to_end(
+        &[
+            "check-config".as_ref(),
+            "--config".as_ref(),
+            file.as_os_str(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("alerts.jsonl").exists(),
+        "check-config created the alert output"
+    );
+    assert!(
+        !dir.path().join("am.sock").exists(),
+        "check-config bound the socket"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// tail
+// ---------------------------------------------------------------------------------------
+
+mod tail {
+    use std::{
+        io::{BufRead as _, BufReader},
+        process::{Command, Stdio},
+        sync::Arc,
+        time::Duration,
+    };
+
+    use agent_monitor::{
+        detect::Anomaly,
+        events::{ExitRecord, LostRecord, Record, Task},
+        identity::Workload,
+        outputs::grpc::{pb, GrpcConfig, GrpcServer, Hub, StatusSource},
+        policy::Priority,
+    };
+
+    use super::BIN;
+
+    struct NoStatus;
+
+    impl StatusSource for NoStatus {
+        fn status(&self) -> pb::StatusResponse {
+            pb::StatusResponse::default()
+        }
+    }
+
+    /// A real API server (the daemon's own) on 127.0.0.1, fed by the test through its hub.
+    struct Server {
+        /// The server's tasks run here; dropping it stops them.
+        _runtime: tokio::runtime::Runtime,
+        hub: Hub,
+        endpoint: String,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    impl Server {
+        fn start() -> Self {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let hub = Hub::new(1024);
+            let cfg = GrpcConfig {
+                tcp: Some("127.0.0.1:0".parse().expect("addr")),
+                ..GrpcConfig::default()
+            };
+            let server = runtime.block_on(GrpcServer::bind(&cfg)).expect("bind");
+            let endpoint = format!("http://{}", server.local_addr().expect("tcp address"));
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            runtime.spawn(server.run(hub.clone(), Arc::new(NoStatus), async move {
+                let _ = stopped.await;
+            }));
+            Self {
+                _runtime: runtime,
+                hub,
+                endpoint,
+                stop: Some(stop),
+            }
+        }
+
+        /// Waits until `n` clients stream (a client subscribes when its call arrives).
+        fn wait_clients(&self, n: usize) {
+            while self.hub.clients() < n {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    fn task() -> Task {
+        Task {
+            time: "2026-11-23T08:00:00.000000001Z".into(),
+            ts_boot_ns: 1,
+            pid: 100,
+            tgid: 100,
+            ppid: Some(1),
+            uid: 0,
+            gid: 0,
+            comm: "agent".into(),
+            exe: None,
+            cgroup_id: 1,
+            workload: Workload {
+                namespace: Some("agents".into()),
+                pod: Some("coder-0".into()),
+                ..Workload::default()
+            },
+        }
+    }
+
+    fn exit(seq: u64) -> Record {
+        Record::Exit(ExitRecord { seq, task: task() })
+    }
+
+    fn lost(seq: u64) -> Record {
+        Record::Lost(LostRecord {
+            seq,
+            time: "2026-11-23T08:00:00Z".into(),
+            lane: "network".into(),
+            count: 1,
+            total: seq,
+        })
+    }
+
+    fn anomaly(seq: u64, rule: &str, priority: Priority) -> Anomaly {
+        Anomaly {
+            seq,
+            time: "2026-11-23T08:00:00Z".into(),
+            rule: rule.into(),
+            priority,
+            output: format!("anomaly {seq}"),
+            tags: Vec::new(),
+            workload: task().workload,
+            fields: Default::default(),
+            events: vec![seq],
+        }
+    }
+
+    fn tail(args: &[&str]) -> std::process::Child {
+        Command::new(BIN)
+            .arg("tail")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tail")
+    }
+
+    /// A TCP port with nothing listening on it.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    #[test]
+    fn a_daemon_that_is_not_there_is_named_with_the_cause() {
+        let endpoint = format!("http://127.0.0.1:{}", closed_port());
+        let out = tail(&["--endpoint", &endpoint])
+            .wait_with_output()
+            .expect("tail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot connect to {endpoint}: Connection refused")),
+            "{stderr}"
+        );
+        assert!(stderr.contains("is agent-monitor running?"), "{stderr}");
+        assert!(!stderr.contains("transport error"), "{stderr}");
+
+        let dir = super::temp_dir("am-tail");
+        let socket = format!("unix:{}/am.sock", dir.path().display());
+        let out = tail(&["--endpoint", &socket])
+            .wait_with_output()
+            .expect("tail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("No such file or directory"), "{stderr}");
+    }
+
+    #[test]
+    fn piped_into_head_it_exits_quietly() {
+        let server = Server::start();
+        let mut child = tail(&["--endpoint", &server.endpoint, "--events"]);
+        server.wait_clients(1);
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        server.hub.publish_event(&exit(1));
+        let mut first = String::new();
+        stdout.read_line(&mut first).expect("first line");
+        assert!(first.contains(" exit "), "{first:?}");
+        // What `head -1` does after its line: close the pipe.
+        drop(stdout);
+        let mut seq = 2;
+        while child.try_wait().expect("wait").is_none() {
+            server.hub.publish_event(&exit(seq));
+            seq += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out = child.wait_with_output().expect("tail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.is_empty(), "{stderr}");
+    }
+
+    /// Reads lines from `child` until one satisfies `want`, then stops it.
+    fn first_line(mut child: std::process::Child, want: impl Fn(&str) -> bool) -> String {
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut found = None;
+        for line in stdout.lines() {
+            let line = line.expect("line");
+            if want(&line) {
+                found = Some(line);
+                break;
+            }
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("tail");
+        found.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    #[test]
+    fn min_priority_is_case_insensitive_and_filters_on_the_server() {
+        for written in ["warning", "WARNING", "Warning", "warn"] {
+            let server = Server::start();
+            let child = tail(&[
+                "--endpoint",
+                &server.endpoint,
+                "--min-priority",
+                written,
+                "--output",
+                "json",
+            ]);
+            server.wait_clients(1);
+            server
+                .hub
+                .publish_anomaly(&anomaly(1, "baseline-deviation", Priority::Notice));
+            server
+                .hub
+                .publish_anomaly(&anomaly(2, "egress-outside-allowlist", Priority::Warning));
+            let line = first_line(child, |_| true);
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+            assert_eq!(v["rule"], "egress-outside-allowlist", "{written}: {line}");
+        }
+    }
+
+    #[test]
+    fn event_kinds_are_filtered() {
+        let server = Server::start();
+        let child = tail(&[
+            "--endpoint",
+            &server.endpoint,
+            "--events",
+            "--kind",
+            "lost,open",
+        ]);
+        server.wait_clients(1);
+        server.hub.publish_event(&exit(1));
+        server.hub.publish_event(&lost(2));
+        let line = first_line(child, |_| true);
+        assert!(line.contains(" lost "), "the exit was printed: {line}");
+    }
+
+    #[test]
+    fn the_default_output_is_one_compact_line_and_json_stays_available() {
+        let server = Server::start();
+        let child = tail(&["--endpoint", &server.endpoint]);
+        server.wait_clients(1);
+        server
+            .hub
+            .publish_anomaly(&anomaly(1, "cloud-metadata-contact", Priority::Error));
+        let line = first_line(child, |_| true);
+        assert_eq!(
+            line,
+            "08:00:00.000Z Error    cloud-metadata-contact agents/coder-0 - anomaly 1"
+        );
+
+        let server = Server::start();
+        let child = tail(&["--endpoint", &server.endpoint, "--json"]);
+        server.wait_clients(1);
+        server
+            .hub
+            .publish_anomaly(&anomaly(2, "cloud-metadata-contact", Priority::Error));
+        let line = first_line(child, |_| true);
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["priority"], "PRIORITY_ERROR");
+    }
+
+    #[test]
+    fn filters_that_cannot_match_are_refused() {
+        let out = Command::new(BIN)
+            .args(["tail", "--rule", "foreign-credential-reads"])
+            .output()
+            .expect("tail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains("\"foreign-credential-reads\": no such rule"),
+            "{stderr}"
+        );
+        for rule in agent_monitor::detect::RULES {
+            assert!(stderr.contains(rule.id), "{} not listed: {stderr}", rule.id);
+        }
+
+        for args in [
+            &["tail", "--events", "--rule", "foreign-credential-read"][..],
+            &["tail", "--events", "--min-priority", "warning"][..],
+        ] {
+            let out = Command::new(BIN).args(args).output().expect("tail");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+            assert!(stderr.contains("selects anomalies"), "{args:?}: {stderr}");
+        }
+
+        let out = Command::new(BIN)
+            .args(["tail", "--min-priority", "high"])
+            .output()
+            .expect("tail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains("warning") && stderr.contains("\"high\""),
+            "{stderr}"
+        );
+
+        // Event kinds without events, and a kind that does not exist: usage errors.
+        for args in [
+            &["tail", "--kind", "open"][..],
+            &["tail", "--events", "--kind", "opens"][..],
+        ] {
+            let out = Command::new(BIN).args(args).output().expect("tail");
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+        }
+    }
+}

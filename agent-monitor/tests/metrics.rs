@@ -1,5 +1,6 @@
-//! The admin server over real HTTP: `/metrics` contents, `/healthz` liveness including
-//! staleness, `/readyz`, and 404 for anything else. No root needed.
+//! The admin server over real HTTP: `/metrics` contents, `/healthz` liveness (probes
+//! attached, the daemon's loops turning; never kernel activity), `/readyz`, and 404 for
+//! anything else. No root needed.
 
 use std::{
     net::SocketAddr,
@@ -7,12 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_monitor::outputs::metrics::{serve_admin_on, Health, Metrics, OPENMETRICS_CONTENT_TYPE};
+use agent_monitor::outputs::metrics::{
+    serve_admin_on, Health, Heartbeat, Metrics, OPENMETRICS_CONTENT_TYPE,
+};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
-/// Short enough that the test waits little for staleness, long enough that a request sent
-/// right after `mark_kernel_activity` lands well inside it.
-const STALENESS: Duration = Duration::from_secs(1);
+/// Short enough that the test waits little for a stall, long enough that a request sent
+/// right after a heartbeat lands well inside it.
+const STALL: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Server {
@@ -57,7 +60,7 @@ fn assert_line(body: &str, line: &str) {
 #[tokio::test]
 async fn admin_endpoints_over_http() {
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::new(STALENESS));
+    let health = Arc::new(Health::new(STALL));
     let server = start(metrics.clone(), health.clone()).await;
     let client = reqwest::Client::new();
     let url = |path: &str| format!("{}{path}", server.base);
@@ -142,6 +145,14 @@ async fn admin_endpoints_over_http() {
         &body,
         "agent_monitor_sink_failures_total{sink=\"falcosidekick\"} 1",
     );
+    // Read from the health state at scrape time: no kernel record yet, so the time since
+    // the state was created.
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("agent_monitor_kernel_silence_seconds ")),
+        "{body}"
+    );
+    assert_line(&body, "# TYPE agent_monitor_kernel_silence_seconds gauge");
     assert_eq!(body.lines().last(), Some("# EOF"));
 
     // --- /healthz ---
@@ -150,16 +161,18 @@ async fn admin_endpoints_over_http() {
     assert_eq!(body, "no probes attached\n");
 
     health.set_probes_attached(4);
+    // No kernel record ever: a quiet node is alive.
     let (status, _, body) = get(&client, &url("/healthz")).await;
-    assert_eq!(status, 503, "probes but no activity yet: {body}");
-    assert_eq!(body, "no kernel activity observed yet\n");
-
-    health.mark_kernel_activity();
-    let (status, _, body) = get(&client, &url("/healthz")).await;
-    assert_eq!(status, 200, "fresh activity: {body}");
+    assert_eq!(status, 200, "probes, no activity: {body}");
     assert_eq!(body, "ok\n");
 
-    // Without further activity, health must fail once the window has passed.
+    let pipeline = Heartbeat::new();
+    health.watch_loop("pipeline", pipeline.clone());
+    pipeline.beat();
+    let (status, _, body) = get(&client, &url("/healthz")).await;
+    assert_eq!(status, 200, "fresh heartbeat: {body}");
+
+    // A loop that stops turning fails health, by name, once the window has passed.
     let deadline = Instant::now() + TIMEOUT;
     let body = loop {
         let (status, _, body) = get(&client, &url("/healthz")).await;
@@ -167,26 +180,23 @@ async fn admin_endpoints_over_http() {
             break body;
         }
         assert_eq!(status, 200, "unexpected status, body {body}");
-        assert!(Instant::now() < deadline, "/healthz never went stale");
+        assert!(Instant::now() < deadline, "/healthz never saw the stall");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
-        body.starts_with("no kernel activity for ") && body.ends_with(" ms (window 1000 ms)\n"),
-        "stale reason: {body:?}"
+        body.starts_with("pipeline loop stalled for ") && body.ends_with(" ms (limit 1000 ms)\n"),
+        "stall reason: {body:?}"
     );
-    assert!(
-        health.since_kernel_activity().expect("activity seen") > STALENESS,
-        "went stale before the window passed"
-    );
+    assert!(pipeline.age() > STALL, "stalled before the window passed");
 
-    // Fresh activity revives it.
-    health.mark_kernel_activity();
+    // A new turn revives it; kernel activity alone would not have.
+    pipeline.beat();
     let (status, _, body) = get(&client, &url("/healthz")).await;
     assert_eq!(status, 200, "revived: {body}");
 
-    // Detaching probes fails it regardless of activity.
+    // Detaching probes fails it regardless of the loops.
     health.set_probes_attached(0);
-    health.mark_kernel_activity();
+    pipeline.beat();
     let (status, _, _) = get(&client, &url("/healthz")).await;
     assert_eq!(status, 503);
 

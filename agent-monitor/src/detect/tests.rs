@@ -26,6 +26,8 @@ fn pod_workload(uid: &str, name: &str, tier: Option<&str>) -> Workload {
         tier: tier.map(str::to_owned),
         labels: Default::default(),
         cgroup: Some("/kubepods".into()),
+        truncated: false,
+        labels_truncated: 0,
     }
 }
 
@@ -234,16 +236,26 @@ fn unexpected_executable() {
     );
     assert_eq!(fired(&mut e, &[by_python]), vec![UNEXPECTED_EXECUTABLE]);
     assert!(fired(&mut e, &[by_agent]).is_empty());
-    // Host processes are not judged by pod policy.
+    // Host processes are not judged by pod rules: a shell reading a pod's token through
+    // the kubelet's directory is not "unexpected"; only the node-credential rule, which
+    // covers host processes, fires for a cloud credential file.
     let mut e = engine("");
-    let host_cat = open(
+    let host_cat_token = open(
         5,
+        task(14, 1, "/usr/bin/cat", host(), S),
+        "/var/lib/kubelet/pods/a/volumes/x/token",
+        CredentialClass::ServiceAccountToken,
+        Some(A),
+    );
+    assert!(fired(&mut e, &[host_cat_token]).is_empty());
+    let host_cat = open(
+        6,
         task(14, 1, "/usr/bin/cat", host(), S),
         "/root/.aws/credentials",
         CredentialClass::CloudCredentials,
         None,
     );
-    assert!(fired(&mut e, &[host_cat]).is_empty());
+    assert_eq!(fired(&mut e, &[host_cat]), vec![NODE_CREDENTIAL_READ]);
 }
 
 #[test]
@@ -450,18 +462,80 @@ fn node_credentials_and_environ() {
         None,
     );
     assert_eq!(fired(&mut e, &[kubeconfig]), vec![NODE_CREDENTIAL_READ]);
-    let host_read = open(
-        2,
-        task(11, 1, AGENT, host(), S),
-        "/etc/kubernetes/admin.conf",
+    // Host processes too: a shell on the node (or a dev box) reading the admin
+    // kubeconfig, PKI or cloud credentials...
+    for (seq, path, class) in [
+        (
+            2,
+            "/etc/kubernetes/admin.conf",
+            CredentialClass::NodeKubeconfig,
+        ),
+        (21, "/etc/kubernetes/pki/ca.key", CredentialClass::NodePki),
+        (
+            22,
+            "/home/dev/.aws/credentials",
+            CredentialClass::CloudCredentials,
+        ),
+    ] {
+        let host_read = open(
+            seq,
+            task(11, 1, "/usr/bin/cat", host(), S),
+            path,
+            class,
+            None,
+        );
+        let anomalies = e.process(&host_read);
+        assert_eq!(
+            anomalies
+                .iter()
+                .map(|a| a.rule.as_str())
+                .collect::<Vec<_>>(),
+            vec![NODE_CREDENTIAL_READ],
+            "{path}"
+        );
+        assert!(
+            anomalies[0]
+                .output
+                .starts_with("Node credential read by a host process: host process cat"),
+            "{}",
+            anomalies[0].output
+        );
+        assert!(anomalies[0].workload.host);
+    }
+    // ...but not the node's own agents doing their job, by executable name (or comm
+    // when the executable is unknown).
+    let kubelet = open(
+        23,
+        task(12, 1, "/usr/bin/kubelet", host(), S),
+        "/var/lib/kubelet/pki/kubelet-client-current.pem",
+        CredentialClass::NodePki,
+        None,
+    );
+    assert!(fired(&mut e, &[kubelet]).is_empty());
+    let mut no_exe = task(13, 1, "/usr/bin/kubelet", host(), S);
+    no_exe.exe = None;
+    let kubelet_by_comm = open(
+        24,
+        no_exe,
+        "/var/lib/kubelet/kubeconfig",
         CredentialClass::NodeKubeconfig,
         None,
     );
-    assert!(fired(&mut e, &[host_read]).is_empty());
-    let environ = |seq, pid: u32| {
+    assert!(fired(&mut e, &[kubelet_by_comm]).is_empty());
+    // The exemption is for host processes only: a container running a binary named
+    // kubelet is still a container reading node credentials.
+    let fake_kubelet = open(
+        25,
+        task(14, 1, "/usr/bin/kubelet", a.clone(), S),
+        "/var/lib/kubelet/kubeconfig",
+        CredentialClass::NodeKubeconfig,
+        None,
+    );
+    assert_eq!(fired(&mut e, &[fake_kubelet]), vec![NODE_CREDENTIAL_READ]);
+    let environ = |seq, pid: u32, w: Workload| {
         let mut r = open(
             seq,
-            task(10, 1, AGENT, a.clone(), S),
+            task(10, 1, AGENT, w, S),
             &format!("/proc/{pid}/environ"),
             CredentialClass::ProcEnviron,
             None,
@@ -474,9 +548,21 @@ fn node_credentials_and_environ() {
         }
         r
     };
-    assert_eq!(fired(&mut e, &[environ(3, 4242)]), vec![PROC_ENVIRON_READ]);
+    assert_eq!(
+        fired(&mut e, &[environ(3, 4242, a.clone())]),
+        vec![PROC_ENVIRON_READ]
+    );
     assert!(
-        fired(&mut e, &[environ(4, 10)]).is_empty(),
+        fired(&mut e, &[environ(4, 10, a.clone())]).is_empty(),
+        "own environment"
+    );
+    // A host process reading another process's environment, too; its own is fine.
+    assert_eq!(
+        fired(&mut e, &[environ(5, 4242, host())]),
+        vec![PROC_ENVIRON_READ]
+    );
+    assert!(
+        fired(&mut e, &[environ(6, 10, host())]).is_empty(),
         "own environment"
     );
 }

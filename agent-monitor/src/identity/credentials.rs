@@ -270,6 +270,8 @@ mod tests {
                 mounts,
             }],
             pod_ips: vec![],
+            truncated: false,
+            labels_truncated: 0,
         }
     }
 

@@ -37,6 +37,17 @@ pub struct Workload {
     /// cgroup path relative to the cgroup2 mount; `None` when the cgroup id could not be
     /// resolved.
     pub cgroup: Option<String>,
+    /// The pod's metadata was over a limit and a name, the namespace, the ServiceAccount
+    /// or the container name may be cut (ending in `…`); see `identity::pods::PodMeta::bounded`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Labels of the pod left out of `labels` or with their value cut.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub labels_truncated: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The outcome of attributing one cgroup.
@@ -122,6 +133,8 @@ impl Identity {
             w.agent = p.labels.get(&self.config.agent_label).cloned();
             w.tier = p.labels.get(&self.config.tier_label).cloned();
             w.labels = p.labels.clone();
+            w.truncated = p.truncated;
+            w.labels_truncated = p.labels_truncated;
             w.container = info
                 .container_id
                 .as_deref()

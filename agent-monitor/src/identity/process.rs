@@ -153,27 +153,39 @@ impl ProcessTable {
 
     /// A process called execve with `filename`: the executable is that path with symlinks
     /// resolved inside the process's own root, or, for a relative path, what /proc says
-    /// while the process lives.
-    pub fn on_exec(&mut self, tgid: u32, filename: &str) -> Option<String> {
+    /// while the process lives. `host`: the process is not in a pod (its cgroup says so),
+    /// so the node's root (that of pid 1) is its root too.
+    pub fn on_exec(&mut self, tgid: u32, filename: &str, host: bool) -> Option<String> {
         // The path the kernel recorded comes first: /proc says what the process runs when
         // the record is read, which is a later program if it exec'd again since. Its
         // symlinks are the container's, so they are resolved under /proc/<pid>/root, not
-        // in the daemon's own filesystem; when that cannot be read (the process is gone,
-        // or the daemon lacks CAP_SYS_PTRACE for it) the path stays as recorded.
-        let exe = if filename.starts_with('/') {
-            Some(
-                realpath_in(
-                    &self.proc_root.join(tgid.to_string()).join("root"),
-                    filename,
-                )
-                .unwrap_or_else(|| filename.to_owned()),
-            )
-        } else {
-            self.read_exe(tgid)
-        };
+        // in the daemon's own filesystem. A process already gone (a `cat` that exits at
+        // once) is resolved in its parent's root, which a process shares unless it is a
+        // container's first one; a host process whose parent is gone too, in the node's
+        // root (pid 1's, else the daemon's own). When none can be read (gone, or the daemon lacks CAP_SYS_PTRACE for them)
+        // the path stays as recorded.
         let ppid = match self.procs.get(&tgid) {
             Some(info) => info.ppid,
             None => self.read_proc(tgid).and_then(|i| i.ppid),
+        };
+        let exe = if filename.starts_with('/') {
+            let root = |pid: u32| self.proc_root.join(pid.to_string()).join("root");
+            Some(
+                realpath_in(&root(tgid), filename)
+                    .or_else(|| ppid.and_then(|p| realpath_in(&root(p), filename)))
+                    .or_else(|| {
+                        // The node's root is pid 1's; the daemon's own when it runs on the
+                        // node rather than in a container (and /proc/1 is out of reach).
+                        host.then(|| {
+                            realpath_in(&root(1), filename)
+                                .or_else(|| realpath_in(Path::new("/"), filename))
+                        })
+                        .flatten()
+                    })
+                    .unwrap_or_else(|| filename.to_owned()),
+            )
+        } else {
+            self.read_exe(tgid)
         };
         self.insert(
             tgid,
@@ -309,10 +321,16 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
         let link = link.to_str().expect("utf-8");
-        let exe = t.on_exec(std::process::id(), link);
+        let exe = t.on_exec(std::process::id(), link, false);
         assert_eq!(exe.as_deref(), real.canonicalize().expect("canon").to_str());
-        // A process that is gone: its root is unknown, the path stays as recorded.
-        assert_eq!(t.on_exec(999_999_998, link).as_deref(), Some(link));
+        // A process that is gone: resolved in its parent's root.
+        t.on_fork(std::process::id(), 999_999_997);
+        let exe = t.on_exec(999_999_997, link, false);
+        assert_eq!(exe.as_deref(), real.canonicalize().expect("canon").to_str());
+        // Gone, parent unknown: the path stays as recorded, unless it ran on the host.
+        assert_eq!(t.on_exec(999_999_998, link, false).as_deref(), Some(link));
+        let exe = t.on_exec(999_999_996, link, true);
+        assert_eq!(exe.as_deref(), real.canonicalize().expect("canon").to_str());
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, io::Write};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{jsonl::JsonLines, Sink};
+use super::{
+    jsonl::{JsonLines, Reopen},
+    Sink,
+};
 use crate::{detect::Anomaly, policy::Priority};
 
 /// The `source` of every alert.
@@ -68,13 +71,17 @@ impl<W: Write> FalcoLines<W> {
     }
 }
 
-impl<W: Write> Sink<Anomaly> for FalcoLines<W> {
+impl<W: Write + Reopen> Sink<Anomaly> for FalcoLines<W> {
     fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
         self.lines.write(&FalcoAlert::new(a, &self.hostname))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Sink::<FalcoAlert<'_>>::flush(&mut self.lines)
+    }
+
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.lines.reopen()
     }
 }
 

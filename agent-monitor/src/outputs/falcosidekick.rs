@@ -246,25 +246,7 @@ pub fn spawn(
     hostname: String,
 ) -> Result<(SidekickSink, JoinHandle<()>, Arc<SidekickCounters>), SidekickError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| SidekickError::NoRuntime)?;
-    let url = parse_url(&cfg.url)?;
-    if cfg.queue == 0 {
-        return Err(SidekickError::BadSetting {
-            setting: "queue",
-            reason: "must be at least 1",
-        });
-    }
-    if cfg.timeout.is_zero() {
-        return Err(SidekickError::BadSetting {
-            setting: "timeout",
-            reason: "must be more than zero",
-        });
-    }
-    if cfg.max_backoff.is_zero() {
-        return Err(SidekickError::BadSetting {
-            setting: "max_backoff",
-            reason: "must be more than zero",
-        });
-    }
+    let url = check(&cfg)?;
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .timeout(cfg.timeout)
@@ -332,6 +314,35 @@ fn redacted(url: &Url) -> String {
         let _ = u.set_password(Some("REDACTED"));
     }
     u.to_string()
+}
+
+/// Checks `cfg` as [`spawn`] does, without starting anything, and returns the parsed URL:
+/// `check-config` and the daemon's start-up call it, so a bad URL or CA file is refused
+/// with the same message before anything runs.
+pub fn check(cfg: &SidekickConfig) -> Result<Url, SidekickError> {
+    let url = parse_url(&cfg.url)?;
+    if cfg.queue == 0 {
+        return Err(SidekickError::BadSetting {
+            setting: "queue",
+            reason: "must be at least 1",
+        });
+    }
+    if cfg.timeout.is_zero() {
+        return Err(SidekickError::BadSetting {
+            setting: "timeout",
+            reason: "must be more than zero",
+        });
+    }
+    if cfg.max_backoff.is_zero() {
+        return Err(SidekickError::BadSetting {
+            setting: "max_backoff",
+            reason: "must be more than zero",
+        });
+    }
+    if let Some(path) = &cfg.ca {
+        read_ca(path)?;
+    }
+    Ok(url)
 }
 
 /// Reads the certificates of a PEM file.
@@ -495,9 +506,14 @@ impl Sender {
                 }
                 Attempt::Rejected { status, body } => {
                     self.counters.rejected.fetch_add(1, Relaxed);
-                    warn!(
+                    // Per alert: a Falcosidekick that rejects one alert usually rejects
+                    // them all.
+                    crate::warn_limited!(
+                        "sidekick-rejected",
                         "falcosidekick at {} rejected alert {} ({}) with {status}: {body}",
-                        self.shown_url, item.seq, item.rule
+                        self.shown_url,
+                        item.seq,
+                        item.rule
                     );
                     return Delivery::Done;
                 }

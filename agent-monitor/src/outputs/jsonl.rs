@@ -1,12 +1,28 @@
 //! One JSON object per line, to stdout or a file.
+//!
+//! Output files hold what credentials were read, by whom: they are created 0600 whatever
+//! the umask. A daemon killed mid-write (SIGKILL, OOM) can leave a torn last line; the next
+//! start cuts it off before appending, so every line of the file stays one whole JSON
+//! object. SIGHUP reopens the file at its path, for log rotation ([`Reopen`]).
 
 use std::{
-    fs::OpenOptions,
+    fs::{File, OpenOptions},
     io::{BufWriter, Write},
-    path::Path,
+    os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
 };
 
+use log::{info, warn};
+
 use super::Sink;
+
+/// Mode of the output files the daemon creates.
+pub const OUTPUT_MODE: u32 = 0o600;
+
+/// How far back from the end a torn last line is looked for. Event lines are bounded far
+/// below this (pod metadata is capped); a file that does not end in a line break within
+/// this many bytes is not a torn JSON-lines file and is left alone, with an error.
+pub const MAX_TORN_TAIL: u64 = 16 << 20;
 
 /// Writes each item (record or anomaly) as one line of JSON.
 pub struct JsonLines<W: Write> {
@@ -21,18 +37,143 @@ impl<W: Write> JsonLines<W> {
     }
 }
 
-/// Opens a configured output: `-` is stdout, anything else a file opened for append.
-pub fn open_writer(output: &str) -> std::io::Result<Box<dyn Write + Send>> {
+/// A destination that can be opened again at its path.
+pub trait Reopen {
+    /// Opens the destination again; the old one is closed. On error the old one is kept.
+    fn reopen(&mut self) -> std::io::Result<()>;
+}
+
+/// In-memory buffers (tests) have nothing to reopen.
+impl Reopen for Vec<u8> {
+    fn reopen(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<R: Reopen + ?Sized> Reopen for &mut R {
+    fn reopen(&mut self) -> std::io::Result<()> {
+        (**self).reopen()
+    }
+}
+
+/// A configured output: stdout, or a file appended to.
+#[derive(Debug)]
+pub enum Output {
+    Stdout(std::io::Stdout),
+    File { path: PathBuf, file: File },
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Output::Stdout(s) => s.write(buf),
+            Output::File { file, .. } => file.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Output::Stdout(s) => s.flush(),
+            Output::File { file, .. } => file.flush(),
+        }
+    }
+}
+
+impl Reopen for Output {
+    fn reopen(&mut self) -> std::io::Result<()> {
+        if let Output::File { path, file } = self {
+            *file = open_file(path)?;
+            info!("output {}: reopened", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Opens a configured output: `-` is stdout, anything else a file opened for append (see
+/// [`open_file`]).
+pub fn open_writer(output: &str) -> std::io::Result<Output> {
     Ok(if output == "-" {
-        Box::new(std::io::stdout())
+        Output::Stdout(std::io::stdout())
     } else {
-        Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(Path::new(output))?,
-        )
+        let path = PathBuf::from(output);
+        let file = open_file(&path)?;
+        Output::File { path, file }
     })
+}
+
+/// Opens a file for append, creating it with mode [`OUTPUT_MODE`]. A regular file that
+/// does not end in a line break (the daemon was killed mid-write) first loses its torn
+/// last line, so that appending never glues a new line onto a fragment; the bytes dropped
+/// are logged. Special files (a FIFO, `/dev/null`) are opened for writing only.
+pub fn open_file(path: &Path) -> std::io::Result<File> {
+    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    let mut options = OpenOptions::new();
+    options.append(true).create(true).mode(OUTPUT_MODE);
+    if !special {
+        // Reading is needed to find the end of the last whole line.
+        options.read(true);
+    }
+    let file = options.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(file);
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        // Created by someone else (or an older version): left as the operator set it,
+        // but said, since the file names every credential read.
+        warn!(
+            "output {}: mode {mode:04o} lets other users read or write it; the daemon creates its files {OUTPUT_MODE:04o}",
+            path.display()
+        );
+    }
+    let dropped = cut_torn_tail(&file, meta.len())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    if dropped > 0 {
+        warn!(
+            "output {}: dropped the {dropped}-byte torn last line left by an interrupted write; every line left is whole",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Truncates `file` (of `len` bytes) after its last line break when it does not end in
+/// one. Returns the bytes dropped.
+fn cut_torn_tail(file: &File, len: u64) -> std::io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] == b'\n' {
+        return Ok(0);
+    }
+    const CHUNK: u64 = 64 * 1024;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut end = len;
+    while end > 0 {
+        if len - end >= MAX_TORN_TAIL {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "does not end in a line break and has none in its last {MAX_TORN_TAIL} bytes: not a JSON-lines output (move it away)"
+                ),
+            ));
+        }
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            let keep = start + i as u64 + 1;
+            file.set_len(keep)?;
+            return Ok(len - keep);
+        }
+        end = start;
+    }
+    // No line break at all: the whole file is one torn line.
+    file.set_len(0)?;
+    Ok(len)
 }
 
 impl<W: Write> JsonLines<W> {
@@ -43,6 +184,14 @@ impl<W: Write> JsonLines<W> {
     ) -> std::io::Result<()> {
         serialize(&mut serde_json::Serializer::new(&mut self.out))?;
         self.out.write_all(b"\n")
+    }
+}
+
+impl<W: Write + Reopen> JsonLines<W> {
+    /// Flushes what is buffered to the current destination, then reopens it.
+    pub fn reopen(&mut self) -> std::io::Result<()> {
+        self.out.flush()?;
+        self.out.get_mut().reopen()
     }
 }
 
@@ -84,5 +233,75 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(lines[1]).expect("json");
         assert_eq!(v["type"], "lost");
         assert_eq!(v["total"], 2);
+    }
+
+    #[test]
+    fn torn_tails_are_cut_back_to_the_last_whole_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b""),
+            (b"{\"a\":1}\n", b"{\"a\":1}\n"),
+            (b"{\"a\":1}\n{\"b\":", b"{\"a\":1}\n"),
+            (b"{\"a\":1}\n{\"b\":2}\n{\"c", b"{\"a\":1}\n{\"b\":2}\n"),
+            (b"{\"only\":", b""),
+        ];
+        for (i, (before, after)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("out-{i}.jsonl"));
+            std::fs::write(&path, before).expect("write");
+            let mut f = open_file(&path).expect("open");
+            assert_eq!(std::fs::read(&path).expect("read"), *after, "case {i}");
+            f.write_all(b"{\"new\":true}\n").expect("append");
+            let text = std::fs::read_to_string(&path).expect("read");
+            for line in text.lines() {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("case {i}: {line:?}: {e}"));
+            }
+        }
+        // A torn line longer than one read chunk.
+        let path = dir.path().join("long.jsonl");
+        let mut long = b"{\"a\":1}\n".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 200_000));
+        std::fs::write(&path, &long).expect("write");
+        drop(open_file(&path).expect("open"));
+        assert_eq!(std::fs::read(&path).expect("read"), b"{\"a\":1}\n");
+    }
+
+    #[test]
+    fn a_file_without_line_breaks_far_back_is_refused_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("binary");
+        let size = MAX_TORN_TAIL + 100;
+        let f = File::create(&path).expect("create");
+        f.set_len(size).expect("size");
+        drop(f);
+        let err = open_file(&path).expect_err("not a JSON-lines file");
+        assert!(err.to_string().contains("binary"), "{err}");
+        assert!(err.to_string().contains("line break"), "{err}");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), size);
+    }
+
+    #[test]
+    fn files_are_created_owner_only_and_reopened_at_their_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let mut out = open_writer(path.to_str().expect("utf-8")).expect("open");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, OUTPUT_MODE);
+        out.write_all(b"{\"n\":1}\n").expect("write");
+        let rotated = dir.path().join("events.jsonl.1");
+        std::fs::rename(&path, &rotated).expect("rotate");
+        out.write_all(b"{\"n\":2}\n").expect("write");
+        out.reopen().expect("reopen");
+        out.write_all(b"{\"n\":3}\n").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&rotated).expect("old"),
+            "{\"n\":1}\n{\"n\":2}\n"
+        );
+        assert_eq!(std::fs::read_to_string(&path).expect("new"), "{\"n\":3}\n");
+        // A reopen that fails keeps the old file.
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::remove_dir_all(dir.path()).expect("rm dir");
+        assert!(out.reopen().is_err());
+        out.write_all(b"{\"n\":4}\n").expect("still writable");
     }
 }

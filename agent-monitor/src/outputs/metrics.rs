@@ -18,7 +18,7 @@ use std::{
 };
 
 use axum::{
-    extract::State,
+    extract::{ConnectInfo, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -31,13 +31,16 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
+use crate::outputs::listen::{ConnHandle, ConnLimits, ConnMetrics, LimitedListener};
+
 /// The `Content-Type` of `GET /metrics`.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// How long `/healthz` tolerates silence from the kernel by default. On a live node
-/// fork/exec/exit records never stop, so a minute without any means the probes are dead.
-pub const DEFAULT_STALENESS: Duration = Duration::from_secs(60);
+/// How long `/healthz` tolerates a daemon loop that has not turned, by default. The lane
+/// consumer turns at least every `poll_interval_ms` (at most 10 s) and the pipeline every
+/// second, busy or idle, so a loop this late is stuck, not waiting for work.
+pub const DEFAULT_LOOP_STALL: Duration = Duration::from_secs(30);
 
 /// Upper bounds (seconds) of the pipeline latency histogram: 100 µs to 10 s.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -76,9 +79,12 @@ pub struct Metrics {
     identity_cache_size: Gauge,
     probes_attached: Gauge,
     grpc_clients: Gauge,
+    connections: Family<Labels<1>, Gauge>,
+    connections_closed: Family<Labels<2>, Counter>,
     sink_failures: Family<Labels<1>, Counter>,
     watched: Family<Labels<1>, Gauge>,
     kernel_map_refusals: Counter,
+    kernel_silence: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -99,9 +105,18 @@ impl Metrics {
         let identity_cache_size = Gauge::default();
         let probes_attached = Gauge::default();
         let grpc_clients = Gauge::default();
+        let connections = Family::<Labels<1>, Gauge>::default();
+        let connections_closed = Family::<Labels<2>, Counter>::default();
         let sink_failures = Family::<Labels<1>, Counter>::default();
         let watched = Family::<Labels<1>, Gauge>::default();
         let kernel_map_refusals = Counter::default();
+        let kernel_silence = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "agent_monitor_kernel_silence",
+            "Time since the last record from the kernel (since start when there was none yet); a quiet node is not a fault, so this is reported, not a health failure",
+            Unit::Seconds,
+            kernel_silence.clone(),
+        );
         registry.register(
             "agent_monitor_watched",
             "Entries the kernel matches opens against by file identity: pod volume filesystems and node credential inventory entries",
@@ -138,7 +153,7 @@ impl Metrics {
         );
         registry.register(
             "agent_monitor_queue_depth",
-            "Items waiting in an internal queue",
+            "Items waiting in an internal queue: pipeline (records between the lane consumer and the outputs), falcosidekick (alerts waiting for delivery)",
             queue_depth.clone(),
         );
         registry.register(
@@ -153,12 +168,22 @@ impl Metrics {
         );
         registry.register(
             "agent_monitor_grpc_clients",
-            "Connected gRPC subscribers",
+            "gRPC stream clients connected now (StreamEvents and StreamAnomalies calls in progress)",
             grpc_clients.clone(),
         );
         registry.register(
+            "agent_monitor_connections",
+            "Connections admitted now, by listener (grpc_tcp, grpc_unix, admin)",
+            connections.clone(),
+        );
+        registry.register(
+            "agent_monitor_connections_closed",
+            "Connections the daemon closed, by listener and reason: limit (new connection over max_connections), evicted (a connection without a request closed to make room), handshake_timeout, idle_timeout",
+            connections_closed.clone(),
+        );
+        registry.register(
             "agent_monitor_sink_failures",
-            "Failed writes to an output sink, by sink",
+            "Failed writes to an output sink, by sink: events and alerts (file or stdout writes), falcosidekick (failed POSTs, rejected alerts, alerts dropped on a full queue or undelivered at shutdown)",
             sink_failures.clone(),
         );
 
@@ -178,9 +203,12 @@ impl Metrics {
             identity_cache_size,
             probes_attached,
             grpc_clients,
+            connections,
+            connections_closed,
             sink_failures,
             watched,
             kernel_map_refusals,
+            kernel_silence,
         }
     }
 
@@ -243,9 +271,32 @@ impl Metrics {
         self.probes_attached.set(n);
     }
 
-    /// Sets the number of connected gRPC subscribers.
+    /// Sets the number of connected gRPC stream clients.
     pub fn set_grpc_clients(&self, n: i64) {
         self.grpc_clients.set(n);
+    }
+
+    /// The metrics a listener reports its connections to (`listener`: `grpc_tcp`,
+    /// `grpc_unix`, `admin`); every series starts at 0.
+    pub fn connection_metrics(&self, listener: &'static str) -> ConnMetrics {
+        let closed = |reason: &'static str| {
+            self.connections_closed
+                .get_or_create(&[
+                    ("listener", Cow::Borrowed(listener)),
+                    ("reason", Cow::Borrowed(reason)),
+                ])
+                .clone()
+        };
+        ConnMetrics {
+            open: self
+                .connections
+                .get_or_create(&[("listener", Cow::Borrowed(listener))])
+                .clone(),
+            refused: closed("limit"),
+            evicted: closed("evicted"),
+            handshake_timeouts: closed("handshake_timeout"),
+            idle_timeouts: closed("idle_timeout"),
+        }
     }
 
     /// Counts one failed write to the named sink.
@@ -253,6 +304,18 @@ impl Metrics {
         self.sink_failures
             .get_or_create(&[("sink", owned(sink))])
             .inc();
+    }
+
+    /// Brings the named sink's failure counter up to `total`, a count kept elsewhere (the
+    /// Falcosidekick sender's); a counter never goes down, so a smaller total is ignored.
+    pub fn set_sink_failures_total(&self, sink: &str, total: u64) {
+        let c = self.sink_failures.get_or_create(&[("sink", owned(sink))]);
+        c.inc_by(total.saturating_sub(c.get()));
+    }
+
+    /// Sets the time since the last kernel record.
+    pub fn set_kernel_silence(&self, silence: Duration) {
+        self.kernel_silence.set(silence.as_secs_f64());
     }
 
     /// Renders every metric in the OpenMetrics text format, `# EOF` included.
@@ -267,40 +330,95 @@ impl Metrics {
     }
 }
 
+/// Proof of life of one of the daemon's loops: the loop calls [`Heartbeat::beat`] on every
+/// turn and `/healthz` fails when it has not for too long. Cheap to clone (the clones share
+/// the stamp) and to beat (one clock read, one atomic store).
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    born: Instant,
+    /// Nanoseconds after `born` of the last beat.
+    last: Arc<AtomicU64>,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Heartbeat {
+    /// A heartbeat that beat just now.
+    pub fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The loop is alive now.
+    pub fn beat(&self) {
+        let nanos = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn age(&self) -> Duration {
+        let at = Duration::from_nanos(self.last.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(at)
+    }
+}
+
 /// Liveness and readiness state behind `/healthz` and `/readyz`.
+///
+/// Liveness means "the daemon's own loops are alive and the probes are attached": it never
+/// depends on what the node does. A quiet node (nothing forks, or a cgroup filter that
+/// matches nothing) is healthy; the silence is reported by
+/// `agent_monitor_kernel_silence_seconds` and at most a low-priority notice.
 #[derive(Debug)]
 pub struct Health {
-    /// Reference point for `last_activity`.
+    /// Reference point for `last_activity`, and the start of the silence before the first
+    /// record.
     epoch: Instant,
     /// Nanoseconds after `epoch` of the last kernel record, plus one; 0 means never.
     last_activity: AtomicU64,
     probes_attached: AtomicU64,
     ready: AtomicBool,
-    staleness: Duration,
+    /// A loop whose heartbeat is older than this is stalled.
+    stall: Duration,
+    loops: std::sync::Mutex<Vec<(&'static str, Heartbeat)>>,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Self::new(DEFAULT_STALENESS)
+        Self::new(DEFAULT_LOOP_STALL)
     }
 }
 
 impl Health {
-    /// New state: no probes, no activity, not ready. `/healthz` fails once the last kernel
-    /// record is older than `staleness`.
-    pub fn new(staleness: Duration) -> Self {
+    /// New state: no probes, no loops, not ready. `/healthz` fails once a loop registered
+    /// with [`Health::watch_loop`] has not beaten for `stall`.
+    pub fn new(stall: Duration) -> Self {
         Self {
             epoch: Instant::now(),
             last_activity: AtomicU64::new(0),
             probes_attached: AtomicU64::new(0),
             ready: AtomicBool::new(false),
-            staleness,
+            stall,
+            loops: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// The staleness window this state was built with.
-    pub fn staleness(&self) -> Duration {
-        self.staleness
+    /// The stall window this state was built with.
+    pub fn stall(&self) -> Duration {
+        self.stall
+    }
+
+    /// Watches a loop: from now on `/healthz` fails, naming it, when `heartbeat` is older
+    /// than the stall window.
+    pub fn watch_loop(&self, name: &'static str, heartbeat: Heartbeat) {
+        if let Ok(mut loops) = self.loops.lock() {
+            loops.push((name, heartbeat));
+        }
     }
 
     /// Records how many eBPF programs are attached.
@@ -336,20 +454,39 @@ impl Health {
         }
     }
 
-    /// `Ok` when probes are attached and the kernel spoke within the staleness window;
-    /// otherwise a one-line reason.
+    /// Time since the last kernel record, or since this state was created when there was
+    /// none yet.
+    pub fn kernel_silence(&self) -> Duration {
+        self.since_kernel_activity()
+            .unwrap_or_else(|| self.epoch.elapsed())
+    }
+
+    /// `Ok` when probes are attached and every watched loop beat within the stall window;
+    /// otherwise a one-line reason naming what is wrong.
     pub fn liveness(&self) -> Result<(), String> {
         if self.probes_attached.load(Ordering::Relaxed) == 0 {
             return Err("no probes attached".to_owned());
         }
-        match self.since_kernel_activity() {
-            None => Err("no kernel activity observed yet".to_owned()),
-            Some(age) if age > self.staleness => Err(format!(
-                "no kernel activity for {} ms (window {} ms)",
-                age.as_millis(),
-                self.staleness.as_millis()
-            )),
-            Some(_) => Ok(()),
+        let loops = self
+            .loops
+            .lock()
+            .map_err(|_| "health state poisoned".to_owned())?;
+        let stalled: Vec<String> = loops
+            .iter()
+            .filter_map(|(name, hb)| {
+                let age = hb.age();
+                (age > self.stall)
+                    .then(|| format!("{name} loop stalled for {} ms", age.as_millis()))
+            })
+            .collect();
+        if stalled.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} (limit {} ms)",
+                stalled.join(", "),
+                self.stall.as_millis()
+            ))
         }
     }
 }
@@ -389,23 +526,53 @@ pub async fn serve_admin(
     serve_admin_on(listener, metrics, health, shutdown).await
 }
 
-/// Serves the admin endpoints on an already-bound listener until `shutdown` resolves,
-/// then lets in-flight requests finish:
-///
-/// - `GET /metrics`: [`Metrics::render`] as `application/openmetrics-text`;
-/// - `GET /healthz`: 200 `ok`, or 503 with the reason from [`Health::liveness`];
-/// - `GET /readyz`: 200 `ready` once [`Health::set_ready`]`(true)`, else 503;
-/// - any other path: 404 (another method on those paths: 405).
+/// Serves the admin endpoints on an already-bound listener, with the default
+/// [`ConnLimits::ADMIN`] and unregistered connection metrics. See [`serve_admin_limited`].
 pub async fn serve_admin_on(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
-    axum::serve(listener, router(metrics, health))
+    let listener = LimitedListener::new(
+        listener,
+        "admin listener",
+        ConnLimits::ADMIN,
+        ConnMetrics::default(),
+    );
+    serve_admin_limited(listener, metrics, health, shutdown).await
+}
+
+/// Serves the admin endpoints on a listener with connection limits (see
+/// [`crate::outputs::listen`]) until `shutdown` resolves; then the listener is closed at
+/// once and in-flight requests finish:
+///
+/// - `GET /metrics`: [`Metrics::render`] as `application/openmetrics-text`;
+/// - `GET /healthz`: 200 `ok`, or 503 with the reason from [`Health::liveness`] (no probes,
+///   or a stalled loop named);
+/// - `GET /readyz`: 200 `ready` once [`Health::set_ready`]`(true)`, else 503;
+/// - any other path: 404 (another method on those paths: 405).
+pub async fn serve_admin_limited(
+    listener: LimitedListener<TcpListener>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    let app = router(metrics, health)
+        // A request ends its connection's handshake phase (see `listen`).
+        .layer(axum::middleware::from_fn(mark_request))
+        .into_make_service_with_connect_info::<ConnHandle>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(AdminError::Serve)
+}
+
+async fn mark_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<ConnHandle>>() {
+        conn.mark_request();
+    }
+    next.run(req).await
 }
 
 fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
@@ -418,6 +585,10 @@ fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
 }
 
 async fn metrics_handler(State(state): State<AdminState>) -> Response {
+    // Read at scrape time: exact, and no task has to keep it current.
+    state
+        .metrics
+        .set_kernel_silence(state.health.kernel_silence());
     (
         [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
         state.metrics.render(),
@@ -476,23 +647,61 @@ mod tests {
     }
 
     #[test]
-    fn liveness_reasons() {
+    fn liveness_is_probes_and_loops_not_kernel_activity() {
         let h = Health::new(Duration::from_secs(3600));
         assert_eq!(h.liveness(), Err("no probes attached".to_owned()));
         h.set_probes_attached(2);
-        assert_eq!(
-            h.liveness(),
-            Err("no kernel activity observed yet".to_owned())
-        );
-        h.mark_kernel_activity();
+        // Nothing from the kernel yet: still alive.
         assert_eq!(h.liveness(), Ok(()));
-        let stale = Health::new(Duration::ZERO);
-        stale.set_probes_attached(1);
-        stale.mark_kernel_activity();
+        assert!(h.since_kernel_activity().is_none());
+        let lane = Heartbeat::new();
+        h.watch_loop("lane consumer", lane.clone());
+        assert_eq!(h.liveness(), Ok(()));
+        // A loop that stops beating fails liveness, by name.
+        let stalled = Health::new(Duration::ZERO);
+        stalled.set_probes_attached(1);
+        let pipeline = Heartbeat::new();
+        stalled.watch_loop("pipeline", pipeline.clone());
         let deadline = Instant::now() + Duration::from_secs(10);
-        while stale.liveness().is_ok() {
-            assert!(Instant::now() < deadline, "never went stale");
+        let reason = loop {
+            match stalled.liveness() {
+                Err(r) => break r,
+                Ok(()) => assert!(Instant::now() < deadline, "never stalled"),
+            }
             std::thread::yield_now();
-        }
+        };
+        assert!(
+            reason.starts_with("pipeline loop stalled for ") && reason.ends_with(" (limit 0 ms)"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn kernel_silence_counts_from_start_then_from_the_last_record() {
+        let h = Health::new(DEFAULT_LOOP_STALL);
+        let before = h.kernel_silence();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(h.kernel_silence() > before, "grows from start");
+        h.mark_kernel_activity();
+        assert!(h.since_kernel_activity().is_some());
+        let m = Metrics::new();
+        m.set_kernel_silence(Duration::from_millis(1500));
+        assert!(
+            m.render()
+                .contains("agent_monitor_kernel_silence_seconds 1.5\n"),
+            "{}",
+            m.render()
+        );
+    }
+
+    #[test]
+    fn sink_failure_totals_only_grow() {
+        let m = Metrics::new();
+        m.set_sink_failures_total("falcosidekick", 3);
+        m.set_sink_failures_total("falcosidekick", 2);
+        m.record_sink_failure("events");
+        let text = m.render();
+        assert!(text.contains("agent_monitor_sink_failures_total{sink=\"falcosidekick\"} 3\n"));
+        assert!(text.contains("agent_monitor_sink_failures_total{sink=\"events\"} 1\n"));
     }
 }

@@ -5,6 +5,7 @@ pub mod falcosidekick;
 pub mod fanout;
 pub mod grpc;
 pub mod jsonl;
+pub mod listen;
 pub mod metrics;
 pub mod protojson;
 
@@ -15,4 +16,10 @@ pub trait Sink<T> {
     fn write(&mut self, item: &T) -> std::io::Result<()>;
     /// Pushes out whatever is buffered.
     fn flush(&mut self) -> std::io::Result<()>;
+    /// Opens the destination again (SIGHUP, after a log rotation moved the file away):
+    /// what was written so far is flushed to the old file, what follows goes to a new one
+    /// at the configured path. Sinks that write no file have nothing to do.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -7,7 +7,11 @@ use std::{io::Write, sync::OnceLock};
 
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
-use super::{grpc::pb, jsonl::JsonLines, Sink};
+use super::{
+    grpc::pb,
+    jsonl::{JsonLines, Reopen},
+    Sink,
+};
 use crate::events::Record;
 
 fn pool() -> Option<&'static DescriptorPool> {
@@ -62,7 +66,7 @@ impl<W: Write> EventLines<W> {
     }
 }
 
-impl<W: Write> Sink<Record> for EventLines<W> {
+impl<W: Write + Reopen> Sink<Record> for EventLines<W> {
     fn write(&mut self, r: &Record) -> std::io::Result<()> {
         let bytes = prost::Message::encode_to_vec(&pb::Event::from(r));
         let dynamic = DynamicMessage::decode(self.descriptor.clone(), bytes.as_slice())
@@ -77,6 +81,10 @@ impl<W: Write> Sink<Record> for EventLines<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Sink::<serde_json::Value>::flush(&mut self.lines)
+    }
+
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.lines.reopen()
     }
 }
 

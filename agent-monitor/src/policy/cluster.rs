@@ -340,7 +340,9 @@ pub async fn run(
         match event {
             Ok(event) => sources.apply_cluster_event(event),
             Err(e) => {
-                warn!(
+                // Once per backoff while the API server is away: counted, not repeated.
+                crate::warn_limited!(
+                    "policy-watch",
                     "{KIND} watch: {e}; retrying with backoff (is the CRD installed, and may the \
                      ServiceAccount list and watch agentpolicies in all namespaces?)"
                 );

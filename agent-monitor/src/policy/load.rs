@@ -24,12 +24,24 @@ use super::{
     sources::PolicySources,
     types::{AgentPolicy, AgentPolicySpec, DestinationClass, EgressRule, Selector},
 };
-use crate::identity::Workload;
+use crate::{
+    boundedfile::{self, ReadError, TooDeep, MAX_NESTING},
+    identity::Workload,
+};
 
 /// The `apiVersion` of a policy.
 pub const API_VERSION: &str = "agent-monitor.dev/v1alpha1";
 /// The `kind` of a policy.
 pub const KIND: &str = "AgentPolicy";
+
+/// Largest policy file read: a policy is a few KiB, and a ConfigMap (where a DaemonSet
+/// takes its policy files from) holds at most 1 MiB.
+pub const MAX_POLICY_FILE_BYTES: u64 = boundedfile::MIB;
+
+/// How often [`spawn_reloader`] looks for changed policy files: a change is loaded after
+/// it held for one more poll, so a new policy, or the error about a bad one, comes within
+/// two polls.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
 
 /// The top-level fields of a policy document.
 const TOP_LEVEL_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
@@ -87,14 +99,24 @@ impl FieldError {
 /// Policies could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// A policy file or directory could not be read.
-    #[error("policy {path}: cannot read: {source}", path = path.display())]
+    /// A policy file or directory could not be read: missing, unreadable, neither a
+    /// regular file nor a directory, or a file larger than [`MAX_POLICY_FILE_BYTES`].
+    #[error("policy {path}: {source}", path = path.display())]
     Read {
         /// The file or directory.
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: ReadError,
+    },
+    /// A document nests sequences and mappings deeper than [`MAX_NESTING`] levels.
+    #[error("policy {path}: {source}", path = path.display())]
+    TooDeep {
+        /// The policy file.
+        path: PathBuf,
+        /// The cap and where it was passed.
+        #[source]
+        source: TooDeep,
     },
     /// The text is not YAML, or a field is unknown, missing or of the wrong type.
     #[error("policy {at}: {}{message}", field_prefix(field.as_deref()))]
@@ -659,6 +681,11 @@ fn check_header(doc: &Value) -> Result<(), Result<FieldError, String>> {
 /// Parses and validates the policies in `text`; `file` is only used in messages. The
 /// text may hold several YAML documents; empty ones are skipped.
 pub fn parse_policies(text: &str, file: &Path) -> Result<Vec<AgentPolicy>, PolicyError> {
+    // Before serde_yaml: its parser's time grows with the square of the nesting.
+    boundedfile::check_yaml_nesting(text, MAX_NESTING).map_err(|source| PolicyError::TooDeep {
+        path: file.to_owned(),
+        source,
+    })?;
     // First pass: untyped, to count the documents, find the empty ones and check the
     // header (kube's AgentPolicy ignores apiVersion, kind and unknown top-level fields).
     let mut values = Vec::new();
@@ -700,15 +727,22 @@ pub fn parse_policies(text: &str, file: &Path) -> Result<Vec<AgentPolicy>, Polic
     Ok(policies)
 }
 
-/// Reads and parses one policy file.
+/// Reads (a regular file of at most [`MAX_POLICY_FILE_BYTES`], symlinks followed) and
+/// parses one policy file.
 pub fn load_file(file: &Path) -> Result<Vec<AgentPolicy>, PolicyError> {
-    let text = std::fs::read_to_string(file).map_err(|source| PolicyError::Read {
-        path: file.to_owned(),
-        source,
+    let text = boundedfile::read_to_string(file, MAX_POLICY_FILE_BYTES).map_err(|source| {
+        PolicyError::Read {
+            path: file.to_owned(),
+            source,
+        }
     })?;
     parse_policies(&text, file)
 }
 
+/// Whether a directory entry is a policy file: a `*.yaml` or `*.yml` name, not hidden,
+/// that exists and is not a directory. A FIFO or a device under such a name counts, so
+/// that loading it fails saying what it is rather than it being skipped in silence; a
+/// dangling symlink (a ConfigMap key in the middle of an update) does not.
 fn is_policy_file(path: &Path) -> bool {
     let hidden = path
         .file_name()
@@ -718,14 +752,14 @@ fn is_policy_file(path: &Path) -> bool {
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e == "yaml" || e == "yml");
-    !hidden && yaml && path.is_file()
+    !hidden && yaml && std::fs::metadata(path).is_ok_and(|m| !m.is_dir())
 }
 
 /// The `*.yaml` and `*.yml` files of a directory (not hidden ones), sorted.
 fn files_in(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     let read_err = |source| PolicyError::Read {
         path: dir.to_owned(),
-        source,
+        source: ReadError::Io(source),
     };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
@@ -744,7 +778,7 @@ fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
     for path in paths {
         let meta = std::fs::metadata(path).map_err(|source| PolicyError::Read {
             path: path.clone(),
-            source,
+            source: ReadError::Io(source),
         })?;
         let found = if meta.is_dir() {
             files_in(path)?
@@ -910,36 +944,55 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Stamp)> {
 /// a file caught half-written (an editor truncating it first) is not taken for an empty
 /// policy set. A valid new set replaces the old file policies; an invalid one is logged,
 /// once per change, and the old file policies are kept.
+///
+/// Looking at the files and loading them happen on the blocking pool, off the runtime's
+/// workers; both are bounded (regular files only, opened without blocking, size and
+/// nesting capped), so one bad file costs one error and the next poll comes on time.
 pub fn spawn_reloader(
     paths: Vec<PathBuf>,
     sources: Arc<PolicySources>,
     poll: Duration,
 ) -> tokio::task::JoinHandle<()> {
+    let paths = Arc::new(paths);
     tokio::spawn(async move {
         // The files as the previous poll saw them, and as last loaded.
         let mut previous = None;
         let mut loaded = None;
         let mut tick = tokio::time::interval(poll);
+        // A slow poll is followed by the next one, not by a burst of catch-up ticks.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let now = fingerprint(&paths);
+            let p = paths.clone();
+            let now = match tokio::task::spawn_blocking(move || fingerprint(&p)).await {
+                Ok(now) => now,
+                Err(e) => {
+                    warn!("policy files: looking for changes failed: {e}");
+                    continue;
+                }
+            };
             let settled = previous.as_ref() == Some(&now);
             previous = Some(now.clone());
             if !settled || loaded.as_ref() == Some(&now) {
                 continue;
             }
             loaded = Some(now);
-            match PolicySet::load(&paths) {
-                Ok(set) => {
+            let p = paths.clone();
+            match tokio::task::spawn_blocking(move || PolicySet::load(&p)).await {
+                Ok(Ok(set)) => {
                     let count = set.len();
                     // The first load usually finds the set the caller loaded: unchanged.
                     if sources.replace_files(set) {
                         info!("policies reloaded: {count} policies from files");
                     }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let kept = sources.file_count();
                     warn!("{e}; keeping the {kept} policies already loaded from files");
+                }
+                Err(e) => {
+                    let kept = sources.file_count();
+                    warn!("policy files: loading failed: {e}; keeping the {kept} policies already loaded from files");
                 }
             }
         }
@@ -1315,6 +1368,61 @@ spec:
                 && err.contains("line "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_serde_yaml() {
+        // Flow mappings 50,000 deep: serde_yaml alone spends seconds on these (quadratic).
+        let deep = format!("spec: {}1{}", "{a: ".repeat(50_000), "}".repeat(50_000));
+        let err = parse_policies(&deep, Path::new("deep.yaml")).expect_err("too deep");
+        assert!(matches!(err, PolicyError::TooDeep { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "policy deep.yaml: nested deeper than 64 levels at line 1 column 259"
+        );
+        // Real policies are far from the cap.
+        assert_eq!(
+            parse_policies(TWO, Path::new("two.yaml"))
+                .map(|p| p.len())
+                .ok(),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn policy_files_are_read_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big.yaml");
+        std::fs::File::create(&big)
+            .and_then(|f| f.set_len(MAX_POLICY_FILE_BYTES + 1))
+            .expect("a file one byte over the cap");
+        let err = load_file(&big).expect_err("too big").to_string();
+        assert_eq!(
+            err,
+            format!(
+                "policy {}: larger than 1 MiB: {} bytes",
+                big.display(),
+                MAX_POLICY_FILE_BYTES + 1
+            )
+        );
+        // A directory's `*.yaml` entries that are not regular files are loaded, and so
+        // refused, rather than skipped; subdirectories and dangling symlinks are skipped.
+        std::fs::remove_file(&big).expect("rm");
+        std::os::unix::fs::symlink("/dev/null", dir.path().join("null.yaml")).expect("symlink");
+        std::os::unix::fs::symlink("..data/gone.yaml", dir.path().join("gone.yaml"))
+            .expect("dangling symlink");
+        std::fs::create_dir(dir.path().join("sub.yaml")).expect("mkdir");
+        let err = PolicySet::load(&[dir.path().to_owned()])
+            .expect_err("a device")
+            .to_string();
+        assert!(
+            err.ends_with("null.yaml: not a regular file (a character device)"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("null.yaml")).expect("rm");
+        assert!(PolicySet::load(&[dir.path().to_owned()])
+            .expect("nothing left to load")
+            .is_empty());
     }
 
     #[test]

@@ -72,7 +72,11 @@ pub async fn run(
         match event {
             Ok(event) => apply(&store, &mut relist, event),
             Err(e) => {
-                log::warn!("pod watch on node {node_name}: {e}; retrying with backoff");
+                // Once per backoff while the API server is away: counted, not repeated.
+                crate::warn_limited!(
+                    "pod-watch",
+                    "pod watch on node {node_name}: {e}; retrying with backoff"
+                );
                 last_error = Some(e);
             }
         }

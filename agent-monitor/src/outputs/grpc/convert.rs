@@ -137,6 +137,8 @@ impl From<&Workload> for pb::Workload {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             cgroup: opt(&w.cgroup),
+            truncated: w.truncated,
+            labels_truncated: w.labels_truncated,
         }
     }
 }
@@ -159,6 +161,8 @@ impl From<&pb::Workload> for Workload {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             cgroup: non_empty(&w.cgroup),
+            truncated: w.truncated,
+            labels_truncated: w.labels_truncated,
         }
     }
 }
@@ -412,6 +416,8 @@ mod tests {
             tier: Some("worker".into()),
             labels: [("app".to_owned(), "coder".to_owned())].into(),
             cgroup: Some("/kubepods/pod0b6a3c1e/cid".into()),
+            truncated: true,
+            labels_truncated: 2,
         }
     }
 
@@ -475,6 +481,8 @@ mod tests {
             ("agents", "coder-0")
         );
         assert_eq!(w.agent, "coder");
+        assert!(w.truncated);
+        assert_eq!(w.labels_truncated, 2);
         let Some(pb::event::Kind::Open(o)) = &ev.kind else {
             panic!("not an open: {ev:?}");
         };
@@ -498,6 +506,8 @@ mod tests {
             total: 8,
         });
         let ev = pb::Event::from(&lost);
+        // A loss report is numbered like every other event.
+        assert_eq!(ev.seq, 9);
         assert!(ev.process.is_none() && ev.workload.is_none());
         let Some(pb::event::Kind::Lost(l)) = &ev.kind else {
             panic!("not lost: {ev:?}");

@@ -10,8 +10,8 @@ use std::{
     collections::HashSet,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
     },
     task::{Context, Poll},
 };
@@ -121,12 +121,32 @@ struct Counters {
     anomalies_published: AtomicU64,
 }
 
+/// Called with the number of stream clients whenever it changes.
+type ClientsObserver = Box<dyn Fn(usize) + Send + Sync>;
+
 struct Inner {
     queue: usize,
     next_id: AtomicU64,
     events: Mutex<Vec<Subscriber<pb::Event>>>,
     anomalies: Mutex<Vec<Subscriber<pb::Anomaly>>>,
     counters: Counters,
+    /// Set by [`Hub::shut_down`]: no new clients; the streams of the others end.
+    shut_down: AtomicBool,
+    /// Told the client count whenever it changes (the `agent_monitor_grpc_clients` gauge).
+    observer: OnceLock<ClientsObserver>,
+}
+
+impl Inner {
+    fn clients(&self) -> usize {
+        lock(&self.events).len() + lock(&self.anomalies).len()
+    }
+
+    /// Reports the client count after a change. Called with no list locked.
+    fn clients_changed(&self) {
+        if let Some(observe) = self.observer.get() {
+            observe(self.clients());
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,8 +181,36 @@ impl Hub {
                 events: Mutex::new(Vec::new()),
                 anomalies: Mutex::new(Vec::new()),
                 counters: Counters::default(),
+                shut_down: AtomicBool::new(false),
+                observer: OnceLock::new(),
             }),
         }
+    }
+
+    /// Calls `observe` with the number of connected stream clients now and whenever it
+    /// changes (a client subscribes, disconnects, or is ended by [`Hub::shut_down`]). Only
+    /// the first observer set is kept.
+    pub fn observe_clients(&self, observe: impl Fn(usize) + Send + Sync + 'static) {
+        if self.inner.observer.set(Box::new(observe)).is_ok() {
+            self.inner.clients_changed();
+        }
+    }
+
+    /// Ends every client's stream (after what is already queued for it, and its last gap)
+    /// and refuses new clients: the daemon is going away. The service turns the end into
+    /// an UNAVAILABLE status for each client.
+    pub fn shut_down(&self) {
+        self.inner.shut_down.store(true, Ordering::SeqCst);
+        // Dropping the senders ends each subscription once its queue is read.
+        let events = std::mem::take(&mut *lock(&self.inner.events));
+        let anomalies = std::mem::take(&mut *lock(&self.inner.anomalies));
+        drop((events, anomalies));
+        self.inner.clients_changed();
+    }
+
+    /// Whether [`Hub::shut_down`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shut_down.load(Ordering::SeqCst)
     }
 
     /// Offers a record to every event client whose filter matches. Never blocks on a
@@ -216,14 +264,21 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.inner.queue);
         let shared = Arc::new(Shared::default());
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut subs = lock(list);
-        subs.retain(|s| !s.tx.is_closed());
-        subs.push(Subscriber {
-            id,
-            tx,
-            matcher: Matcher::new(filter),
-            shared: shared.clone(),
-        });
+        {
+            let mut subs = lock(list);
+            subs.retain(|s| !s.tx.is_closed());
+            // Checked under the lock that `shut_down` takes: a client racing the shutdown
+            // is either ended by it or never added (its sender is dropped here).
+            if !self.is_shut_down() {
+                subs.push(Subscriber {
+                    id,
+                    tx,
+                    matcher: Matcher::new(filter),
+                    shared: shared.clone(),
+                });
+            }
+        }
+        self.inner.clients_changed();
         Subscription {
             id,
             kind,
@@ -236,7 +291,7 @@ impl Hub {
 
     /// Streaming clients connected now (events and anomalies).
     pub fn clients(&self) -> usize {
-        lock(&self.inner.events).len() + lock(&self.inner.anomalies).len()
+        self.inner.clients()
     }
 
     /// Gap notices queued or delivered to slow clients since start.
@@ -400,6 +455,7 @@ impl<T> Drop for Subscription<T> {
             Kind::Events => lock(&hub.events).retain(|s| s.id != self.id),
             Kind::Anomalies => lock(&hub.anomalies).retain(|s| s.id != self.id),
         }
+        hub.clients_changed();
     }
 }
 
@@ -478,6 +534,35 @@ mod tests {
         assert_eq!(hub.clients(), 1);
         drop(sub);
         assert_eq!(hub.clients(), 0);
+    }
+
+    #[test]
+    fn client_count_is_observed_and_shutdown_ends_streams_after_their_queue() {
+        let hub = Hub::new(8);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        hub.observe_clients(move |n| lock(&log).push(n));
+        let mut a = hub.subscribe_events(&pb::Filter::default());
+        let b = hub.subscribe_anomalies(&pb::Filter::default());
+        let c = hub.subscribe_events(&pb::Filter::default());
+        drop(c);
+        hub.publish_event(&exit(1, "a"));
+        hub.shut_down();
+        assert_eq!(*lock(&seen), [0, 1, 2, 3, 2, 0]);
+        assert_eq!(hub.clients(), 0);
+        // What was queued is still delivered, then the stream ends.
+        let got = drain(&mut a);
+        assert!(
+            matches!(&got[..], [Delivery::Item(e)] if e.seq == 1),
+            "{got:?}"
+        );
+        assert!(matches!(a.next().now_or_never(), Some(None)));
+        // Late clients get an ended stream and are never counted.
+        let mut late = hub.subscribe_events(&pb::Filter::default());
+        assert!(matches!(late.next().now_or_never(), Some(None)));
+        assert_eq!(hub.clients(), 0);
+        drop((b, late));
+        assert_eq!(*lock(&seen).last().expect("counts"), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!
 //! The wire types are in [`pb`], generated from `proto/agent_monitor/v1/agent_monitor.proto`.
 
+mod authority;
 mod convert;
 mod hub;
 mod server;
@@ -19,10 +20,13 @@ use std::path::PathBuf;
 pub use convert::{priority_from_pb, priority_name, priority_to_pb, rfc3339, timestamp};
 pub use hub::{Delivery, Hub, Subscription};
 pub use server::{
-    serve, AgentMonitorService, GrpcConfig, GrpcServer, StatusSource, TlsConfig,
-    DEFAULT_QUEUE_PER_CLIENT,
+    check_tls, serve, AgentMonitorService, GrpcConfig, GrpcServer, RunningGrpc, StatusSource,
+    TlsConfig, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_QUEUE_PER_CLIENT,
+    SHUTTING_DOWN,
 };
-pub use tail::{channel, connect, tail, ClientTls};
+pub use tail::{
+    channel, connect, parse_priority, tail, ClientTls, EventKind, OutputFormat, TailOptions,
+};
 
 /// Messages and service generated from `agent_monitor/v1/agent_monitor.proto`.
 #[allow(
@@ -71,7 +75,7 @@ pub enum GrpcError {
         source: std::io::Error,
     },
     /// The TLS configuration is invalid (tonic rejected the certificate or key).
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration: {}", crate::preflight::error_chain(.0))]
     Tls(#[source] tonic::transport::Error),
     /// A setting does not make sense (e.g. a client certificate without a key).
     #[error("gRPC configuration: {0}")]
@@ -82,20 +86,27 @@ pub enum GrpcError {
     /// The server failed while serving.
     #[error("gRPC server: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// The server's task panicked or was cancelled.
+    #[error("gRPC server task: {0}")]
+    Task(String),
     /// The client endpoint is not a valid `http://`, `https://` or `unix:` address.
-    #[error("invalid gRPC endpoint {endpoint}: {source}")]
+    #[error(
+        "invalid gRPC endpoint {endpoint}: {}",
+        crate::preflight::error_chain(source)
+    )]
     Endpoint {
         endpoint: String,
         source: tonic::transport::Error,
     },
-    /// The client could not connect.
-    #[error("connecting to {endpoint}: {source}")]
+    /// The client could not connect. tonic says only "transport error": the message is
+    /// the innermost cause (connection refused, no such socket, a certificate problem).
+    #[error("cannot connect to {endpoint}: {}", root_cause(source))]
     Connect {
         endpoint: String,
         source: tonic::transport::Error,
     },
     /// A call failed or the stream ended with an error status.
-    #[error("gRPC call failed: {0}")]
+    #[error("{}", status_words(.0))]
     Rpc(Box<tonic::Status>),
     /// The server sent a message that does not convert to the daemon's model.
     #[error("malformed message: {0}")]
@@ -108,5 +119,77 @@ pub enum GrpcError {
 impl From<tonic::Status> for GrpcError {
     fn from(s: tonic::Status) -> Self {
         GrpcError::Rpc(Box::new(s))
+    }
+}
+
+/// The innermost cause of `e`: what actually happened under tonic's "transport error".
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
+/// A status in words: `unavailable: <message>: <cause>`, instead of the struct tonic
+/// displays (`status: Unavailable, message: ..., details: [], metadata: ...`).
+fn status_words(s: &tonic::Status) -> String {
+    use tonic::Code;
+    let code = match s.code() {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "the call failed",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "not implemented by this server (is it agent-monitor?)",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    };
+    let mut words = code.to_owned();
+    if !s.message().is_empty() {
+        words.push_str(": ");
+        words.push_str(s.message());
+    }
+    // The message often already holds the first causes (hyper and h2 repeat each other).
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !words.contains(&text) {
+            words.push_str(": ");
+            words.push_str(&text);
+        }
+        cause = c.source();
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_as_words() {
+        let e = GrpcError::from(tonic::Status::unavailable("agent-monitor is shutting down"));
+        assert_eq!(e.to_string(), "unavailable: agent-monitor is shutting down");
+        let e = GrpcError::from(tonic::Status::unimplemented(""));
+        assert_eq!(
+            e.to_string(),
+            "not implemented by this server (is it agent-monitor?)"
+        );
+        let e = GrpcError::from(tonic::Status::from_error(Box::new(std::io::Error::other(
+            "connection reset",
+        ))));
+        let text = e.to_string();
+        assert!(text.contains("connection reset"), "{text}");
+        assert!(!text.contains("metadata"), "{text}");
     }
 }

@@ -3,24 +3,27 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     pin::Pin,
     sync::Arc,
+    time::Duration,
 };
 
 use futures::{Stream, StreamExt as _};
 use tokio::{
     net::{TcpListener, UnixListener},
     sync::watch,
+    task::JoinHandle,
 };
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{
-    transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig},
+    service::InterceptorLayer,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
     Request, Response, Status,
 };
 
 use super::{
+    authority::AuthorityFix,
     hub::{Delivery, Hub},
     pb::{
         self,
@@ -28,9 +31,23 @@ use super::{
     },
     GrpcError,
 };
+use crate::outputs::listen::{
+    self, ConnHandle, ConnLimits, ConnMetrics, Limited, LimitedListener, RawListener,
+};
 
-/// Queue length per streaming client when not configured.
-pub const DEFAULT_QUEUE_PER_CLIENT: usize = 1024;
+/// Queue length per streaming client when not configured (`grpc.queue_per_client`): the
+/// one default of the library and the daemon's config. Items are shared between clients,
+/// so a full queue costs a slot per item, not a copy of the event.
+pub const DEFAULT_QUEUE_PER_CLIENT: usize = 10_000;
+
+/// Default HTTP/2 keepalive: a connection silent this long is pinged...
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and closed when the ping is not answered within this. A quiet stream client that
+/// answers keeps its connection; a vanished one is noticed within interval + timeout.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The status a stream client's stream ends with when the daemon stops.
+pub const SHUTTING_DOWN: &str = "agent-monitor is shutting down";
 
 /// Where the daemon's status comes from.
 pub trait StatusSource: Send + Sync + 'static {
@@ -59,6 +76,12 @@ pub struct GrpcConfig {
     pub tls: Option<TlsConfig>,
     /// Queue length per streaming client (see [`GrpcConfig::hub`]).
     pub queue_per_client: usize,
+    /// Connection cap and timeouts of each listener (TCP and Unix socket each).
+    pub limits: ConnLimits,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for GrpcConfig {
@@ -68,6 +91,9 @@ impl Default for GrpcConfig {
             unix: None,
             tls: None,
             queue_per_client: DEFAULT_QUEUE_PER_CLIENT,
+            limits: ConnLimits::GRPC,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         }
     }
 }
@@ -80,6 +106,14 @@ impl GrpcConfig {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// What follows a client's last item: a subscription only ends when the hub shut down, and
+/// the client is told so with UNAVAILABLE (retry later, elsewhere) rather than a plain OK
+/// that reads as "nothing more will ever come".
+fn ending<T: Send + 'static>(hub: Hub) -> impl Stream<Item = Result<T, Status>> + Send {
+    futures::stream::once(async move { hub.is_shut_down() })
+        .filter_map(|down| async move { down.then(|| Err(Status::unavailable(SHUTTING_DOWN))) })
+}
 
 /// The `agent_monitor.v1.AgentMonitor` service.
 #[derive(Clone)]
@@ -109,6 +143,9 @@ impl AgentMonitor for AgentMonitorService {
         request: Request<pb::Filter>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
         use pb::stream_events_response::Item;
+        if self.hub.is_shut_down() {
+            return Err(Status::unavailable(SHUTTING_DOWN));
+        }
         let sub = self.hub.subscribe_events(request.get_ref());
         let stream = sub.map(|d| {
             let item = match d {
@@ -117,7 +154,9 @@ impl AgentMonitor for AgentMonitorService {
             };
             Ok(pb::StreamEventsResponse { item: Some(item) })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(
+            stream.chain(ending(self.hub.clone())),
+        )))
     }
 
     async fn stream_anomalies(
@@ -125,6 +164,9 @@ impl AgentMonitor for AgentMonitorService {
         request: Request<pb::Filter>,
     ) -> Result<Response<Self::StreamAnomaliesStream>, Status> {
         use pb::stream_anomalies_response::Item;
+        if self.hub.is_shut_down() {
+            return Err(Status::unavailable(SHUTTING_DOWN));
+        }
         let sub = self.hub.subscribe_anomalies(request.get_ref());
         let stream = sub.map(|d| {
             let item = match d {
@@ -133,7 +175,9 @@ impl AgentMonitor for AgentMonitorService {
             };
             Ok(pb::StreamAnomaliesResponse { item: Some(item) })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(
+            stream.chain(ending(self.hub.clone())),
+        )))
     }
 
     async fn get_status(
@@ -152,9 +196,28 @@ impl AgentMonitor for AgentMonitorService {
 /// caller learn the port of `127.0.0.1:0` before serving.
 #[derive(Debug)]
 pub struct GrpcServer {
-    tcp: Option<TcpListener>,
-    unix: Option<(UnixListener, PathBuf)>,
+    tcp: Option<LimitedListener<TcpListener>>,
+    unix: Option<UnixSocket>,
     tls: Option<ServerTlsConfig>,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+/// The bound Unix socket and the identity of its file, so that only our own file is
+/// removed (a restarted daemon may already have bound a new one at the same path).
+#[derive(Debug)]
+struct UnixSocket {
+    listener: LimitedListener<UnixListener>,
+    path: PathBuf,
+    file: (u64, u64),
+}
+
+fn remove_if_ours(path: &Path, file: (u64, u64)) {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if (meta.dev(), meta.ino()) == file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn read_tls_file(path: &Path) -> Result<Vec<u8>, GrpcError> {
@@ -173,6 +236,17 @@ fn server_tls(cfg: &TlsConfig) -> Result<ServerTlsConfig, GrpcError> {
             .client_auth_optional(false);
     }
     Ok(tls)
+}
+
+/// Reads and parses the TLS files as the server does when it starts serving, without
+/// binding anything: the daemon's start-up checks (and `check-config`) call it, so an
+/// unreadable or unusable certificate, key or CA is refused before anything runs rather
+/// than leaving a daemon without its API.
+pub fn check_tls(cfg: &TlsConfig) -> Result<(), GrpcError> {
+    Server::builder()
+        .tls_config(server_tls(cfg)?)
+        .map(drop)
+        .map_err(GrpcError::Tls)
 }
 
 /// Binds a Unix socket at `path` with mode 0600 from the first moment: it is bound inside
@@ -230,43 +304,111 @@ fn bind_unix(path: &Path) -> Result<UnixListener, GrpcError> {
 }
 
 impl GrpcServer {
-    /// Binds the configured listeners and loads the TLS files.
+    /// Binds the configured listeners (TCP with SO_REUSEADDR) and loads the TLS files.
     pub async fn bind(cfg: &GrpcConfig) -> Result<Self, GrpcError> {
         if cfg.tcp.is_none() && cfg.unix.is_none() {
             return Err(GrpcError::NoListener);
         }
-        let tls = cfg.tls.as_ref().map(server_tls).transpose()?;
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(server_tls)
+            .transpose()?
+            .map(|t| t.timeout(cfg.limits.handshake_timeout));
         let tcp = match cfg.tcp {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| GrpcError::Bind { addr, source })?,
-            ),
+            Some(addr) => Some(LimitedListener::new(
+                listen::bind_tcp(addr).map_err(|source| GrpcError::Bind { addr, source })?,
+                "gRPC TCP listener",
+                cfg.limits,
+                ConnMetrics::default(),
+            )),
             None => None,
         };
         let unix = match &cfg.unix {
-            Some(path) => Some((bind_unix(path)?, path.clone())),
+            Some(path) => {
+                let listener = bind_unix(path)?;
+                let meta =
+                    std::fs::symlink_metadata(path).map_err(|source| GrpcError::UnixSocket {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some(UnixSocket {
+                    listener: LimitedListener::new(
+                        listener,
+                        "gRPC Unix socket",
+                        cfg.limits,
+                        ConnMetrics::default(),
+                    ),
+                    path: path.clone(),
+                    file: (meta.dev(), meta.ino()),
+                })
+            }
             None => None,
         };
-        Ok(Self { tcp, unix, tls })
+        Ok(Self {
+            tcp,
+            unix,
+            tls,
+            keepalive_interval: cfg.keepalive_interval,
+            keepalive_timeout: cfg.keepalive_timeout,
+        })
+    }
+
+    /// Reports each listener's connections to the given metrics.
+    pub fn with_connection_metrics(mut self, tcp: ConnMetrics, unix: ConnMetrics) -> Self {
+        self.tcp = self.tcp.map(|l| l.with_metrics(tcp));
+        self.unix = self.unix.map(|u| UnixSocket {
+            listener: u.listener.with_metrics(unix),
+            path: u.path,
+            file: u.file,
+        });
+        self
     }
 
     /// The bound TCP address (the real port when configured with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+        self.tcp
+            .as_ref()
+            .and_then(|l| l.get_ref().local_addr().ok())
     }
 
     /// The Unix socket path.
     pub fn unix_path(&self) -> Option<&Path> {
-        self.unix.as_ref().map(|(_, p)| p.as_path())
+        self.unix.as_ref().map(|u| u.path.as_path())
     }
 
-    /// Serves until `shutdown` completes, then drains connections and removes the socket.
+    /// Serves until `shutdown` completes; then stops accepting (closes the listeners and
+    /// removes the socket file), ends every stream client's stream with UNAVAILABLE
+    /// ([`Hub::shut_down`]), and returns once the connections have closed.
     pub async fn run(
         self,
         hub: Hub,
         status: Arc<dyn StatusSource>,
         shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GrpcError> {
+        let mut running = self.start(hub.clone(), status);
+        tokio::select! {
+            _ = shutdown => {}
+            // Only an error ends the server before it is told to stop.
+            ended = &mut running.task => return joined(ended),
+        }
+        running.stop_accepting();
+        hub.shut_down();
+        running.wait().await
+    }
+
+    /// Starts serving in a task. The caller stops it in steps (see [`RunningGrpc`]).
+    pub fn start(self, hub: Hub, status: Arc<dyn StatusSource>) -> RunningGrpc {
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(self.serve(hub, status, stop_rx));
+        RunningGrpc { stop, task }
+    }
+
+    async fn serve(
+        self,
+        hub: Hub,
+        status: Arc<dyn StatusSource>,
+        stop: watch::Receiver<bool>,
     ) -> Result<(), GrpcError> {
         let service = AgentMonitorService::new(hub, status).into_server();
         let (reporter, health) = tonic_health::server::health_reporter();
@@ -280,68 +422,133 @@ impl GrpcServer {
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
-
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let trigger = tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
+        let (interval, timeout) = (self.keepalive_interval, self.keepalive_timeout);
+        let builder = move || {
+            Server::builder()
+                .http2_keepalive_interval(Some(interval))
+                .http2_keepalive_timeout(Some(timeout))
+                // Every call, of any service, ends its connection's handshake phase.
+                .layer(InterceptorLayer::new(|req: Request<()>| {
+                    if let Some(conn) = req.extensions().get::<ConnHandle>() {
+                        conn.mark_request();
+                    }
+                    Ok(req)
+                }))
+        };
         let signal = |mut rx: watch::Receiver<bool>| async move {
-            // An error means the sender is gone, which only happens after it sent.
+            // An error means the sender is gone: stop as well.
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
         let tcp = {
             let (service, health) = (service.clone(), health.clone());
             let (r1, r1a) = (reflection_v1.clone(), reflection_v1alpha.clone());
-            let rx = stop_rx.clone();
+            let rx = stop.clone();
             let listener = self.tcp;
             let tls = self.tls;
             async move {
                 let Some(listener) = listener else {
                     return Ok(());
                 };
-                let mut builder = Server::builder();
+                let mut server = builder();
                 if let Some(tls) = tls {
-                    builder = builder.tls_config(tls).map_err(GrpcError::Tls)?;
+                    server = server.tls_config(tls).map_err(GrpcError::Tls)?;
                 }
-                builder
+                server
                     .add_service(health)
                     .add_service(r1)
                     .add_service(r1a)
                     .add_service(service)
+                    .serve_with_incoming_shutdown(incoming(listener, rx.clone(), || {}), signal(rx))
+                    .await
+                    .map_err(GrpcError::Serve)
+            }
+        };
+        let unix_file = self.unix.as_ref().map(|u| (u.path.clone(), u.file));
+        let unix = {
+            let rx = stop;
+            let socket = self.unix;
+            async move {
+                let Some(UnixSocket {
+                    listener,
+                    path,
+                    file,
+                }) = socket
+                else {
+                    return Ok(());
+                };
+                builder()
+                    .add_service(health)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(service)
                     .serve_with_incoming_shutdown(
-                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        // Clients that name the socket path as the authority (grpcio) are
+                        // made acceptable to the HTTP/2 layer (see `authority`).
+                        incoming(listener, rx.clone(), move || remove_if_ours(&path, file))
+                            .map(|conn| conn.map(AuthorityFix::new)),
                         signal(rx),
                     )
                     .await
                     .map_err(GrpcError::Serve)
             }
         };
-        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
-        let unix = {
-            let rx = stop_rx;
-            let listener = self.unix.map(|(l, _)| l);
-            async move {
-                let Some(listener) = listener else {
-                    return Ok(());
-                };
-                Server::builder()
-                    .add_service(health)
-                    .add_service(reflection_v1)
-                    .add_service(reflection_v1alpha)
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal(rx))
-                    .await
-                    .map_err(GrpcError::Serve)
-            }
-        };
         let result = tokio::try_join!(tcp, unix).map(|_| ());
-        trigger.abort();
-        if let Some(path) = unix_path {
-            let _ = std::fs::remove_file(path);
+        if let Some((path, file)) = unix_file {
+            remove_if_ours(&path, file);
         }
         result
+    }
+}
+
+/// The connections of a listener until `stop`: then the listener is closed at once (a
+/// restarted daemon can bind its address while this one drains) and `on_close` runs.
+fn incoming<L: RawListener>(
+    listener: LimitedListener<L>,
+    stop: watch::Receiver<bool>,
+    on_close: impl FnOnce() + Send + 'static,
+) -> impl Stream<Item = Result<Limited<L::Io>, std::io::Error>> + Send {
+    futures::stream::unfold(Some((listener, stop, on_close)), |state| async move {
+        let (listener, mut stop, on_close) = state?;
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => None,
+            (io, _) = listener.accept() => Some(io),
+        };
+        match accepted {
+            Some(io) => Some((Ok(io), Some((listener, stop, on_close)))),
+            None => {
+                drop(listener);
+                on_close();
+                None
+            }
+        }
+    })
+}
+
+fn joined(ended: Result<Result<(), GrpcError>, tokio::task::JoinError>) -> Result<(), GrpcError> {
+    ended.map_err(|e| GrpcError::Task(e.to_string()))?
+}
+
+/// A server started with [`GrpcServer::start`].
+#[derive(Debug)]
+pub struct RunningGrpc {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), GrpcError>>,
+}
+
+impl RunningGrpc {
+    /// Stops accepting: the listeners close and the socket file is removed at once, and
+    /// every connection is told (HTTP/2 GOAWAY) to open no new calls. Calls in progress,
+    /// streams included, go on: [`Hub::shut_down`] ends the streams.
+    pub fn stop_accepting(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the server stopped (after [`RunningGrpc::stop_accepting`], once every
+    /// connection closed).
+    pub async fn wait(self) -> Result<(), GrpcError> {
+        joined(self.task.await)
     }
 }
 

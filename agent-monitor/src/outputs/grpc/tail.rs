@@ -86,41 +86,119 @@ pub async fn connect(
     Ok(AgentMonitorClient::new(channel(endpoint, tls).await?))
 }
 
-/// Follows the anomaly stream (or, with `events`, the event stream) at `endpoint` and
-/// prints each item to stdout: a table, or with `json` one JSON object per line (the same
-/// objects the daemon's JSON-lines output writes). Gap notices go to stderr. Returns when
-/// the server ends the stream.
-pub async fn tail(
-    endpoint: String,
-    events: bool,
-    filter: pb::Filter,
-    json: bool,
-    tls: Option<ClientTls>,
-) -> Result<(), GrpcError> {
-    let mut client = connect(&endpoint, tls.as_ref()).await?;
+/// How `tail` prints each item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// One short line per item: time, priority and rule (or event kind), namespace/pod,
+    /// process, and what it did.
+    #[default]
+    Compact,
+    /// Wide aligned columns under a header line.
+    Table,
+    /// One JSON object per line: the proto3 JSON form the daemon's JSON-lines output writes.
+    Json,
+}
+
+/// Kinds of events, for `--kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventKind {
+    Open,
+    Connect,
+    Exec,
+    Fork,
+    Exit,
+    Lost,
+}
+
+impl EventKind {
+    fn of(e: &pb::Event) -> Option<Self> {
+        use pb::event::Kind;
+        Some(match e.kind.as_ref()? {
+            Kind::Open(_) => Self::Open,
+            Kind::Connect(_) => Self::Connect,
+            Kind::Exec(_) => Self::Exec,
+            Kind::Fork(_) => Self::Fork,
+            Kind::Exit(_) => Self::Exit,
+            Kind::Lost(_) => Self::Lost,
+        })
+    }
+}
+
+/// A Falco priority as people write it: any case, Falco's names (`emergency` .. `debug`)
+/// and the short forms `info`, `warn`, `err`, `crit`, `emerg`.
+pub fn parse_priority(s: &str) -> Option<crate::policy::Priority> {
+    use crate::policy::Priority;
+    Some(match s.trim().to_ascii_lowercase().as_str() {
+        "emergency" | "emerg" => Priority::Emergency,
+        "alert" => Priority::Alert,
+        "critical" | "crit" => Priority::Critical,
+        "error" | "err" => Priority::Error,
+        "warning" | "warn" => Priority::Warning,
+        "notice" => Priority::Notice,
+        "informational" | "info" => Priority::Informational,
+        "debug" => Priority::Debug,
+        _ => return None,
+    })
+}
+
+/// What to follow and how to print it.
+#[derive(Debug, Clone, Default)]
+pub struct TailOptions {
+    /// See [`channel`].
+    pub endpoint: String,
+    /// Events instead of anomalies.
+    pub events: bool,
+    /// The server-side filter.
+    pub filter: pb::Filter,
+    pub format: OutputFormat,
+    /// Only these kinds of events (empty: all). The API's filter has no event kinds, so
+    /// this is applied here, after the server sent them.
+    pub kinds: Vec<EventKind>,
+    pub tls: Option<ClientTls>,
+}
+
+/// Follows the anomaly stream (or, with `events`, the event stream) and prints each item
+/// to stdout in `format`. Gap notices go to stderr. Returns when the server ends the
+/// stream, or quietly when stdout is closed (`tail | head`).
+pub async fn tail(opts: TailOptions) -> Result<(), GrpcError> {
+    match follow(opts).await {
+        // The reader went away: what it wanted has been printed.
+        Err(GrpcError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+async fn follow(opts: TailOptions) -> Result<(), GrpcError> {
+    let mut client = connect(&opts.endpoint, opts.tls.as_ref()).await?;
     let mut printer = Printer {
         out: std::io::stdout(),
-        json,
+        format: opts.format,
         header: false,
     };
-    let kind = if events { "events" } else { "anomalies" };
+    let kind = if opts.events { "events" } else { "anomalies" };
     let gap = |missed: u64| {
         eprintln!(
             "agent-monitor: this client read too slowly; the server dropped {missed} {kind} for it"
         );
     };
-    if events {
-        let mut stream = client.stream_events(filter).await?.into_inner();
+    if opts.events {
+        let mut stream = client.stream_events(opts.filter).await?.into_inner();
         while let Some(msg) = stream.message().await? {
             use pb::stream_events_response::Item;
             match msg.item {
-                Some(Item::Event(e)) => printer.event(&e)?,
+                Some(Item::Event(e)) => {
+                    let wanted = opts.kinds.is_empty()
+                        || EventKind::of(&e).is_some_and(|k| opts.kinds.contains(&k));
+                    if wanted {
+                        printer.event(&e)?;
+                    }
+                }
                 Some(Item::Gap(g)) => gap(g.missed),
                 None => {}
             }
         }
     } else {
-        let mut stream = client.stream_anomalies(filter).await?.into_inner();
+        let mut stream = client.stream_anomalies(opts.filter).await?.into_inner();
         while let Some(msg) = stream.message().await? {
             use pb::stream_anomalies_response::Item;
             match msg.item {
@@ -135,13 +213,13 @@ pub async fn tail(
 
 struct Printer<W: Write> {
     out: W,
-    json: bool,
+    format: OutputFormat,
     header: bool,
 }
 
 impl<W: Write> Printer<W> {
     fn line(&mut self, header: &str, line: &str) -> Result<(), GrpcError> {
-        if !self.json && !self.header {
+        if self.format == OutputFormat::Table && !self.header {
             writeln!(self.out, "{header}")?;
             self.header = true;
         }
@@ -151,19 +229,19 @@ impl<W: Write> Printer<W> {
     }
 
     fn anomaly(&mut self, a: &pb::Anomaly) -> Result<(), GrpcError> {
-        let line = if self.json {
-            anomaly_json(a)?
-        } else {
-            anomaly_row(a)
+        let line = match self.format {
+            OutputFormat::Json => anomaly_json(a)?,
+            OutputFormat::Table => anomaly_row(a),
+            OutputFormat::Compact => anomaly_compact(a),
         };
         self.line(&anomaly_header(), &line)
     }
 
     fn event(&mut self, e: &pb::Event) -> Result<(), GrpcError> {
-        let line = if self.json {
-            event_json(e)?
-        } else {
-            event_row(e)
+        let line = match self.format {
+            OutputFormat::Json => event_json(e)?,
+            OutputFormat::Table => event_row(e),
+            OutputFormat::Compact => event_compact(e),
         };
         self.line(&event_header(), &line)
     }
@@ -297,6 +375,123 @@ fn event_row(e: &pb::Event) -> String {
     )
 }
 
+/// `HH:MM:SS.mmmZ`: the time of day in UTC (a live stream needs no date).
+fn clock_time(ts: Option<&prost_types::Timestamp>) -> String {
+    let full = short_time(ts);
+    match full.split_once('T') {
+        Some((_, time)) => time.to_owned(),
+        None => full,
+    }
+}
+
+/// A Falco output field of an anomaly as text (the API carries each value JSON-encoded);
+/// none for a missing or null field.
+fn field(a: &pb::Anomaly, key: &str) -> Option<String> {
+    let raw = a.fields.get(key)?;
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(serde_json::Value::Null) => None,
+        Ok(serde_json::Value::String(s)) => Some(s),
+        Ok(v) => Some(v.to_string()),
+        Err(_) => Some(raw.clone()),
+    }
+}
+
+/// `addr:port`, with brackets around an IPv6 address.
+fn host_port(addr: &str, port: impl std::fmt::Display) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+/// One short line: `time priority rule ns/pod process what`, where `what` is the file
+/// and/or destination the alert is about, or its output text when it names neither.
+fn anomaly_compact(a: &pb::Anomaly) -> String {
+    let priority = convert::priority_from_pb(a.priority())
+        .map(convert::priority_name)
+        .unwrap_or("-");
+    let process = match (field(a, "proc.name"), field(a, "proc.pid")) {
+        (Some(name), Some(pid)) => format!("{name}({pid})"),
+        (Some(name), None) => name,
+        _ => "-".to_owned(),
+    };
+    let mut what = Vec::new();
+    if let Some(path) = field(a, "fd.name") {
+        what.push(path);
+    }
+    if let Some(ip) = field(a, "fd.sip") {
+        what.push(host_port(
+            &ip,
+            field(a, "fd.sport").unwrap_or_else(|| "?".into()),
+        ));
+    }
+    let what = if what.is_empty() {
+        a.output.clone()
+    } else {
+        what.join(" -> ")
+    };
+    format!(
+        "{} {:<8} {} {} {} {}",
+        clock_time(a.time.as_ref()),
+        priority,
+        a.rule,
+        where_(a.workload.as_ref()),
+        process,
+        what
+    )
+}
+
+/// ` (ENOENT)` for a failed call, nothing for a successful one.
+fn failure(error: Option<&String>) -> String {
+    error.map(|e| format!(" ({e})")).unwrap_or_default()
+}
+
+/// One short line: `time kind ns/pod process what`.
+fn event_compact(e: &pb::Event) -> String {
+    use pb::event::Kind;
+    let (kind, what, time) = match &e.kind {
+        Some(Kind::Open(o)) => (
+            "open",
+            format!("{}{}", o.path, failure(o.error.as_ref())),
+            None,
+        ),
+        Some(Kind::Connect(c)) => (
+            "connect",
+            format!(
+                "{}{}",
+                host_port(&c.dst_addr, c.dst_port),
+                failure(c.error.as_ref())
+            ),
+            None,
+        ),
+        Some(Kind::Exec(x)) => ("exec", x.filename.clone(), None),
+        Some(Kind::Fork(f)) => ("fork", format!("child {}", f.child_pid), None),
+        Some(Kind::Exit(_)) => ("exit", String::new(), None),
+        Some(Kind::Lost(l)) => (
+            "lost",
+            format!("{} {} records ({} in all)", l.count, l.lane, l.total),
+            l.time.as_ref(),
+        ),
+        None => ("?", String::new(), None),
+    };
+    let process = e
+        .process
+        .as_ref()
+        .map(|p| format!("{}({})", p.comm, p.tgid))
+        .unwrap_or_else(|| "-".into());
+    let time = time.or(e.process.as_ref().and_then(|p| p.time.as_ref()));
+    let line = format!(
+        "{} {:<7} {} {} {}",
+        clock_time(time),
+        kind,
+        where_(e.workload.as_ref()),
+        process,
+        what
+    );
+    line.trim_end().to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +542,7 @@ mod tests {
     fn printer_writes_header_once_for_tables_only() {
         let mut p = Printer {
             out: Vec::new(),
-            json: false,
+            format: OutputFormat::Table,
             header: false,
         };
         p.anomaly(&anomaly()).expect("print");
@@ -358,7 +553,7 @@ mod tests {
 
         let mut p = Printer {
             out: Vec::new(),
-            json: true,
+            format: OutputFormat::Json,
             header: false,
         };
         p.anomaly(&anomaly()).expect("print");
@@ -388,5 +583,183 @@ mod tests {
         // The proto3 JSON form: the oneof member by name, uint64 as a string.
         assert_eq!(json["lost"]["lane"], "network");
         assert_eq!(json["lost"]["total"], "7");
+    }
+
+    fn process(comm: &str, tgid: u32) -> Option<pb::Process> {
+        Some(pb::Process {
+            pid: tgid,
+            tgid,
+            comm: comm.into(),
+            time: convert::timestamp("2026-11-23T08:00:02.5Z"),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn compact_anomaly_is_one_short_line() {
+        let mut a = anomaly();
+        a.fields = [
+            ("proc.name", "\"curl\""),
+            ("proc.pid", "4242"),
+            ("fd.sip", "\"169.254.169.254\""),
+            ("fd.sport", "80"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(
+            anomaly_compact(&a),
+            "08:00:01.250Z Error    cloud-metadata-contact agents/coder-0 curl(4242) 169.254.169.254:80"
+        );
+
+        // Read then egress: the file and the destination.
+        a.rule = "credential-exfiltration".into();
+        a.priority = pb::Priority::Critical as i32;
+        a.fields
+            .insert("fd.name".into(), "\"/var/run/secrets/token\"".into());
+        a.fields.insert("fd.sip".into(), "\"fd00::1\"".into());
+        a.fields.insert("fd.sport".into(), "443".into());
+        assert_eq!(
+            anomaly_compact(&a),
+            "08:00:01.250Z Critical credential-exfiltration agents/coder-0 curl(4242) /var/run/secrets/token -> [fd00::1]:443"
+        );
+
+        // No process, file or destination (a loss or rate-limit notice): the output text.
+        let notice = pb::Anomaly {
+            rule: "monitor-events-lost".into(),
+            priority: pb::Priority::Critical as i32,
+            output: "Events lost: 12 in lane network".into(),
+            workload: None,
+            fields: Default::default(),
+            ..anomaly()
+        };
+        assert_eq!(
+            anomaly_compact(&notice),
+            "08:00:01.250Z Critical monitor-events-lost - - Events lost: 12 in lane network"
+        );
+    }
+
+    #[test]
+    fn compact_events_are_one_short_line_each() {
+        let workload = Some(pb::Workload {
+            namespace: "agents".into(),
+            pod: "coder-0".into(),
+            ..Default::default()
+        });
+        let event = |kind| pb::Event {
+            seq: 1,
+            process: process("cat", 77),
+            workload: workload.clone(),
+            kind: Some(kind),
+        };
+        let cases = [
+            (
+                pb::event::Kind::Open(pb::CredentialAccess {
+                    path: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+                    result: 3,
+                    ..Default::default()
+                }),
+                "08:00:02.500Z open    agents/coder-0 cat(77) /var/run/secrets/kubernetes.io/serviceaccount/token",
+            ),
+            (
+                pb::event::Kind::Open(pb::CredentialAccess {
+                    path: "/root/.aws/credentials".into(),
+                    result: -2,
+                    error: Some("ENOENT".into()),
+                    ..Default::default()
+                }),
+                "08:00:02.500Z open    agents/coder-0 cat(77) /root/.aws/credentials (ENOENT)",
+            ),
+            (
+                pb::event::Kind::Connect(pb::Connect {
+                    dst_addr: "10.0.0.1".into(),
+                    dst_port: 443,
+                    ..Default::default()
+                }),
+                "08:00:02.500Z connect agents/coder-0 cat(77) 10.0.0.1:443",
+            ),
+            (
+                pb::event::Kind::Exec(pb::Exec {
+                    filename: "/usr/bin/cat".into(),
+                    old_pid: 77,
+                }),
+                "08:00:02.500Z exec    agents/coder-0 cat(77) /usr/bin/cat",
+            ),
+            (
+                pb::event::Kind::Fork(pb::Fork { child_pid: 78 }),
+                "08:00:02.500Z fork    agents/coder-0 cat(77) child 78",
+            ),
+            (
+                pb::event::Kind::Exit(pb::Exit {}),
+                "08:00:02.500Z exit    agents/coder-0 cat(77)",
+            ),
+        ];
+        for (kind, want) in cases {
+            assert_eq!(event_compact(&event(kind)), want);
+        }
+        let lost = pb::Event {
+            seq: 3,
+            process: None,
+            workload: None,
+            kind: Some(pb::event::Kind::Lost(pb::Lost {
+                lane: "network".into(),
+                count: 2,
+                total: 7,
+                time: convert::timestamp("2026-11-23T00:00:00Z"),
+            })),
+        };
+        assert_eq!(
+            event_compact(&lost),
+            "00:00:00.000Z lost    - - 2 network records (7 in all)"
+        );
+    }
+
+    #[test]
+    fn compact_is_the_default_and_has_no_header() {
+        assert_eq!(OutputFormat::default(), OutputFormat::Compact);
+        let mut p = Printer {
+            out: Vec::new(),
+            format: OutputFormat::default(),
+            header: false,
+        };
+        p.anomaly(&anomaly()).expect("print");
+        p.anomaly(&anomaly()).expect("print");
+        let text = String::from_utf8(p.out).expect("utf8");
+        let want = format!("{}\n", anomaly_compact(&anomaly()));
+        assert_eq!(text, want.repeat(2));
+    }
+
+    #[test]
+    fn priorities_parse_as_falco_users_write_them() {
+        use crate::policy::Priority;
+        for (text, want) in [
+            ("warning", Priority::Warning),
+            ("Warning", Priority::Warning),
+            ("WARNING", Priority::Warning),
+            ("warn", Priority::Warning),
+            ("emergency", Priority::Emergency),
+            ("alert", Priority::Alert),
+            ("critical", Priority::Critical),
+            ("error", Priority::Error),
+            ("notice", Priority::Notice),
+            ("informational", Priority::Informational),
+            ("info", Priority::Informational),
+            ("Debug", Priority::Debug),
+        ] {
+            assert_eq!(parse_priority(text), Some(want), "{text}");
+        }
+        for bad in ["", "warnings", "high", "5"] {
+            assert_eq!(parse_priority(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn event_kinds_are_told_apart() {
+        let exit = pb::Event {
+            kind: Some(pb::event::Kind::Exit(pb::Exit {})),
+            ..Default::default()
+        };
+        assert_eq!(EventKind::of(&exit), Some(EventKind::Exit));
+        assert_eq!(EventKind::of(&pb::Event::default()), None);
     }
 }
