@@ -22,6 +22,7 @@ use crate::{
         falcosidekick::{self, SidekickConfig},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
         grpc::{GrpcConfig, GrpcServer, Hub, RunningGrpc, TlsConfig},
+        journal::{Journal, JournalConfig, JOURNAL_QUEUE},
         jsonl,
         listen::{self, LimitedListener},
         metrics::{self, Health, Heartbeat, Metrics},
@@ -45,6 +46,9 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// The journal could not be opened (or its start marker written).
+    #[error("journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
     /// The monitor failed to start or stopped with an error.
     #[error(transparent)]
     Monitor(#[from] MonitorError),
@@ -355,6 +359,26 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         counters: counters.clone(),
     }));
 
+    // The journal: opened (and a torn tail cut off) before the first record can reach it.
+    let journal = match &config.journal.dir {
+        Some(dir) => {
+            let journal = Journal::open(
+                JournalConfig {
+                    dir: dir.clone(),
+                    options: config.journal.options(),
+                    sync_interval: config.journal.sync_interval(),
+                    node: hostname.clone(),
+                    queue: JOURNAL_QUEUE,
+                },
+                Some(metrics.clone()),
+            )?;
+            events.push(Box::new(journal.sink()));
+            alerts.push(Box::new(journal.sink()));
+            Some(journal)
+        }
+        None => None,
+    };
+
     // The gRPC API.
     let hub = Hub::new(config.grpc.queue_per_client);
     {
@@ -542,6 +566,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             monitor,
             writer,
             sidekick: sidekick_task,
+            journal,
         },
     )
     .await
@@ -558,6 +583,7 @@ struct Running {
     monitor: Monitor,
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
     sidekick: Option<tokio::task::JoinHandle<()>>,
+    journal: Option<Journal>,
 }
 
 /// SIGTERM/SIGINT, within `bound`:
@@ -567,7 +593,8 @@ struct Running {
 /// 2. the lanes and the outputs drain; stream clients still receive what was in flight;
 /// 3. every stream client's stream ends with UNAVAILABLE "agent-monitor is shutting down",
 ///    and the connections close;
-/// 4. Falcosidekick deliveries finish.
+/// 4. Falcosidekick deliveries finish;
+/// 5. the journal gets its stop marker after what was queued, and is synced.
 ///
 /// Whatever is not done at the bound is logged and abandoned, and the daemon exits: a
 /// client that never reads, or an output that blocks, cannot hold the node's old daemon
@@ -617,6 +644,16 @@ async fn shut_down(signal: &str, bound: std::time::Duration, r: Running) -> Resu
     if let Err(e) = &written {
         error!("{e}");
     }
+    // Started now, after the drain, so the stop marker follows every record that made it;
+    // waited for last, alongside the other steps.
+    let journal = r.journal.map(|j| {
+        let reason = if abandoned.is_empty() {
+            format!("signal {signal}")
+        } else {
+            format!("signal {signal}; outputs abandoned at the shutdown bound")
+        };
+        tokio::task::spawn_blocking(move || j.stop(&reason))
+    });
     let clients = r.hub.clients();
     r.hub.shut_down();
     if let Some(grpc) = r.grpc {
@@ -639,6 +676,17 @@ async fn shut_down(signal: &str, bound: std::time::Duration, r: Running) -> Resu
         // The pipeline dropped its sink: the sender drains within its own grace period.
         if timeout_at(deadline, sidekick).await.is_err() {
             abandoned.push("Falcosidekick deliveries still queued".to_owned());
+        }
+    }
+    if let Some(journal) = journal {
+        match timeout_at(deadline, journal).await {
+            Ok(Ok(Ok(s))) => info!(
+                "journal: stop marker written and synced ({} records, {} bytes this run)",
+                s.records, s.bytes
+            ),
+            Ok(Ok(Err(e))) => error!("journal: {e}"),
+            Ok(Err(e)) => error!("journal: {e}"),
+            Err(_) => abandoned.push("journal records not yet synced (slow disk)".to_owned()),
         }
     }
     stopped?;

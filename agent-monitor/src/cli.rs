@@ -1,4 +1,4 @@
-//! Command line: `run`, `check-config`, `tail`, `version`.
+//! Command line: `run`, `check-config`, `tail`, `replay`, `version`.
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +47,10 @@ pub enum Command {
     CheckConfig(ConfigArgs),
     /// Connect to a running daemon's gRPC API and print anomalies (or events) as they come.
     Tail(TailArgs),
+    /// Print the alerts of a forensic journal, or run detection again over its events
+    /// with other policies and show what they would change.
+    #[command(long_about = REPLAY_ABOUT)]
+    Replay(ReplayArgs),
     /// Print the version.
     Version,
 }
@@ -101,6 +105,62 @@ pub struct TailArgs {
     /// Client key (PEM) for mutual TLS.
     #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
+}
+
+const REPLAY_ABOUT: &str = "Print the alerts of a forensic journal directory, offline.\n\n\
+Without --policy, the alerts the daemon recorded are printed as they were recorded.\n\n\
+With --policy, detection runs again over the recorded events with the given AgentPolicy \
+files, each event with the identity (pod, ServiceAccount, agent, process) it was recorded \
+with: nothing is looked up on this machine. Each daemon run starts with fresh detection \
+state (baselines, exfiltration windows, rate limits), as the daemon does at a restart. \
+The detection settings (API servers, cluster CIDRs, DNS servers, exfiltration window, \
+suspicious readers) come from --config, the daemon's config; without it, the built-in \
+defaults, with the DNS servers of this machine's /etc/resolv.conf.\n\n\
+With --diff, only the differences are printed: `+ ` before an alert the given policies \
+add, `- ` before a recorded alert they remove. Alerts are the same when they have the same \
+run, rule and triggering events (event sequence numbers); a changed priority shows as a \
+`-`/`+` pair. Alerts that no event triggered (rate-limit summaries, monitor-kernel-silent) \
+are not compared.\n\n\
+Damaged stretches of the journal are reported on stderr (segment, offset, bytes) and the \
+rest is replayed. Needs read access to the journal only: no root, BPF or cluster, so a \
+copy of the directory replays anywhere.";
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The journal directory (or a copy of it).
+    #[arg(long, value_name = "DIR")]
+    pub journal: PathBuf,
+    /// Run detection again with these AgentPolicy files or directories (repeatable), instead
+    /// of printing the recorded alerts.
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policies: Vec<PathBuf>,
+    /// The daemon's config, for its detection settings (with --policy; its own policies
+    /// are not used).
+    #[arg(long, short, value_name = "FILE", requires = "policies")]
+    pub config: Option<PathBuf>,
+    /// Only alerts at or after this time: RFC 3339 (2026-11-23T08:00:00Z) or a duration
+    /// before now (30m, 1h, 2days).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only alerts at or before this time (same forms as --since).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Only these namespaces (repeatable).
+    #[arg(long = "namespace", value_name = "NS")]
+    pub namespaces: Vec<String>,
+    /// Only these pods (repeatable).
+    #[arg(long = "pod", value_name = "POD")]
+    pub pods: Vec<String>,
+    /// Only these agents (repeatable).
+    #[arg(long = "agent", value_name = "AGENT")]
+    pub agents: Vec<String>,
+    /// How to print each alert.
+    #[arg(long, value_enum, default_value_t = crate::replay::Format::Table)]
+    pub format: crate::replay::Format,
+    /// Print only the alerts the --policy files add (`+ `) and remove (`- `) compared with
+    /// the recorded ones.
+    #[arg(long, requires = "policies")]
+    pub diff: bool,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +255,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Tail(args) => tail(args),
+        Command::Replay(args) => replay(&args),
         Command::CheckConfig(args) => check_config(&args),
         Command::Run(args) => run(&args),
     }
@@ -352,6 +413,79 @@ fn tail(args: TailArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("agent-monitor: tail: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The replay options of the command line, or the message saying which argument is wrong.
+fn replay_options(args: &ReplayArgs) -> Result<crate::replay::Options, String> {
+    use crate::replay;
+    let now = std::time::SystemTime::now();
+    let time = |flag: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|v| replay::parse_time(v, now).map_err(|e| format!("{flag} {e}")))
+            .transpose()
+    };
+    let filter = replay::Filter {
+        since: time("--since", &args.since)?,
+        until: time("--until", &args.until)?,
+        namespaces: args.namespaces.clone(),
+        pods: args.pods.clone(),
+        agents: args.agents.clone(),
+    };
+    let policies = if args.policies.is_empty() {
+        None
+    } else {
+        Some(crate::policy::PolicySet::load(&args.policies).map_err(|e| e.to_string())?)
+    };
+    let config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    Ok(replay::Options {
+        journal: args.journal.clone(),
+        policies,
+        detect: crate::detect::DetectConfig::from_settings(
+            &config.detect,
+            config.alerts.rate_limit_per_minute,
+        ),
+        filter,
+        format: args.format,
+        diff: args.diff,
+    })
+}
+
+fn replay(args: &ReplayArgs) -> ExitCode {
+    use crate::replay::ReplayError;
+    let options = match replay_options(args) {
+        Ok(o) => o,
+        Err(message) => {
+            eprintln!("agent-monitor: replay: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let out = std::io::BufWriter::new(std::io::stdout().lock());
+    match crate::replay::replay(&options, out, std::io::stderr()) {
+        Ok(s) => {
+            eprintln!(
+                "agent-monitor: replay: {} records of {} runs, {} damaged stretches, {} alerts \
+                 printed",
+                s.records, s.runs, s.damaged, s.printed
+            );
+            ExitCode::SUCCESS
+        }
+        // The reader went away (`replay | head`): what it wanted has been printed.
+        Err(ReplayError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
+        Err(e @ ReplayError::DiffWithoutPolicies) => {
+            eprintln!("agent-monitor: replay: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("agent-monitor: replay: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }

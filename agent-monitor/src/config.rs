@@ -115,6 +115,142 @@ pub struct Config {
     /// and outputs drain, stream clients are told; what is left at the bound is logged
     /// and abandoned. Well under Kubernetes' default 30 s grace period.
     pub shutdown_timeout_ms: u64,
+    /// The forensic journal on local disk; off unless `journal.dir` is set.
+    pub journal: JournalSettings,
+}
+
+/// Default of `journal.sync_interval_ms`.
+pub const DEFAULT_JOURNAL_SYNC_INTERVAL_MS: u64 = 1000;
+
+/// Smallest `journal.segment_bytes` accepted here: the journal itself takes less (so its
+/// tests can rotate often), but a daemon rotating every few records would spend its time
+/// creating files.
+pub const MIN_JOURNAL_SEGMENT_BYTES: u64 = 4096;
+
+/// Largest `journal.segment_bytes`: past this a segment is a file too big to copy off a
+/// node comfortably, and retention frees space in too coarse steps.
+pub const MAX_JOURNAL_SEGMENT_BYTES: u64 = 1 << 30;
+
+/// Largest `journal.max_bytes` (1 TiB): more is a typo, not a node's disk budget.
+pub const MAX_JOURNAL_BYTES: u64 = 1 << 40;
+
+/// Forensic journal settings: every event and alert, appended to checksummed segment
+/// files that outlive the daemon (see `crate::journal`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSettings {
+    /// Absolute directory of the journal (created 0700 if missing). Unset: no journal.
+    pub dir: Option<PathBuf>,
+    /// A segment file is closed at about this size and a new one started.
+    pub segment_bytes: u64,
+    /// Total size of the journal; the oldest segments are deleted to stay under it (the
+    /// segment being written can take it over by up to one segment).
+    pub max_bytes: u64,
+    /// Segments last written longer ago than this are deleted (`7days`, `36h`; humantime
+    /// units), or `none` to keep them until `max_bytes` needs the room.
+    pub max_age: String,
+    /// How often what was appended is written and fsynced, in milliseconds: at most this
+    /// much is lost to a power cut or a kill (a kill loses only what was still queued).
+    pub sync_interval_ms: u64,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        let o = crate::journal::Options::default();
+        Self {
+            dir: None,
+            segment_bytes: o.segment_bytes,
+            max_bytes: o.max_bytes,
+            max_age: o.max_age.map_or_else(
+                || "none".to_owned(),
+                |a| humantime::format_duration(a).to_string(),
+            ),
+            sync_interval_ms: DEFAULT_JOURNAL_SYNC_INTERVAL_MS,
+        }
+    }
+}
+
+impl JournalSettings {
+    /// `max_age` as a duration; None for `none` (and for text that validation refused).
+    pub fn max_age(&self) -> Option<std::time::Duration> {
+        if self.max_age == "none" {
+            return None;
+        }
+        humantime::parse_duration(&self.max_age).ok()
+    }
+
+    /// The journal's own options.
+    pub fn options(&self) -> crate::journal::Options {
+        crate::journal::Options {
+            segment_bytes: self.segment_bytes,
+            max_bytes: self.max_bytes,
+            max_age: self.max_age(),
+        }
+    }
+
+    /// `sync_interval_ms` as a duration.
+    pub fn sync_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.sync_interval_ms)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, expected: String, got: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            field: format!("journal.{field}"),
+            expected,
+            got,
+        };
+        if let Some(dir) = &self.dir {
+            if !dir.is_absolute() || dir.as_os_str().as_encoded_bytes().contains(&0) {
+                return Err(invalid(
+                    "dir",
+                    "an absolute directory (/var/lib/agent-monitor/journal)".to_owned(),
+                    format!("{:?}", dir.display().to_string()),
+                ));
+            }
+        }
+        if !(MIN_JOURNAL_SEGMENT_BYTES..=MAX_JOURNAL_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            return Err(invalid(
+                "segment_bytes",
+                format!("{MIN_JOURNAL_SEGMENT_BYTES} to {MAX_JOURNAL_SEGMENT_BYTES}"),
+                self.segment_bytes.to_string(),
+            ));
+        }
+        if !(self.segment_bytes..=MAX_JOURNAL_BYTES).contains(&self.max_bytes) {
+            return Err(invalid(
+                "max_bytes",
+                format!(
+                    "segment_bytes ({}) to {MAX_JOURNAL_BYTES}",
+                    self.segment_bytes
+                ),
+                self.max_bytes.to_string(),
+            ));
+        }
+        if self.max_age != "none" {
+            // A minute at least: retention runs on every sync, and an age shorter than a
+            // few syncs would delete segments as soon as they close.
+            let ok = humantime::parse_duration(&self.max_age).is_ok_and(|d| {
+                (std::time::Duration::from_secs(60)
+                    ..=std::time::Duration::from_secs(10 * 365 * 86_400))
+                    .contains(&d)
+            });
+            if !ok {
+                return Err(invalid(
+                    "max_age",
+                    "`none` or a duration from 1m to 10years (7days, 36h)".to_owned(),
+                    format!("{:?}", self.max_age),
+                ));
+            }
+        }
+        if !(10..=60_000).contains(&self.sync_interval_ms) {
+            return Err(invalid(
+                "sync_interval_ms",
+                "10 to 60000".to_owned(),
+                self.sync_interval_ms.to_string(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Default of `shutdown_timeout_ms`.
@@ -571,6 +707,7 @@ impl Default for Config {
             admin: AdminSettings::default(),
             health: HealthSettings::default(),
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            journal: JournalSettings::default(),
         }
     }
 }
@@ -1008,6 +1145,7 @@ impl Config {
                 "\"\"".to_owned(),
             ));
         }
+        self.journal.validate(file)?;
         Ok(())
     }
 }
@@ -1026,6 +1164,27 @@ mod tests {
         assert_eq!(c.watch.prefixes.len(), DEFAULT_PREFIXES.len());
         assert!(c.watch.prefixes.iter().any(|p| p == "/var/run/secrets/"));
         assert!(c.cgroups.is_empty());
+    }
+
+    #[test]
+    fn journal_is_off_by_default_with_the_journal_defaults() {
+        let c = parse("").expect("default config");
+        assert!(c.journal.dir.is_none());
+        assert_eq!(c.journal.options(), crate::journal::Options::default());
+        assert_eq!(c.journal.sync_interval_ms, DEFAULT_JOURNAL_SYNC_INTERVAL_MS);
+        let c = parse("journal: {dir: /var/lib/am/j, max_age: none, sync_interval_ms: 250}\n")
+            .expect("valid");
+        assert_eq!(c.journal.dir.as_deref(), Some(Path::new("/var/lib/am/j")));
+        assert_eq!(c.journal.options().max_age, None);
+        assert_eq!(
+            c.journal.sync_interval(),
+            std::time::Duration::from_millis(250)
+        );
+        let c = parse("journal: {max_age: 36h}\n").expect("valid");
+        assert_eq!(
+            c.journal.max_age(),
+            Some(std::time::Duration::from_secs(36 * 3600))
+        );
     }
 
     #[test]
@@ -1111,6 +1270,28 @@ mod tests {
                 "poll_interval_ms: 5000\nhealth: {loop_stall_ms: 9000}\n",
                 &["health.loop_stall_ms", "10000", "9000"],
             ),
+            (
+                "journal: {dir: var/journal}\n",
+                &["journal.dir", "absolute", "var/journal"],
+            ),
+            (
+                "journal: {dir: /j, segment_bytes: 100}\n",
+                &["journal.segment_bytes", "4096 to", "100"],
+            ),
+            (
+                "journal: {segment_bytes: 1048576, max_bytes: 65536}\n",
+                &["journal.max_bytes", "segment_bytes (1048576)", "65536"],
+            ),
+            (
+                "journal: {max_age: 5s}\n",
+                &["journal.max_age", "1m to 10years", "5s"],
+            ),
+            ("journal: {max_age: soon}\n", &["journal.max_age", "soon"]),
+            (
+                "journal: {sync_interval_ms: 0}\n",
+                &["journal.sync_interval_ms", "10 to 60000", "0"],
+            ),
+            ("journal: {dirr: /j}\n", &["unknown field `dirr`"]),
         ];
         for (text, needles) in cases {
             let err = parse(text).expect_err(text).to_string();

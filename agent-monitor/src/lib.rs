@@ -20,4 +20,5 @@ pub mod policy;
 pub mod preflight;
 pub mod probes;
 pub mod ratelog;
+pub mod replay;
 pub mod watching;

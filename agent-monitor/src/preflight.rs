@@ -66,6 +66,7 @@ pub async fn check(config: &Config, file: &Path) -> Result<PolicySet, PreflightE
     c.kernel_map_limits(config)?;
     c.output("output", &config.output)?;
     c.output("alerts.output", &config.alerts.output)?;
+    c.journal(config)?;
     let policies = PolicySet::load(&config.detect.policies)?;
     c.falcosidekick(config)?;
     c.listeners(config)?;
@@ -229,6 +230,53 @@ impl Checker<'_> {
                 }
             }
             Err(e) => Err(self.invalid(field, expected, format!("{output:?}: {e}"))),
+        }
+    }
+
+    /// The journal directory: an existing directory this process may create files in, or
+    /// a missing one whose nearest existing ancestor is such a directory (`run` creates
+    /// it). Nothing is created here.
+    fn journal(&self, config: &Config) -> Result<(), ConfigError> {
+        let Some(dir) = &config.journal.dir else {
+            return Ok(());
+        };
+        let field = "journal.dir";
+        let expected = "a directory this process may create files in, or a missing one under \
+                        such a directory (it is created)";
+        let got = |what: String| format!("{:?}: {what}", dir.display().to_string());
+        let mut probe = dir.as_path();
+        loop {
+            match std::fs::metadata(probe) {
+                Ok(m) if m.is_dir() => {
+                    return writable_dir(probe).map_err(|e| {
+                        let what = if probe == dir {
+                            format!("not writable: {e}")
+                        } else {
+                            format!("cannot create it in {}: {e}", probe.display())
+                        };
+                        self.invalid(field, expected, got(what))
+                    });
+                }
+                Ok(m) => {
+                    return Err(self.invalid(
+                        field,
+                        expected,
+                        got(format!("{} is {}", probe.display(), kind_of(&m))),
+                    ))
+                }
+                // ENOTDIR: an ancestor is not a directory; walking up names it.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    match probe.parent() {
+                        Some(parent) => probe = parent,
+                        // Only `/` has no parent, and it exists: unreachable in practice.
+                        None => return Err(self.invalid(field, expected, got(e.to_string()))),
+                    }
+                }
+                Err(e) => return Err(self.invalid(field, expected, got(e.to_string()))),
+            }
         }
     }
 
@@ -523,6 +571,34 @@ mod tests {
         assert!(e.contains("No such file"), "{e}");
         c.output("output", "-").expect("stdout");
         c.output("output", "none").expect("none");
+    }
+
+    #[test]
+    fn journal_dir_is_checked_without_being_created() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("am.yaml");
+        let c = Checker { file: &file };
+        let mut config = Config::default();
+        c.journal(&config).expect("no journal");
+        // Missing, two levels deep: `run` creates both.
+        let new = dir.path().join("a/journal");
+        config.journal.dir = Some(new.clone());
+        c.journal(&config).expect("a new directory");
+        assert!(!dir.path().join("a").exists(), "check mode created it");
+        config.journal.dir = Some(dir.path().to_owned());
+        c.journal(&config).expect("an existing directory");
+        // Under a regular file: cannot be created.
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").expect("write");
+        config.journal.dir = Some(plain.join("journal"));
+        let m = c.journal(&config).expect_err("under a file").to_string();
+        assert!(
+            m.contains("`journal.dir`") && m.contains("is a regular file"),
+            "{m}"
+        );
+        config.journal.dir = Some(plain);
+        let m = c.journal(&config).expect_err("a file").to_string();
+        assert!(m.contains("a regular file"), "{m}");
     }
 
     #[test]

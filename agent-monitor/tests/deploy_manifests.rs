@@ -77,7 +77,15 @@ const HOST_PATHS: &[(&str, &str, Option<&str>)] = &[
         Some("HostToContainer"),
     ),
     ("/etc/kubernetes", "/etc/kubernetes", None),
+    (JOURNAL_HOST_PATH, JOURNAL_HOST_PATH, None),
 ];
+
+/// The one hostPath the daemon writes, and the only one created on the host if missing
+/// (DirectoryOrCreate): the forensic journal (`journal.dir`), which must outlive the pod,
+/// so it cannot be an emptyDir. The directory is the daemon's own (nothing else of the
+/// host is under it), which is what makes it safe to mount read-write and to create.
+/// Every other hostPath stays read-only and must exist already.
+const JOURNAL_HOST_PATH: &str = "/var/lib/agent-monitor/journal";
 
 const COMMON_LABEL: (&str, &str) = ("app.kubernetes.io/name", "agent-monitor");
 
@@ -360,7 +368,7 @@ fn every_kustomization_renders_into_known_types() {
 
 /// Both the daemon and the example workloads: nothing privileged, no escalation, a
 /// read-only root, all capabilities dropped (the daemon adds exactly the documented ones),
-/// hostPath mounts read-only, all three probes (startup for the daemon), requests and a
+/// hostPath mounts read-only (but the daemon's journal, JOURNAL_HOST_PATH), all three probes (startup for the daemon), requests and a
 /// memory limit.
 #[test]
 fn containers_are_locked_down() {
@@ -398,12 +406,11 @@ fn containers_are_locked_down() {
                 .and_then(|s| s.seccomp_profile.as_ref())
                 .map(|p| p.type_.as_str());
             assert_eq!(seccomp, Some("RuntimeDefault"), "{what}: seccomp profile");
-            let host_volumes: BTreeSet<&str> = spec
+            let host_volumes: BTreeMap<&str, &str> = spec
                 .volumes
                 .iter()
                 .flatten()
-                .filter(|v| v.host_path.is_some())
-                .map(|v| v.name.as_str())
+                .filter_map(|v| Some((v.name.as_str(), v.host_path.as_ref()?.path.as_str())))
                 .collect();
             let containers = spec
                 .containers
@@ -445,7 +452,14 @@ fn containers_are_locked_down() {
                     assert!(added.is_empty(), "{what}: adds capabilities {added:?}");
                 }
                 for m in c.volume_mounts.iter().flatten() {
-                    if host_volumes.contains(m.name.as_str()) {
+                    let Some(host) = host_volumes.get(m.name.as_str()) else {
+                        continue;
+                    };
+                    // The journal, by host and mount path: see JOURNAL_HOST_PATH.
+                    let journal = is_daemon
+                        && *host == JOURNAL_HOST_PATH
+                        && m.mount_path == JOURNAL_HOST_PATH;
+                    if !journal {
                         assert_eq!(
                             m.read_only,
                             Some(true),
@@ -595,16 +609,31 @@ fn daemonset_runs_the_daemon_on_every_node() {
         let mut host_paths: Vec<(String, String, Option<String>)> = Vec::new();
         for v in &volumes {
             let Some(hp) = &v.host_path else { continue };
-            assert_ne!(
-                hp.type_.as_deref(),
-                Some("DirectoryOrCreate"),
-                "{what}: hostPath {} must not be created on the host",
-                hp.path
-            );
             let m = mounts
                 .iter()
                 .find(|m| m.name == v.name)
                 .unwrap_or_else(|| panic!("{what}: hostPath volume {} is not mounted", v.name));
+            if hp.path == JOURNAL_HOST_PATH {
+                // The journal's own directory (see JOURNAL_HOST_PATH): created on a new
+                // node and written, and mounted nowhere else.
+                assert_eq!(
+                    hp.type_.as_deref(),
+                    Some("DirectoryOrCreate"),
+                    "{what}: the journal hostPath"
+                );
+                assert_ne!(
+                    m.read_only,
+                    Some(true),
+                    "{what}: the journal must be writable"
+                );
+            } else {
+                assert_ne!(
+                    hp.type_.as_deref(),
+                    Some("DirectoryOrCreate"),
+                    "{what}: hostPath {} must not be created on the host",
+                    hp.path
+                );
+            }
             host_paths.push((
                 hp.path.clone(),
                 m.mount_path.clone(),
@@ -974,6 +1003,22 @@ fn daemon_configs_parse_and_match_the_pod() {
             value["detect"]["cluster_policies"].as_bool(),
             Some(true),
             "{what}: detect.cluster_policies"
+        );
+        // The journal goes to the writable hostPath, at the host's path, so it outlives
+        // the pod. Checked on the YAML, as above.
+        let journal = value["journal"]["dir"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no journal.dir"));
+        assert_eq!(journal, JOURNAL_HOST_PATH, "{what}: journal.dir");
+        assert_eq!(
+            host_path_of(journal),
+            JOURNAL_HOST_PATH,
+            "{what}: journal.dir"
+        );
+        assert_ne!(
+            mount_of(journal).read_only,
+            Some(true),
+            "{what}: journal.dir"
         );
         for p in &config.detect.policies {
             let m = mount_of(&p.to_string_lossy());

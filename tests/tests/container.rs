@@ -26,6 +26,9 @@ use agent_monitor_tests::{
 };
 use serde_json::Value;
 
+/// The one hostPath the DaemonSet mounts writable: the journal, which must outlive the pod.
+const JOURNAL: &str = "/var/lib/agent-monitor/journal";
+
 /// How long the daemon in the container may take to start, and an event to arrive.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -422,8 +425,10 @@ fn the_image_with_only_the_documented_capabilities_reports_a_token_read_with_its
     let d = deployed();
     assert!(d.host_pid, "the DaemonSet shares the host PID namespace");
     assert!(
-        d.host_mounts.iter().all(|(_, _, ro, _)| *ro),
-        "every hostPath read-only"
+        d.host_mounts
+            .iter()
+            .all(|(host, _, ro, _)| *ro || host == JOURNAL),
+        "every hostPath read-only but the journal's"
     );
     let tree = TempTree::new("container");
     let kroot = tree.root.join("kubelet");
@@ -440,9 +445,12 @@ fn the_image_with_only_the_documented_capabilities_reports_a_token_read_with_its
     let pod = SimPod::new(&unique("am-container"), 0x0c0a_7a1e, "agent-c", "courier");
     pods_file(&config_dir.join("pods.json"), &[pod.json(None)]);
     node_config(&d, &config_dir);
+    let journal = tree.root.join("journal");
+    std::fs::create_dir_all(&journal).expect("journal dir");
     let host_paths = [
         ("/var/lib/kubelet", kroot.as_path()),
         ("/etc/kubernetes", etc_kubernetes.as_path()),
+        (JOURNAL, journal.as_path()),
     ];
 
     // Each documented capability is necessary: without it the daemon does not start, and
@@ -539,4 +547,30 @@ fn the_image_with_only_the_documented_capabilities_reports_a_token_read_with_its
     let (status, log) = c.wait_exit();
     assert!(status.success(), "exit after SIGTERM: {status}\n{log}");
     assert!(log.contains("agent-monitor stopped"), "{log}");
+    // The journal, on its writable hostPath under a read-only root, holds the run: its
+    // start, the token read with the pod's identity, and the stop of a clean shutdown.
+    use agent_monitor::journal::{journal_record::Body, Item, Reader};
+    let records: Vec<_> = Reader::open(&journal)
+        .expect("journal")
+        .map(|item| match item {
+            Item::Record { record, .. } => *record,
+            Item::Damage(d) => panic!("journal damaged: {d:?}"),
+        })
+        .collect();
+    assert!(matches!(
+        records.first().and_then(|r| r.body.as_ref()),
+        Some(Body::Start(_))
+    ));
+    assert!(matches!(
+        records.last().and_then(|r| r.body.as_ref()),
+        Some(Body::Stop(_))
+    ));
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(&r.body, Some(Body::Event(e))
+            if e.workload.as_ref().is_some_and(|w| w.pod_uid == pod.uid)
+                && e.process.as_ref().is_some_and(|p| p.cgroup_id == pod.cgroup.id))),
+        "the token read is in the journal with its pod"
+    );
 }

@@ -85,7 +85,21 @@ pub struct Metrics {
     watched: Family<Labels<1>, Gauge>,
     kernel_map_refusals: Counter,
     kernel_silence: Gauge<f64, AtomicU64>,
+    journal_dropped: Counter,
+    journal_records: Counter,
+    journal_bytes: Counter,
+    journal_sync: Histogram,
+    journal_recoveries: Family<Labels<1>, Counter>,
+    journal_truncated_bytes: Counter,
 }
+
+/// Upper bounds (seconds) of the journal's fsync latency histogram: 100 µs to 10 s.
+pub const SYNC_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 10.0,
+];
+
+/// How the newest segment ended when the journal was opened, as the `tail` label.
+pub const JOURNAL_TAILS: [&str; 4] = ["clean", "torn", "corrupt", "left_alone"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -111,6 +125,45 @@ impl Metrics {
         let watched = Family::<Labels<1>, Gauge>::default();
         let kernel_map_refusals = Counter::default();
         let kernel_silence = Gauge::<f64, AtomicU64>::default();
+        let journal_dropped = Counter::default();
+        let journal_records = Counter::default();
+        let journal_bytes = Counter::default();
+        let journal_sync = Histogram::new(SYNC_BUCKETS);
+        let journal_recoveries = Family::<Labels<1>, Counter>::default();
+        let journal_truncated_bytes = Counter::default();
+        registry.register(
+            "agent_monitor_journal_dropped",
+            "Records not journaled because the journal writer's queue was full (a slow disk) or the writer had stopped",
+            journal_dropped.clone(),
+        );
+        registry.register(
+            "agent_monitor_journal_records",
+            "Records appended to the journal (run markers included)",
+            journal_records.clone(),
+        );
+        registry.register_with_unit(
+            "agent_monitor_journal",
+            "Bytes appended to the journal, framing included",
+            Unit::Bytes,
+            journal_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "agent_monitor_journal_sync",
+            "Time of each periodic fsync of the journal",
+            Unit::Seconds,
+            journal_sync.clone(),
+        );
+        registry.register(
+            "agent_monitor_journal_recoveries",
+            "Journal opens, by how the newest segment ended: clean, torn (a kill mid-write; cut off), corrupt (a damaged record; it and what followed cut off), left_alone (not this format)",
+            journal_recoveries.clone(),
+        );
+        registry.register_with_unit(
+            "agent_monitor_journal_truncated",
+            "Bytes cut off the end of the journal when it was opened (a torn or corrupt tail)",
+            Unit::Bytes,
+            journal_truncated_bytes.clone(),
+        );
         registry.register_with_unit(
             "agent_monitor_kernel_silence",
             "Time since the last record from the kernel (since start when there was none yet); a quiet node is not a fault, so this is reported, not a health failure",
@@ -183,7 +236,7 @@ impl Metrics {
         );
         registry.register(
             "agent_monitor_sink_failures",
-            "Failed writes to an output sink, by sink: events and alerts (file or stdout writes), falcosidekick (failed POSTs, rejected alerts, alerts dropped on a full queue or undelivered at shutdown)",
+            "Failed writes to an output sink, by sink: events and alerts (file or stdout writes), journal (failed appends or syncs), falcosidekick (failed POSTs, rejected alerts, alerts dropped on a full queue or undelivered at shutdown)",
             sink_failures.clone(),
         );
 
@@ -209,7 +262,46 @@ impl Metrics {
             watched,
             kernel_map_refusals,
             kernel_silence,
+            journal_dropped,
+            journal_records,
+            journal_bytes,
+            journal_sync,
+            journal_recoveries,
+            journal_truncated_bytes,
         }
+    }
+
+    /// Counts a record the journal did not take.
+    pub fn record_journal_dropped(&self) {
+        self.journal_dropped.inc();
+    }
+
+    /// Brings the journal's write counters up to the writer's totals and records the
+    /// latest sync's time (`sync`: None when no sync happened since the last call).
+    pub fn set_journal_written(&self, records: u64, bytes: u64, sync: Option<Duration>) {
+        self.journal_records
+            .inc_by(records.saturating_sub(self.journal_records.get()));
+        self.journal_bytes
+            .inc_by(bytes.saturating_sub(self.journal_bytes.get()));
+        if let Some(d) = sync {
+            self.journal_sync.observe(d.as_secs_f64());
+        }
+    }
+
+    /// Counts one journal open whose newest segment ended as `tail` (one of
+    /// [`JOURNAL_TAILS`]), and the bytes cut off it.
+    pub fn record_journal_recovery(&self, tail: &'static str, truncated_bytes: u64) {
+        for t in JOURNAL_TAILS {
+            // Every series exists from the first open, so a dashboard sees the zeros.
+            drop(
+                self.journal_recoveries
+                    .get_or_create(&[("tail", Cow::Borrowed(t))]),
+            );
+        }
+        self.journal_recoveries
+            .get_or_create(&[("tail", Cow::Borrowed(tail))])
+            .inc();
+        self.journal_truncated_bytes.inc_by(truncated_bytes);
     }
 
     /// Counts one decoded record in `lane` (`credential`, `network` or `process`).

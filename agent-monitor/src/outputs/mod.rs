@@ -4,6 +4,7 @@ pub mod falco;
 pub mod falcosidekick;
 pub mod fanout;
 pub mod grpc;
+pub mod journal;
 pub mod jsonl;
 pub mod listen;
 pub mod metrics;

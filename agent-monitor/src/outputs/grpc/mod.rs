@@ -25,7 +25,8 @@ pub use server::{
     SHUTTING_DOWN,
 };
 pub use tail::{
-    channel, connect, parse_priority, tail, ClientTls, EventKind, OutputFormat, TailOptions,
+    anomaly_line, channel, connect, parse_priority, tail, ClientTls, EventKind, OutputFormat,
+    TailOptions,
 };
 
 /// Messages and service generated from `agent_monitor/v1/agent_monitor.proto`.

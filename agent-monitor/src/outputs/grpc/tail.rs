@@ -408,6 +408,17 @@ fn host_port(addr: &str, port: impl std::fmt::Display) -> String {
 /// One short line: `time priority rule ns/pod process what`, where `what` is the file
 /// and/or destination the alert is about, or its output text when it names neither.
 fn anomaly_compact(a: &pb::Anomaly) -> String {
+    compact(a, clock_time(a.time.as_ref()))
+}
+
+/// The compact line of an anomaly with its full date (`replay` prints the past, where the
+/// time of day alone is ambiguous).
+pub fn anomaly_line(a: &pb::Anomaly) -> String {
+    compact(a, short_time(a.time.as_ref()))
+}
+
+/// `time priority rule ns/pod process what`.
+fn compact(a: &pb::Anomaly, time: String) -> String {
     let priority = convert::priority_from_pb(a.priority())
         .map(convert::priority_name)
         .unwrap_or("-");
@@ -433,7 +444,7 @@ fn anomaly_compact(a: &pb::Anomaly) -> String {
     };
     format!(
         "{} {:<8} {} {} {} {}",
-        clock_time(a.time.as_ref()),
+        time,
         priority,
         a.rule,
         where_(a.workload.as_ref()),
