@@ -4,6 +4,9 @@
 //! line; pod metadata over the limits is cut and marked; a flood of identical warnings is
 //! one line and a count; loss reports are numbered. Needs root and BPF.
 
+#[path = "support/privileged.rs"]
+mod support_privileged;
+
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
@@ -14,30 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use support_privileged::privileged;
+
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-monitor");
 /// Longest any one expected thing may take (BPF load, a record reaching a file).
 const WAIT: Duration = Duration::from_secs(60);
-
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tracefs = Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
-        || Path::new("/sys/kernel/debug/tracing/events/syscalls").is_dir();
-    let cgroup2 = agent_monitor::identity::cgroup::cgroup2_mount().is_some();
-    let why = match (root, tracefs, cgroup2) {
-        (false, _, _) => "not root",
-        (_, false, _) => "tracefs is not mounted (cargo xtask setup)",
-        (_, _, false) => "no cgroup2 mount",
-        _ => return true,
-    };
-    if std::env::var("AGENT_MONITOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{test}: required privileged test cannot run: {why}");
-    }
-    eprintln!("SKIPPED {test}: needs root and BPF: {why}");
-    false
-}
 
 /// A cgroup2 directory for one test (parents included), emptied and removed on drop.
 struct Cgroup {

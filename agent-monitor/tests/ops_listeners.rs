@@ -11,6 +11,9 @@
 //!
 //! Needs root and BPF for `run` (see `privileged`).
 
+#[path = "support/privileged.rs"]
+mod support_privileged;
+
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
@@ -21,32 +24,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use support_privileged::privileged;
+
 use agent_monitor::outputs::grpc::{connect, pb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-monitor");
 /// How long anything that has no bound of its own may take before the test gives up: a
 /// broken daemon fails the test instead of hanging it. Nothing asserts speed with it.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tracefs = Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
-        || Path::new("/sys/kernel/debug/tracing/events/syscalls").is_dir();
-    if root && tracefs {
-        return true;
-    }
-    let why = if root {
-        "tracefs is not mounted"
-    } else {
-        "not root"
-    };
-    if std::env::var("AGENT_MONITOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{test} cannot run: {why}");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-    false
-}
 
 /// The running daemon; killed if the test fails half-way.
 struct Daemon {
