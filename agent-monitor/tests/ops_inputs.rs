@@ -7,15 +7,20 @@
 //! The reloaders run as the daemon runs them (real files, the real runtime's tasks); the
 //! daemon test at the end runs the real binary, with its BPF probes, and needs root.
 
+#[path = "support/logs.rs"]
+mod logs;
+
 use std::{
     ffi::CString,
     io::{BufRead as _, BufReader},
     os::unix::{ffi::OsStrExt as _, fs::symlink},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{mpsc, Mutex, Once, PoisonError, RwLock},
+    sync::{mpsc, PoisonError, RwLock},
     time::{Duration, Instant},
 };
+
+use logs::{count_logged, logged, record_logs};
 
 use agent_monitor::{
     identity::pods::{file as pods_file, PodStore},
@@ -156,51 +161,6 @@ fn names(set: &RwLock<PolicySet>) -> Vec<String> {
         .iter()
         .filter_map(|p| p.metadata.name.clone())
         .collect()
-}
-
-/// Every log record of this test process (the reloaders run in it).
-static LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Recorder;
-
-impl log::Log for Recorder {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        let line = format!("{} {}", record.level(), record.args());
-        LOGGED
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(line);
-    }
-
-    fn flush(&self) {}
-}
-
-/// Installs the recorder (once per test binary) at level info.
-fn record_logs() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        log::set_logger(&Recorder).expect("no other logger");
-        log::set_max_level(log::LevelFilter::Info);
-    });
-}
-
-/// How many log records hold every needle.
-fn count_logged(needles: &[&str]) -> usize {
-    LOGGED
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .iter()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .count()
-}
-
-/// Whether a log record holds every needle.
-fn logged(needles: &[&str]) -> bool {
-    count_logged(needles) > 0
 }
 
 /// Waits until `cond` holds; returns how long that took. Fails after [`PATIENCE`].

@@ -32,11 +32,17 @@ pub fn record_logs() {
     });
 }
 
-/// Whether a record containing every needle was logged.
-pub fn logged(needles: &[&str]) -> bool {
+/// How many log records hold every needle.
+pub fn count_logged(needles: &[&str]) -> usize {
     LOGGED
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
-        .any(|l| needles.iter().all(|n| l.contains(n)))
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+/// Whether a record containing every needle was logged.
+pub fn logged(needles: &[&str]) -> bool {
+    count_logged(needles) > 0
 }
