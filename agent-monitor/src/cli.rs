@@ -55,6 +55,20 @@ pub enum Command {
     Version,
 }
 
+/// The workload filters `tail` and `replay` share.
+#[derive(Debug, Args)]
+pub struct WorkloadArgs {
+    /// Only these namespaces (repeatable).
+    #[arg(long = "namespace", value_name = "NS")]
+    pub namespaces: Vec<String>,
+    /// Only these pods (repeatable).
+    #[arg(long = "pod", value_name = "POD")]
+    pub pods: Vec<String>,
+    /// Only these agents (repeatable).
+    #[arg(long = "agent", value_name = "AGENT")]
+    pub agents: Vec<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct TailArgs {
     /// The daemon's API: `http://127.0.0.1:50051`, `https://host:port` or `unix:/path`.
@@ -79,15 +93,8 @@ pub struct TailArgs {
         requires = "events"
     )]
     pub kinds: Vec<EventKind>,
-    /// Only these namespaces (repeatable).
-    #[arg(long = "namespace", value_name = "NS")]
-    pub namespaces: Vec<String>,
-    /// Only these pods (repeatable).
-    #[arg(long = "pod", value_name = "POD")]
-    pub pods: Vec<String>,
-    /// Only these agents (repeatable).
-    #[arg(long = "agent", value_name = "AGENT")]
-    pub agents: Vec<String>,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
     /// Only these rules (repeatable; anomalies only): built-in rule ids such as
     /// `foreign-credential-read`.
     #[arg(long = "rule", value_name = "RULE")]
@@ -145,15 +152,8 @@ pub struct ReplayArgs {
     /// Only alerts at or before this time (same forms as --since).
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
-    /// Only these namespaces (repeatable).
-    #[arg(long = "namespace", value_name = "NS")]
-    pub namespaces: Vec<String>,
-    /// Only these pods (repeatable).
-    #[arg(long = "pod", value_name = "POD")]
-    pub pods: Vec<String>,
-    /// Only these agents (repeatable).
-    #[arg(long = "agent", value_name = "AGENT")]
-    pub agents: Vec<String>,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
     /// How to print each alert.
     #[arg(long, value_enum, default_value_t = crate::replay::Format::Table)]
     pub format: crate::replay::Format,
@@ -349,9 +349,9 @@ fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, Str
         ));
     }
     let mut filter = pb::Filter {
-        namespaces: args.namespaces,
-        pods: args.pods,
-        agents: args.agents,
+        namespaces: args.workload.namespaces,
+        pods: args.workload.pods,
+        agents: args.workload.agents,
         rules: args.rules,
         ..Default::default()
     };
@@ -431,9 +431,9 @@ fn replay_options(args: &ReplayArgs) -> Result<crate::replay::Options, String> {
     let filter = replay::Filter {
         since: time("--since", &args.since)?,
         until: time("--until", &args.until)?,
-        namespaces: args.namespaces.clone(),
-        pods: args.pods.clone(),
-        agents: args.agents.clone(),
+        namespaces: args.workload.namespaces.clone(),
+        pods: args.workload.pods.clone(),
+        agents: args.workload.agents.clone(),
     };
     let policies = if args.policies.is_empty() {
         None
