@@ -179,8 +179,11 @@ pub struct EventHeader {
     /// Inode number of the task's cgroup2 directory.
     pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
+    /// `start_boottime` of the task's thread-group leader (CLOCK_BOOTTIME ns): with the
+    /// tgid, it names the process across pid reuse. 0 when the kernel lacks the fields.
+    pub start_ns: u64,
 }
-const _: () = assert!(size_of::<EventHeader>() == 56);
+const _: () = assert!(size_of::<EventHeader>() == 64);
 
 /// Key of the watched-prefix LPM trie and scratch space for the path being matched. Same
 /// layout as `aya::maps::lpm_trie::Key<[u8; PATH_CAP]>`.
@@ -248,7 +251,7 @@ pub struct OpenEvent {
     /// root of its filesystem.
     pub dpath: [u8; DPATH_CAP],
 }
-const _: () = assert!(size_of::<OpenEvent>() == 872);
+const _: () = assert!(size_of::<OpenEvent>() == 880);
 
 /// Key of the file inventory: a file or directory by identity.
 #[repr(C)]
@@ -304,8 +307,12 @@ pub struct KernelOffsets {
     pub req_open_filename: u32,
     /// `filename.name`.
     pub filename_name: u32,
+    /// `task_struct.group_leader`.
+    pub task_group_leader: u32,
+    /// `task_struct.start_boottime`.
+    pub task_start_boottime: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 96);
+const _: () = assert!(size_of::<KernelOffsets>() == 104);
 
 /// Destination of a connect or of a send with an explicit address, captured at entry.
 #[repr(C)]
@@ -334,7 +341,7 @@ pub struct ConnectEvent {
     pub ret: i64,
     pub args: ConnectArgs,
 }
-const _: () = assert!(size_of::<ConnectEvent>() == 104);
+const _: () = assert!(size_of::<ConnectEvent>() == 112);
 
 /// Exec, fork or exit (process lane). Which fields mean something depends on the kind.
 #[repr(C)]
@@ -351,7 +358,7 @@ pub struct ProcEvent {
     /// Exec: the path passed to execve.
     pub filename: [u8; PATH_CAP],
 }
-const _: () = assert!(size_of::<ProcEvent>() == 320);
+const _: () = assert!(size_of::<ProcEvent>() == 328);
 
 /// [`ProcEvent::group_dead`]: the last thread of the process exited.
 pub const GROUP_DEAD: u8 = 1;

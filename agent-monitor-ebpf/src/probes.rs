@@ -213,7 +213,30 @@ unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64) {
         (*h).gid = (ug >> 32) as u32;
         (*h).cgroup_id = bpf_get_current_cgroup_id();
         (*h).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*h).start_ns = process_start_ns();
     }
+}
+
+/// `start_boottime` of the current task's thread-group leader: with the tgid, a name for
+/// the process that pid reuse cannot give to another. 0 when the kernel lacks the fields.
+#[inline(always)]
+fn process_start_ns() -> u64 {
+    let o = OFFSETS.load();
+    if o.task_group_leader == NO_FIELD || o.task_start_boottime == NO_FIELD {
+        return 0;
+    }
+    // SAFETY: helper without arguments; the BTF pointer is valid for this program run.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    // SAFETY: offsets of these very members in this kernel's BTF (direct loads through
+    // the typed pointer, as in the open path); a faulting load reads 0.
+    let leader: *const u8 = unsafe {
+        core::ptr::read_volatile(task.add(o.task_group_leader as usize) as *const *const u8)
+    };
+    if leader.is_null() {
+        return 0;
+    }
+    // SAFETY: as above; `leader` is a `task_struct *` the verifier typed from the load.
+    unsafe { core::ptr::read_volatile(leader.add(o.task_start_boottime as usize) as *const u64) }
 }
 
 // ------------------------------------------------------------------ opens
@@ -276,6 +299,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     regs_arg: [NO_FIELD; 3],
     req_open_filename: NO_FIELD,
     filename_name: NO_FIELD,
+    task_group_leader: NO_FIELD,
+    task_start_boottime: NO_FIELD,
 });
 /// How long after a credential read data sent on an inet socket is reported.
 #[unsafe(no_mangle)]

@@ -21,7 +21,7 @@ use crate::{
         falco,
         falcosidekick::{self, SidekickConfig},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
-        grpc::{GrpcConfig, GrpcServer, Hub, RunningGrpc, TlsConfig},
+        grpc::{GrpcConfig, GrpcServer, Hub, Origin, RunningGrpc, TlsConfig},
         journal::{Journal, JournalConfig, JOURNAL_QUEUE},
         jsonl,
         listen::{self, LimitedListener},
@@ -283,13 +283,17 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     // the reopen is served once the pipeline runs.
     let mut hangup = tokio::signal::unix::signal(SignalKind::hangup()).map_err(AppError::Signal)?;
     let hostname = falco::hostname();
+    // This run: its id, the node and the boot stamped on every event and anomaly.
+    let origin = Origin::new_run(&hostname);
+    info!("run {} on node {}", origin.run_id, origin.node);
     let mut events: Vec<EventSink> = Vec::new();
     let mut alerts: Vec<AlertSink> = Vec::new();
     if let Some(w) = open_output(&config.output)? {
-        let lines = protojson::EventLines::new(w).map_err(|source| AppError::Output {
-            output: config.output.clone(),
-            source,
-        })?;
+        let lines =
+            protojson::EventLines::new(w, origin.clone()).map_err(|source| AppError::Output {
+                output: config.output.clone(),
+                source,
+            })?;
         events.push(Box::new(lines));
     }
     if let Some(w) = open_output(&config.alerts.output)? {
@@ -367,7 +371,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
                     dir: dir.clone(),
                     options: config.journal.options(),
                     sync_interval: config.journal.sync_interval(),
-                    node: hostname.clone(),
+                    origin: origin.clone(),
                     queue: JOURNAL_QUEUE,
                 },
                 Some(metrics.clone()),
@@ -380,7 +384,10 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     };
 
     // The gRPC API.
-    let hub = Hub::new(config.grpc.queue_per_client);
+    let hub = Hub::new(config.grpc.queue_per_client, origin.clone());
+    if let Some(j) = &journal {
+        hub.set_journal(Arc::new(j.source()));
+    }
     {
         // Fed on every subscribe and disconnect, so a scrape sees the clients of that moment.
         let metrics = metrics.clone();

@@ -83,8 +83,8 @@ pub struct TailArgs {
     /// Same as `--output json`.
     #[arg(long, conflicts_with = "output")]
     pub json: bool,
-    /// Only these kinds of events (with --events; comma-separated or repeated). Applied by
-    /// this client: the server sends every event the other filters let through.
+    /// Only these kinds of events (with --events; comma-separated or repeated). The server
+    /// sends no other kind.
     #[arg(
         long = "kind",
         value_name = "KIND",
@@ -99,6 +99,23 @@ pub struct TailArgs {
     /// `foreign-credential-read`.
     #[arg(long = "rule", value_name = "RULE")]
     pub rules: Vec<String>,
+    /// Never these namespaces (repeatable).
+    #[arg(long = "exclude-namespace", value_name = "NS")]
+    pub exclude_namespaces: Vec<String>,
+    /// Never these pods: name, namespace/name or UID (repeatable).
+    #[arg(long = "exclude-pod", value_name = "POD")]
+    pub exclude_pods: Vec<String>,
+    /// Never these agents (repeatable).
+    #[arg(long = "exclude-agent", value_name = "AGENT")]
+    pub exclude_agents: Vec<String>,
+    /// Never these rules (repeatable; anomalies only).
+    #[arg(long = "exclude-rule", value_name = "RULE")]
+    pub exclude_rules: Vec<String>,
+    /// Keep the position (the last item printed) in FILE, and when FILE holds one, start
+    /// after it: what the daemon saw meanwhile is served from its journal (even across a
+    /// daemon restart), then the live stream, each item once. Needs the daemon's journal.
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
     /// Only anomalies at least this severe (anomalies only): emergency, alert, critical,
     /// error, warning, notice, informational (info) or debug, in any case.
     #[arg(long, value_name = "PRIORITY")]
@@ -330,7 +347,7 @@ fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, Str
     use crate::outputs::grpc::{self, pb};
     if args.events {
         // Events carry no rule or priority: the server would ignore these filters.
-        if !args.rules.is_empty() {
+        if !args.rules.is_empty() || !args.exclude_rules.is_empty() {
             return Err(
                 "--rule selects anomalies; events have no rule (filter events with \
                         --kind, --namespace, --pod or --agent)"
@@ -342,17 +359,31 @@ fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, Str
         }
     }
     let known: Vec<&str> = crate::detect::RULES.iter().map(|r| r.id).collect();
-    if let Some(unknown) = args.rules.iter().find(|r| !known.contains(&r.as_str())) {
+    if let Some(unknown) = args
+        .rules
+        .iter()
+        .chain(&args.exclude_rules)
+        .find(|r| !known.contains(&r.as_str()))
+    {
         return Err(format!(
             "--rule {unknown:?}: no such rule; the rules are {}",
             known.join(", ")
         ));
     }
     let mut filter = pb::Filter {
-        namespaces: args.workload.namespaces,
-        pods: args.workload.pods,
-        agents: args.workload.agents,
-        rules: args.rules,
+        allow: Some(pb::Selector {
+            namespaces: args.workload.namespaces,
+            pods: args.workload.pods,
+            agents: args.workload.agents,
+            rules: args.rules,
+        }),
+        deny: Some(pb::Selector {
+            namespaces: args.exclude_namespaces,
+            pods: args.exclude_pods,
+            agents: args.exclude_agents,
+            rules: args.exclude_rules,
+        }),
+        kinds: args.kinds.iter().map(|k| k.to_pb() as i32).collect(),
         ..Default::default()
     };
     if let Some(p) = args.min_priority.as_deref() {
@@ -387,8 +418,8 @@ fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, Str
         } else {
             args.output
         },
-        kinds: args.kinds,
         tls,
+        resume: args.resume,
     })
 }
 

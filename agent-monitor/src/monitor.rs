@@ -285,6 +285,7 @@ impl Enricher {
             comm: c_string(&h.comm, h.comm.len()),
             exe: info.exe,
             cgroup_id: h.cgroup_id,
+            start_ns: h.start_ns,
             workload: Default::default(),
         }
     }

@@ -242,12 +242,39 @@ fn the_daemon_prints_json_lines_and_stops_cleanly_on_sigterm() {
     );
     assert_eq!(open["process"]["comm"], "cat");
     assert!(
-        open["process"]["time"]
-            .as_str()
-            .is_some_and(|t| t.ends_with('Z')),
+        open["time"].as_str().is_some_and(|t| t.ends_with('Z')),
         "{open}"
     );
     assert_eq!(open["workload"]["host"], true, "{open}");
+    // The envelope: this run and this node; enums by name.
+    assert!(
+        open["run_id"].as_str().is_some_and(|r| r.len() >= 32),
+        "{open}"
+    );
+    assert!(
+        open["node"].as_str().is_some_and(|n| !n.is_empty()),
+        "{open}"
+    );
+    assert_eq!(open["open"]["syscall"], "SYSCALL_OPENAT", "{open}");
+    assert_eq!(open["open"]["matched_by"], "MATCH_KIND_INODE", "{open}");
+    // The process key: this boot, the process id and when the kernel started it (before
+    // the open, after boot).
+    let key = &open["process"]["key"];
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot_id");
+    assert_eq!(key["boot_id"], boot_id.trim(), "{open}");
+    assert_eq!(key["pid"], open["process"]["tgid"], "{open}");
+    let start: u64 = key["start_time_ns"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("start_time_ns");
+    let at: u64 = open["process"]["ts_boot_ns"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("ts_boot_ns");
+    assert!(
+        start > 0 && start <= at,
+        "start {start} not before the open at {at}: {open}"
+    );
 
     // SAFETY: kill(2) of our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
@@ -520,8 +547,8 @@ mod tail {
     struct NoStatus;
 
     impl StatusSource for NoStatus {
-        fn status(&self) -> pb::StatusResponse {
-            pb::StatusResponse::default()
+        fn status(&self) -> pb::GetStatusResponse {
+            pb::GetStatusResponse::default()
         }
     }
 
@@ -541,7 +568,7 @@ mod tail {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            let hub = Hub::new(1024);
+            let hub = Hub::new(1024, agent_monitor::outputs::grpc::Origin::default());
             let cfg = GrpcConfig {
                 tcp: Some("127.0.0.1:0".parse().expect("addr")),
                 ..GrpcConfig::default()
@@ -588,6 +615,7 @@ mod tail {
             comm: "agent".into(),
             exe: None,
             cgroup_id: 1,
+            start_ns: 0,
             workload: Workload {
                 namespace: Some("agents".into()),
                 pod: Some("coder-0".into()),

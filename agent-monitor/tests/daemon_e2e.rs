@@ -61,14 +61,17 @@ assert rc == 0, "protoc failed"
 sys.path.insert(0, out_dir)
 from agent_monitor.v1 import agent_monitor_pb2 as pb, agent_monitor_pb2_grpc as rpc
 stub = rpc.AgentMonitorStub(grpc.insecure_channel(addr))
-status = stub.GetStatus(pb.StatusRequest(), timeout=10)
+status = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
 print(json.dumps({"probes": len(status.probes_attached), "cache": status.identity_cache_size,
                   "watched_filesystems": status.watched_filesystems}), flush=True)
-for resp in stub.StreamAnomalies(pb.Filter(namespaces=["agents"]), timeout=60):
+request = pb.StreamAnomaliesRequest(filter=pb.Filter(allow=pb.Selector(namespaces=["agents"])))
+for resp in stub.StreamAnomalies(request, timeout=60):
     if resp.HasField("anomaly"):
         a = resp.anomaly
         print(json.dumps({"rule": a.rule, "namespace": a.workload.namespace, "pod": a.workload.pod,
-                          "agent": a.workload.agent, "sa": a.workload.service_account, "output": a.output}), flush=True)
+                          "agent": a.workload.agent, "sa": a.workload.service_account, "output": a.output,
+                          "pid_field": a.fields["proc.pid"], "pod_field": a.fields["k8s.pod.name"],
+                          "run_id": a.run_id}), flush=True)
         break
 "#;
 
@@ -272,6 +275,16 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
         assert_eq!(alert["pod"], "agent-e", "{target}");
         assert_eq!(alert["agent"], "summarizer", "{target}");
         assert_eq!(alert["sa"], "agent-worker-9", "{target}");
+        // Typed Falco fields (a google.protobuf.Struct) and the run id, as Python sees them.
+        assert_eq!(alert["pod_field"], "agent-e", "{target}");
+        assert!(
+            alert["pid_field"].as_f64().is_some_and(|p| p > 1.0),
+            "{target}"
+        );
+        assert!(
+            alert["run_id"].as_str().is_some_and(|r| !r.is_empty()),
+            "{target}"
+        );
         assert!(
             alert["output"].as_str().is_some_and(|o| o.contains("cat")),
             "{target}: {alert}"

@@ -15,7 +15,7 @@ use agent_monitor::{
     events::{ExitRecord, LostRecord, Record, Task},
     identity::Workload,
     outputs::grpc::{
-        self, channel, connect, pb, ClientTls, GrpcConfig, GrpcError, GrpcServer, Hub,
+        self, channel, connect, pb, ClientTls, GrpcConfig, GrpcError, GrpcServer, Hub, Origin,
         StatusSource, TlsConfig,
     },
     policy::Priority,
@@ -29,8 +29,8 @@ const PATIENCE: Duration = Duration::from_secs(120);
 struct FixedStatus;
 
 impl StatusSource for FixedStatus {
-    fn status(&self) -> pb::StatusResponse {
-        pb::StatusResponse {
+    fn status(&self) -> pb::GetStatusResponse {
+        pb::GetStatusResponse {
             probes_attached: vec!["tracepoint/syscalls/sys_enter_openat".into()],
             events_per_lane: [("credential".to_owned(), 7)].into(),
             identity_cache_size: 3,
@@ -111,6 +111,7 @@ fn exit(seq: u64, w: Workload) -> Record {
             comm: "agent".into(),
             exe: None,
             cgroup_id: 1,
+            start_ns: 0,
             workload: w,
         },
     })
@@ -127,6 +128,24 @@ fn anomaly(seq: u64, rule: &str, priority: Priority, w: Workload) -> Anomaly {
         workload: w,
         fields: BTreeMap::new(),
         events: vec![seq],
+    }
+}
+
+/// A filter of `allow` only.
+fn allow(namespaces: &[&str], pods: &[&str], agents: &[&str], rules: &[&str]) -> pb::Filter {
+    pb::Filter {
+        allow: Some(selector(namespaces, pods, agents, rules)),
+        ..Default::default()
+    }
+}
+
+fn selector(namespaces: &[&str], pods: &[&str], agents: &[&str], rules: &[&str]) -> pb::Selector {
+    let v = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect();
+    pb::Selector {
+        namespaces: v(namespaces),
+        pods: v(pods),
+        agents: v(agents),
+        rules: v(rules),
     }
 }
 
@@ -203,31 +222,23 @@ async fn anomaly_seqs_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anomaly_filters_select_namespace_agent_rule_and_priority() {
-    let hub = Hub::new(1024);
+    let hub = Hub::new(1024, Origin::default());
     let server = start(tcp_config(1024), hub.clone()).await;
     let mut client = connect(&server.http(), None).await.expect("connect");
 
     let filters = [
         pb::Filter::default(),
-        pb::Filter {
-            namespaces: vec!["prod".into()],
-            ..Default::default()
-        },
-        pb::Filter {
-            agents: vec!["coder".into()],
-            ..Default::default()
-        },
-        pb::Filter {
-            rules: vec!["cloud-metadata-contact".into()],
-            ..Default::default()
-        },
+        allow(&["prod"], &[], &[], &[]),
+        allow(&[], &[], &["coder"], &[]),
+        allow(&[], &[], &[], &["cloud-metadata-contact"]),
         pb::Filter {
             min_priority: pb::Priority::Critical as i32,
             ..Default::default()
         },
+        allow(&["prod"], &[], &["coder"], &[]),
+        // Deny: any list that holds the item's value refuses it.
         pb::Filter {
-            namespaces: vec!["prod".into()],
-            agents: vec!["coder".into()],
+            deny: Some(selector(&["dev"], &[], &["other"], &[])),
             ..Default::default()
         },
     ];
@@ -235,7 +246,10 @@ async fn anomaly_filters_select_namespace_agent_rule_and_priority() {
     for f in filters {
         streams.push(
             client
-                .stream_anomalies(f)
+                .stream_anomalies(pb::StreamAnomaliesRequest {
+                    filter: Some(f),
+                    resume_after: None,
+                })
                 .await
                 .expect("subscribe")
                 .into_inner(),
@@ -286,13 +300,14 @@ async fn anomaly_filters_select_namespace_agent_rule_and_priority() {
         hub.publish_anomaly(a);
     }
 
-    let expected: [&[u64]; 6] = [
+    let expected: [&[u64]; 7] = [
         &[1, 2, 3, 4, 5, 6],
         &[1, 4, 6],
         &[1, 2, 6],
         &[2, 4, 6],
         &[3, 4, 6],
         &[1, 6],
+        &[1, 4, 6],
     ];
     for (stream, want) in streams.iter_mut().zip(expected) {
         assert_eq!(anomaly_seqs_until(stream, 6).await, want);
@@ -300,7 +315,7 @@ async fn anomaly_filters_select_namespace_agent_rule_and_priority() {
 
     // The anomaly arrives whole.
     let mut all = client
-        .stream_anomalies(pb::Filter::default())
+        .stream_anomalies(pb::StreamAnomaliesRequest::default())
         .await
         .expect("subscribe")
         .into_inner();
@@ -324,7 +339,10 @@ async fn anomaly_filters_select_namespace_agent_rule_and_priority() {
     };
     assert_eq!(got, pb::Anomaly::from(&a));
     assert_eq!(got.priority(), pb::Priority::Critical);
-    assert_eq!(got.fields["proc.name"], "\"cat\"");
+    assert_eq!(
+        grpc::fields_from_pb(got.fields.as_ref())["proc.name"],
+        serde_json::json!("cat")
+    );
     assert_eq!(Anomaly::try_from(&got).expect("back").rule, a.rule);
 
     drop(streams);
@@ -334,29 +352,29 @@ async fn anomaly_filters_select_namespace_agent_rule_and_priority() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_filters_select_namespace_pod_and_agent() {
-    let hub = Hub::new(1024);
+    let hub = Hub::new(1024, Origin::default());
     let server = start(tcp_config(1024), hub.clone()).await;
     let mut client = connect(&server.http(), None).await.expect("connect");
 
     let filters = [
         pb::Filter::default(),
-        pb::Filter {
-            namespaces: vec!["prod".into()],
-            ..Default::default()
-        },
-        pb::Filter {
-            agents: vec!["coder".into()],
-            ..Default::default()
-        },
+        allow(&["prod"], &[], &[], &[]),
+        allow(&[], &[], &["coder"], &[]),
         // `namespace/name` or a bare name.
-        pb::Filter {
-            pods: vec!["dev/b".into(), "f".into()],
-            ..Default::default()
-        },
+        allow(&[], &["dev/b", "f"], &[], &[]),
         // Rules and priority do not apply to events.
         pb::Filter {
-            rules: vec!["no-such-rule".into()],
             min_priority: pb::Priority::Emergency as i32,
+            ..allow(&[], &[], &[], &["no-such-rule"])
+        },
+        // Kinds: the server sends no other kind (here: no loss report).
+        pb::Filter {
+            kinds: vec![pb::EventKind::Exit as i32],
+            ..Default::default()
+        },
+        // Deny by pod; loss reports are refused by no workload list.
+        pb::Filter {
+            deny: Some(selector(&[], &["dev/b"], &[], &[])),
             ..Default::default()
         },
     ];
@@ -364,7 +382,10 @@ async fn event_filters_select_namespace_pod_and_agent() {
     for f in filters {
         streams.push(
             client
-                .stream_events(f)
+                .stream_events(pb::StreamEventsRequest {
+                    filter: Some(f),
+                    resume_after: None,
+                })
                 .await
                 .expect("subscribe")
                 .into_inner(),
@@ -388,12 +409,14 @@ async fn event_filters_select_namespace_pod_and_agent() {
     let sentinel = exit(6, workload("prod", "f", "coder"));
     hub.publish_event(&sentinel);
 
-    let expected: [&[u64]; 5] = [
+    let expected: [&[u64]; 7] = [
         &[1, 2, 3, 4, 5, 6],
         &[1, 4, 6],
         &[1, 3, 4, 6],
         &[2, 4, 6],
         &[1, 2, 3, 4, 5, 6],
+        &[1, 2, 3, 5, 6],
+        &[1, 3, 4, 5, 6],
     ];
     for (stream, want) in streams.iter_mut().zip(expected) {
         assert_eq!(event_seqs_until(stream, 6).await, want);
@@ -406,18 +429,18 @@ async fn event_filters_select_namespace_pod_and_agent() {
 async fn slow_client_delays_neither_fast_client_nor_publisher_and_gets_exact_gap() {
     const TOTAL: u64 = 100_000;
     const BATCH: u64 = 512;
-    let hub = Hub::new(1024);
+    let hub = Hub::new(1024, Origin::default());
     let server = start(tcp_config(1024), hub.clone()).await;
     let mut fast_client = connect(&server.http(), None).await.expect("connect");
     let mut slow_client = connect(&server.http(), None).await.expect("connect");
 
     let mut slow = slow_client
-        .stream_events(pb::Filter::default())
+        .stream_events(pb::StreamEventsRequest::default())
         .await
         .expect("subscribe")
         .into_inner();
     let mut fast = fast_client
-        .stream_events(pb::Filter::default())
+        .stream_events(pb::StreamEventsRequest::default())
         .await
         .expect("subscribe")
         .into_inner();
@@ -497,7 +520,7 @@ async fn slow_client_delays_neither_fast_client_nor_publisher_and_gets_exact_gap
 
     // Status reports the hub's numbers.
     let status = fast_client
-        .get_status(pb::StatusRequest {})
+        .get_status(pb::GetStatusRequest {})
         .await
         .expect("status")
         .into_inner();
@@ -574,7 +597,7 @@ async fn mutual_tls_requires_a_client_certificate() {
         }),
         ..tcp_config(64)
     };
-    let hub = Hub::new(64);
+    let hub = Hub::new(64, Origin::default());
     let server = start(cfg, hub).await;
     let endpoint = format!("https://{}", server.tcp.expect("tcp"));
 
@@ -588,7 +611,7 @@ async fn mutual_tls_requires_a_client_certificate() {
         .await
         .expect("mTLS connect");
     let status = client
-        .get_status(pb::StatusRequest {})
+        .get_status(pb::GetStatusRequest {})
         .await
         .expect("status over mTLS")
         .into_inner();
@@ -606,7 +629,7 @@ async fn mutual_tls_requires_a_client_certificate() {
         .await
         .expect("connect by name");
     client
-        .get_status(pb::StatusRequest {})
+        .get_status(pb::GetStatusRequest {})
         .await
         .expect("status by name");
 
@@ -619,7 +642,7 @@ async fn mutual_tls_requires_a_client_certificate() {
     };
     let rejected = async {
         let mut client = connect(&endpoint, Some(&without_cert)).await?;
-        client.get_status(pb::StatusRequest {}).await?;
+        client.get_status(pb::GetStatusRequest {}).await?;
         Ok::<_, GrpcError>(())
     }
     .await;
@@ -631,7 +654,7 @@ async fn mutual_tls_requires_a_client_certificate() {
     // Plaintext is not served on a TLS port either.
     let plaintext = async {
         let mut client = connect(&format!("http://{}", server.tcp.expect("tcp")), None).await?;
-        client.get_status(pb::StatusRequest {}).await?;
+        client.get_status(pb::GetStatusRequest {}).await?;
         Ok::<_, GrpcError>(())
     }
     .await;
@@ -648,7 +671,7 @@ async fn unix_socket_is_private_replaces_a_stale_file_and_serves() {
     drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
     assert!(path.exists());
 
-    let hub = Hub::new(64);
+    let hub = Hub::new(64, Origin::default());
     let cfg = GrpcConfig {
         unix: Some(path.clone()),
         ..GrpcConfig::default()
@@ -675,14 +698,14 @@ async fn unix_socket_is_private_replaces_a_stale_file_and_serves() {
         .await
         .expect("connect over unix socket");
     let status = client
-        .get_status(pb::StatusRequest {})
+        .get_status(pb::GetStatusRequest {})
         .await
         .expect("status")
         .into_inner();
     assert_eq!(status.identity_cache_size, 3);
 
     let mut events = client
-        .stream_events(pb::Filter::default())
+        .stream_events(pb::StreamEventsRequest::default())
         .await
         .expect("subscribe")
         .into_inner();
@@ -789,7 +812,7 @@ async fn health_reports_serving_and_reflection_lists_the_service() {
         unix: Some(sock.clone()),
         ..tcp_config(64)
     };
-    let server = start(cfg, Hub::new(64)).await;
+    let server = start(cfg, Hub::new(64, Origin::default())).await;
     health_and_reflection(channel(&server.http(), None).await.expect("tcp channel")).await;
     health_and_reflection(
         channel(&format!("unix:{}", sock.display()), None)

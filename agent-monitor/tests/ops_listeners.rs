@@ -250,7 +250,7 @@ fn thousands_of_idle_connections_leave_healthz_answering_within_a_second() {
     let status = rt.block_on(async {
         let mut client = connect(&daemon.grpc, None).await.expect("gRPC connect");
         client
-            .get_status(pb::StatusRequest::default())
+            .get_status(pb::GetStatusRequest::default())
             .await
             .expect("GetStatus")
             .into_inner()
@@ -322,9 +322,15 @@ fn quiet_stream_clients_are_kept_alive_and_silent_connections_are_closed() {
             let (client, mut s) = rt.block_on(async {
                 let mut client = connect(&endpoint, None).await.expect("connect");
                 let s = client
-                    .stream_anomalies(pb::Filter {
-                        namespaces: vec!["no-such-namespace".into()],
-                        ..Default::default()
+                    .stream_anomalies(pb::StreamAnomaliesRequest {
+                        filter: Some(pb::Filter {
+                            allow: Some(pb::Selector {
+                                namespaces: vec!["no-such-namespace".into()],
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        resume_after: None,
                     })
                     .await
                     .expect("StreamAnomalies")
@@ -404,7 +410,7 @@ fn grpc_clients_metric_counts_connected_stream_clients() {
         for _ in 0..3 {
             let mut client = connect(&daemon.grpc, None).await.expect("connect");
             let stream = client
-                .stream_events(pb::Filter::default())
+                .stream_events(pb::StreamEventsRequest::default())
                 .await
                 .expect("StreamEvents")
                 .into_inner();
@@ -455,7 +461,7 @@ fn sigterm_with_ten_stream_clients_exits_within_the_bound_and_a_restart_binds_at
             let mut client = connect(&endpoint, None).await.expect("connect");
             let task = if i < 5 {
                 let mut s = client
-                    .stream_events(pb::Filter::default())
+                    .stream_events(pb::StreamEventsRequest::default())
                     .await
                     .expect("StreamEvents")
                     .into_inner();
@@ -470,7 +476,7 @@ fn sigterm_with_ten_stream_clients_exits_within_the_bound_and_a_restart_binds_at
                 })
             } else {
                 let mut s = client
-                    .stream_anomalies(pb::Filter::default())
+                    .stream_anomalies(pb::StreamAnomaliesRequest::default())
                     .await
                     .expect("StreamAnomalies")
                     .into_inner();
@@ -553,7 +559,7 @@ fn sigterm_with_ten_stream_clients_exits_within_the_bound_and_a_restart_binds_at
         connect(&unix, None)
             .await
             .expect("connect over the new socket")
-            .get_status(pb::StatusRequest::default())
+            .get_status(pb::GetStatusRequest::default())
             .await
     });
     assert!(status.is_ok(), "{status:?}");
@@ -589,7 +595,7 @@ fn a_client_that_never_reads_is_abandoned_at_the_bound_and_the_daemon_exits() {
             .expect("connect");
         let mut client = pb::agent_monitor_client::AgentMonitorClient::new(channel);
         let stream = client
-            .stream_events(pb::Filter::default())
+            .stream_events(pb::StreamEventsRequest::default())
             .await
             .expect("StreamEvents")
             .into_inner();
@@ -607,7 +613,7 @@ fn a_client_that_never_reads_is_abandoned_at_the_bound_and_the_daemon_exits() {
         spawned += 100;
         let missed = rt.block_on(async {
             status_client
-                .get_status(pb::StatusRequest::default())
+                .get_status(pb::GetStatusRequest::default())
                 .await
                 .expect("GetStatus")
                 .into_inner()

@@ -89,6 +89,7 @@ fn task(tgid: u32, exe: &str, w: Workload, minute: u64) -> Task {
         comm: exe.rsplit('/').next().unwrap_or(exe).into(),
         exe: Some(exe.into()),
         cgroup_id: 42,
+        start_ns: 0,
         workload: w,
     }
 }

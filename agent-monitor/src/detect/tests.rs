@@ -56,6 +56,7 @@ fn task(tgid: u32, ppid: u32, exe: &str, w: Workload, ts: u64) -> Task {
             .collect(),
         exe: Some(exe.into()),
         cgroup_id: 42,
+        start_ns: 0,
         workload: w,
     }
 }

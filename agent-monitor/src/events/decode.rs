@@ -93,7 +93,7 @@ mod tests {
         );
         let err = decode(&header(EventKind::Open as u16)).err();
         assert!(
-            matches!(err, Some(DecodeError::Size { got: 56, .. })),
+            matches!(err, Some(DecodeError::Size { got: 64, .. })),
             "{err:?}"
         );
     }

@@ -36,6 +36,11 @@ pub struct Task {
     pub exe: Option<String>,
     /// Inode number of the task's cgroup2 directory.
     pub cgroup_id: u64,
+    /// When the process (its thread-group leader) started, CLOCK_BOOTTIME nanoseconds:
+    /// with `tgid` and the boot id, the process key that pid reuse cannot confuse. 0 when
+    /// the kernel does not expose it.
+    #[serde(default)]
+    pub start_ns: u64,
     /// The pod, container, ServiceAccount and agent of the task.
     pub workload: Workload,
 }

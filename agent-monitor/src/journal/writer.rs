@@ -274,6 +274,12 @@ impl Writer {
         self.apply_retention()
     }
 
+    /// Writes buffered records to the segment file (no sync): a reader opened after this
+    /// sees every record appended before it.
+    pub fn write_buffered(&mut self) -> Result<(), JournalError> {
+        self.flush()
+    }
+
     /// Syncs and closes the journal; the counters at the end.
     pub fn close(mut self) -> Result<WriterStats, JournalError> {
         self.flush()?;

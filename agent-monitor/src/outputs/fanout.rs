@@ -124,8 +124,8 @@ pub struct DaemonStatus {
 }
 
 impl StatusSource for DaemonStatus {
-    fn status(&self) -> pb::StatusResponse {
-        let mut s = pb::StatusResponse {
+    fn status(&self) -> pb::GetStatusResponse {
+        let mut s = pb::GetStatusResponse {
             probes_attached: self.probes.clone(),
             identity_cache_size: self.identity_cache.load(Ordering::Relaxed),
             watched_filesystems: self.watch.volumes.load(Ordering::Relaxed),

@@ -36,7 +36,11 @@ use crate::{
         journal_record::Body, JournalError, JournalRecord, Options, Recovery, RunMarker, TailState,
         Writer, WriterStats,
     },
-    outputs::{grpc::pb, metrics::Metrics, Sink},
+    outputs::{
+        grpc::{JournalSource, Origin},
+        metrics::Metrics,
+        Sink,
+    },
 };
 
 /// Records queued for the writer thread. Sized to ride out a slow fsync at a busy node's
@@ -46,6 +50,9 @@ pub const JOURNAL_QUEUE: usize = 16_384;
 /// What the writer thread is sent.
 enum Msg {
     Record(Box<JournalRecord>),
+    /// Write what is buffered to the file and answer: everything queued before is then
+    /// visible to a reader.
+    Barrier(SyncSender<()>),
     /// Append this stop marker, close the journal and answer with the final counters.
     Stop {
         marker: Box<JournalRecord>,
@@ -59,8 +66,8 @@ pub struct JournalConfig {
     pub dir: PathBuf,
     pub options: Options,
     pub sync_interval: Duration,
-    /// Node name for the run markers.
-    pub node: String,
+    /// This run (its id and node name are in every record and the run markers).
+    pub origin: Origin,
     pub queue: usize,
 }
 
@@ -75,7 +82,7 @@ pub struct Journal {
 /// What every record of the run shares.
 #[derive(Clone)]
 struct Run {
-    id: Arc<str>,
+    origin: Origin,
     seq: Arc<AtomicU64>,
     metrics: Option<Arc<Metrics>>,
 }
@@ -83,7 +90,7 @@ struct Run {
 impl Run {
     fn record(&self, body: Body) -> JournalRecord {
         JournalRecord {
-            run_id: self.id.to_string(),
+            run_id: self.origin.run_id.to_string(),
             // Starts at 1: the start marker is the first record of a run.
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             unix_nanos: unix_nanos(),
@@ -102,15 +109,6 @@ fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// A random id for this run: the kernel's random UUID. Without /proc (never, for a daemon
-/// that needs tracefs), the pid and the start time make an id that is unique in practice.
-fn new_run_id() -> String {
-    match std::fs::read_to_string("/proc/sys/kernel/random/uuid") {
-        Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
-        _ => format!("{:x}-{:x}", std::process::id(), unix_nanos()),
-    }
 }
 
 fn marker(node: &str, reason: &str, records: u64) -> RunMarker {
@@ -176,19 +174,20 @@ impl Journal {
         if let Some(m) = &metrics {
             m.record_journal_recovery(tail, recovery.dropped_bytes);
         }
+        let node = cfg.origin.node.to_string();
         let run = Run {
-            id: Arc::from(new_run_id()),
+            origin: cfg.origin,
             seq: Arc::new(AtomicU64::new(0)),
             metrics: metrics.clone(),
         };
         // Durable before any event: a run without its start marker would be unattributable.
-        writer.append(&run.record(Body::Start(marker(&cfg.node, "start", 0))))?;
+        writer.append(&run.record(Body::Start(marker(&node, "start", 0))))?;
         writer.sync()?;
         publish(&metrics, &writer, true);
         info!(
             "journal {}: run {} (sync every {} ms, segments of {} bytes, at most {} bytes{})",
             cfg.dir.display(),
-            run.id,
+            run.origin.run_id,
             cfg.sync_interval.as_millis(),
             cfg.options.segment_bytes,
             cfg.options.max_bytes,
@@ -210,14 +209,22 @@ impl Journal {
         Ok(Self {
             tx,
             run,
-            node: cfg.node,
+            node,
             dir: cfg.dir,
         })
     }
 
     /// This run's id.
     pub fn run_id(&self) -> &str {
-        &self.run.id
+        &self.run.origin.run_id
+    }
+
+    /// What resumed gRPC streams read: the directory, and a barrier through the writer.
+    pub fn source(&self) -> JournalReadAccess {
+        JournalReadAccess {
+            tx: self.tx.clone(),
+            dir: self.dir.clone(),
+        }
     }
 
     /// A sink for records or anomalies of this run.
@@ -279,6 +286,12 @@ fn write_loop(
                 Ok(()) => dirty = true,
                 Err(e) => failed(&metrics, &e),
             },
+            Ok(Msg::Barrier(done)) => {
+                if let Err(e) = writer.write_buffered() {
+                    failed(&metrics, &e);
+                }
+                let _ = done.send(());
+            }
             Ok(Msg::Stop { mut marker, done }) => {
                 if let Some(Body::Stop(m)) = &mut marker.body {
                     m.records = writer.stats().records;
@@ -318,6 +331,27 @@ fn write_loop(
     }
 }
 
+/// The journal as resumed streams see it.
+pub struct JournalReadAccess {
+    tx: SyncSender<Msg>,
+    dir: PathBuf,
+}
+
+impl JournalSource for JournalReadAccess {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn barrier(&self, timeout: Duration) -> bool {
+        let (done, answer) = mpsc::sync_channel(1);
+        // Waits for room in a full queue: this runs on the blocking pool, for one client.
+        if self.tx.send(Msg::Barrier(done)).is_err() {
+            return false;
+        }
+        answer.recv_timeout(timeout).is_ok()
+    }
+}
+
 /// Hands records and anomalies to the writer thread; never blocks.
 pub struct JournalSink {
     tx: SyncSender<Msg>,
@@ -348,7 +382,7 @@ impl JournalSink {
 impl Sink<Record> for JournalSink {
     fn write(&mut self, record: &Record) -> std::io::Result<()> {
         // The converted event carries the workload as it was when the event was seen.
-        self.send(Body::Event(pb::Event::from(record)));
+        self.send(Body::Event(self.run.origin.event(record)));
         Ok(())
     }
 
@@ -361,7 +395,7 @@ impl Sink<Record> for JournalSink {
 
 impl Sink<Anomaly> for JournalSink {
     fn write(&mut self, anomaly: &Anomaly) -> std::io::Result<()> {
-        self.send(Body::Anomaly(pb::Anomaly::from(anomaly)));
+        self.send(Body::Anomaly(self.run.origin.anomaly(anomaly)));
         Ok(())
     }
 
@@ -393,7 +427,8 @@ mod tests {
             dir: dir.to_owned(),
             options: Options::default(),
             sync_interval: Duration::from_millis(20),
-            node: "node-a".into(),
+            // A new run id per open, as the daemon makes one per start.
+            origin: Origin::new_run("node-a"),
             queue,
         }
     }

@@ -8,7 +8,7 @@ use std::{io::Write, sync::OnceLock};
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
 use super::{
-    grpc::pb,
+    grpc::{pb, Origin},
     jsonl::{JsonLines, Reopen},
     Sink,
 };
@@ -52,14 +52,16 @@ pub fn anomaly(a: &pb::Anomaly) -> std::io::Result<serde_json::Value> {
 /// serialized straight into the buffered writer (no intermediate JSON value).
 pub struct EventLines<W: Write> {
     lines: JsonLines<W>,
+    origin: Origin,
     descriptor: MessageDescriptor,
     options: SerializeOptions,
 }
 
 impl<W: Write> EventLines<W> {
-    pub fn new(out: W) -> std::io::Result<Self> {
+    pub fn new(out: W, origin: Origin) -> std::io::Result<Self> {
         Ok(Self {
             lines: JsonLines::new(out),
+            origin,
             descriptor: descriptor("agent_monitor.v1.Event")?,
             options: SerializeOptions::new().use_proto_field_name(true),
         })
@@ -68,7 +70,7 @@ impl<W: Write> EventLines<W> {
 
 impl<W: Write + Reopen> Sink<Record> for EventLines<W> {
     fn write(&mut self, r: &Record) -> std::io::Result<()> {
-        let bytes = prost::Message::encode_to_vec(&pb::Event::from(r));
+        let bytes = prost::Message::encode_to_vec(&self.origin.event(r));
         let dynamic = DynamicMessage::decode(self.descriptor.clone(), bytes.as_slice())
             .map_err(std::io::Error::other)?;
         let options = &self.options;
@@ -105,12 +107,12 @@ mod tests {
         let v = event(&pb::Event::from(&r)).expect("json");
         // uint64 is a string in proto3 JSON.
         assert_eq!(v["seq"], "9");
-        assert_eq!(v["lost"]["lane"], "credential");
+        assert_eq!(v["lost"]["lane"], "LANE_CREDENTIAL");
         assert_eq!(v["lost"]["total"], "12");
         // The line writer prints the same object.
         let mut buf = Vec::new();
         {
-            let mut lines = EventLines::new(&mut buf).expect("descriptor");
+            let mut lines = EventLines::new(&mut buf, Origin::default()).expect("descriptor");
             lines.write(&r).expect("write");
             lines.flush().expect("flush");
         }

@@ -159,6 +159,12 @@ fn resolve(l: &Lookup) -> Result<Offsets, BtfError> {
         ],
         req_open_filename: io_open_filename.unwrap_or(NO_FIELD),
         filename_name: get("filename.name", "filename", "name"),
+        task_group_leader: get("task_struct.group_leader", "task_struct", "group_leader"),
+        task_start_boottime: get(
+            "task_struct.start_boottime",
+            "task_struct",
+            "start_boottime",
+        ),
     };
     if io_open_filename.is_none() {
         missing.push("io_kiocb.cmd / io_open.filename");

@@ -8,9 +8,12 @@
 //! real `agent-monitor` daemon on it with the two-tier AgentPolicies, performs benign and
 //! hostile actions inside the pods, prints the alerts the daemon wrote (Falco JSON lines)
 //! as a table and checks that every expected rule fired for the right pod and that the
-//! benign actions raised nothing. Exit status 0 on success, 1 otherwise (2: bad
-//! arguments). Everything it creates (daemon, cgroups, mounts, network namespaces, temp
-//! dir) is removed on the way out, on failure and Ctrl-C too.
+//! benign actions raised nothing. The daemon keeps a forensic journal; once it has stopped,
+//! `agent-monitor replay` must print the same alerts from the journal alone, and with the
+//! AgentPolicies changed to allow the exfiltration step's destination, `replay --diff` must
+//! show exactly that step's alerts removed and nothing else. Exit status 0 on success, 1
+//! otherwise (2: bad arguments). Everything it creates (daemon, cgroups, mounts, network
+//! namespaces, temp dir) is removed on the way out, on failure and Ctrl-C too.
 //!
 //! No packet leaves the machine: the pods' processes run in a network namespace of their
 //! own whose only links go to the demo's namespaces, so the host's network, routes and
@@ -21,6 +24,7 @@
 //! `read:PATH` and `connect:IP:PORT` actions its arguments name.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
@@ -661,7 +665,17 @@ struct Alert {
     process: String,
     what: String,
     output: String,
+    /// Sequence numbers of the records that fired it (`agent.events`): within a daemon run
+    /// they name one event each, so with the rule they identify the alert.
+    events: Vec<u64>,
+    /// `IP:PORT` of the connect behind it, if any.
+    dest: String,
+    /// The Falco line as written.
+    json: Value,
 }
+
+/// (rule, priority, namespace, pod, event sequence numbers).
+type AlertKey = (String, String, String, String, Vec<u64>);
 
 fn field<'a>(f: &'a Value, k: &str) -> &'a str {
     f.get(k).and_then(Value::as_str).unwrap_or("")
@@ -709,7 +723,41 @@ impl Alert {
             },
             what,
             output: field(v, "output").to_owned(),
+            events: f
+                .get("agent.events")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default(),
+            dest: match (f.get("fd.sip").and_then(Value::as_str), f.get("fd.sport")) {
+                (Some(ip), Some(port)) => format!("{ip}:{port}"),
+                _ => String::new(),
+            },
+            json: v.clone(),
         }
+    }
+
+    /// What identifies the alert exactly: rule, priority, namespace, pod and triggering
+    /// events. Nothing that depends on when or where it is printed.
+    fn key(&self) -> AlertKey {
+        (
+            self.rule.clone(),
+            self.priority.clone(),
+            self.namespace.clone(),
+            self.pod.clone(),
+            self.events.clone(),
+        )
+    }
+
+    /// One line for the demo's output: rule, priority, pod, events, what.
+    fn brief(&self) -> String {
+        format!(
+            "{} ({}) {} events {:?}: {}",
+            self.rule,
+            self.priority,
+            self.pod_label(),
+            self.events,
+            self.what
+        )
     }
 
     fn pod_label(&self) -> String {
@@ -913,6 +961,10 @@ struct Scene {
     config: PathBuf,
     events: PathBuf,
     alerts: PathBuf,
+    /// The daemon's forensic journal.
+    journal: PathBuf,
+    /// The temp dir: replay outputs and the allowing policy go here.
+    dir: PathBuf,
     _tree: TempTree,
 }
 
@@ -993,6 +1045,7 @@ fn set_up(opts: &Opts) -> Result<Scene> {
     let net = Network::create()?;
     let events = tree.root.join("events.jsonl");
     let alerts = tree.root.join("alerts.jsonl");
+    let journal = tree.root.join("journal");
     let config = tree.root.join("agent-monitor.yaml");
     std::fs::write(
         &config,
@@ -1000,6 +1053,7 @@ fn set_up(opts: &Opts) -> Result<Scene> {
             "# Written by am-demo.\n\
              output: \"{events}\"\n\
              alerts: {{output: \"{alerts}\"}}\n\
+             journal: {{dir: \"{journal}\"}}\n\
              grpc: {{listen: none}}\n\
              admin: {{listen: \"127.0.0.1:0\"}}\n\
              cgroups: [\"{top}\"]\n\
@@ -1008,6 +1062,7 @@ fn set_up(opts: &Opts) -> Result<Scene> {
              dns_servers: [\"10.96.0.10\"]\n  cluster_cidrs: [\"10.96.0.0/12\", \"10.244.0.0/16\"]\n",
             events = events.display(),
             alerts = alerts.display(),
+            journal = journal.display(),
             top = top.path.display(),
             kroot = kroot.display(),
             pods = pods_path.display(),
@@ -1024,6 +1079,8 @@ fn set_up(opts: &Opts) -> Result<Scene> {
         config,
         events,
         alerts,
+        journal,
+        dir: tree.root.clone(),
         _tree: tree,
     })
 }
@@ -1056,6 +1113,10 @@ fn describe(scene: &Scene, opts: &Opts) {
         "  daemon   {} run --config {}",
         opts.daemon.display(),
         scene.config.display()
+    );
+    println!(
+        "  journal  {} (replayed after the daemon stops)",
+        scene.journal.display()
     );
 }
 
@@ -1174,6 +1235,451 @@ fn verdict(steps: &[Step], pods: &[Pod], alerts: &[Alert]) -> Vec<String> {
     problems
 }
 
+// ---------------------------------------------------------------------------------------
+// Replaying the journal
+// ---------------------------------------------------------------------------------------
+
+/// How long one `agent-monitor replay` may take (it reads a few hundred records).
+const REPLAY_WAIT: Duration = Duration::from_secs(60);
+
+/// What one `agent-monitor replay` printed.
+struct Replayed {
+    /// Stdout, line by line.
+    lines: Vec<String>,
+    /// Its closing line on stderr (records, runs, damaged stretches, alerts printed).
+    summary: String,
+    /// Every other stderr line: damage, gaps, alerts left out of a diff.
+    notes: Vec<String>,
+}
+
+impl Replayed {
+    /// The notes that mean the journal did not hold the whole run intact: for a daemon
+    /// stopped cleanly, a bug.
+    fn damage(&self) -> Vec<String> {
+        self.notes
+            .iter()
+            .filter(|n| {
+                ["damaged", "missing", "not compared", "not its start marker"]
+                    .iter()
+                    .any(|w| n.contains(w))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// Runs `BINARY replay --journal DIR --format falco ARGS...` (as a user would, from the
+/// command line), with its output in files of `dir` named after `tag`.
+fn replay(
+    binary: &Path,
+    journal: &Path,
+    args: &[&std::ffi::OsStr],
+    dir: &Path,
+    tag: &str,
+) -> Result<Replayed> {
+    let out_path = dir.join(format!("replay-{tag}.out"));
+    let err_path = dir.join(format!("replay-{tag}.err"));
+    let mut child = Command::new(binary)
+        .arg("replay")
+        .arg("--journal")
+        .arg(journal)
+        .args(["--format", "falco"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()
+        .with_context(|| format!("starting {} replay", binary.display()))?;
+    let deadline = Instant::now() + REPLAY_WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            check_interrupted()?;
+            bail!("agent-monitor replay did not finish within {REPLAY_WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = std::fs::read_to_string(&out_path)?;
+    let stderr = std::fs::read_to_string(&err_path)?;
+    if !status.success() {
+        bail!("agent-monitor replay failed ({status}): {}", stderr.trim());
+    }
+    let (summary, notes): (Vec<&str>, Vec<&str>) = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .partition(|l| l.contains(" records of "));
+    Ok(Replayed {
+        lines: stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect(),
+        summary: summary
+            .last()
+            .map(|s| s.trim_start_matches("agent-monitor: replay: ").to_owned())
+            .unwrap_or_default(),
+        notes: notes.into_iter().map(str::to_owned).collect(),
+    })
+}
+
+/// Counts of each key.
+fn key_counts<'a>(alerts: impl IntoIterator<Item = &'a Alert>) -> BTreeMap<AlertKey, usize> {
+    let mut m = BTreeMap::new();
+    for a in alerts {
+        *m.entry(a.key()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The alerts of `a` that `b` lacks (with multiplicity), briefly.
+fn missing_from(a: &[Alert], b: &BTreeMap<AlertKey, usize>) -> Vec<String> {
+    let mut left = b.clone();
+    let mut out = Vec::new();
+    for x in a {
+        match left.get_mut(&x.key()) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => out.push(x.brief()),
+        }
+    }
+    out
+}
+
+/// Parses one Falco JSON line of replay (a diff line without its `- `/`+ `).
+fn parse_falco(line: &str) -> Option<Alert> {
+    serde_json::from_str::<Value>(line)
+        .ok()
+        .filter(|v| v.get("rule").is_some())
+        .map(|v| Alert::from_json(&v))
+}
+
+/// Replay without `--policy` must print the alerts the daemon wrote: the same rule,
+/// priority, namespace/pod and triggering events, as many times. It prints the recorded
+/// anomalies as recorded (nothing is re-detected), so the whole Falco line should be the
+/// same too; a difference there (time, output, fields, hostname) is reported as well,
+/// since it would mean the journal does not keep an alert as it was written.
+fn check_replay(t0: Instant, recorded: &[Alert], r: &Replayed) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut replayed = Vec::new();
+    for line in &r.lines {
+        match parse_falco(line) {
+            Some(a) => replayed.push(a),
+            None => problems.push(format!(
+                "replay printed a line that is not a Falco alert: {line}"
+            )),
+        }
+    }
+    let missing = missing_from(recorded, &key_counts(&replayed));
+    let extra = missing_from(&replayed, &key_counts(recorded));
+    // Pair by key, in order, to compare whole lines.
+    let mut by_key: BTreeMap<AlertKey, Vec<&Alert>> = BTreeMap::new();
+    for a in &replayed {
+        by_key.entry(a.key()).or_default().push(a);
+    }
+    let mut differing = Vec::new();
+    for a in recorded {
+        let Some(b) = by_key
+            .get_mut(&a.key())
+            .and_then(|v| (!v.is_empty()).then(|| v.remove(0)))
+        else {
+            continue;
+        };
+        if a.json != b.json {
+            let mut fields: Vec<String> = Vec::new();
+            for k in ["time", "priority", "output", "source", "tags", "hostname"] {
+                if a.json.get(k) != b.json.get(k) {
+                    fields.push(k.to_owned());
+                }
+            }
+            let empty = serde_json::Map::new();
+            let fa = a.json["output_fields"].as_object().unwrap_or(&empty);
+            let fb = b.json["output_fields"].as_object().unwrap_or(&empty);
+            for k in fa.keys().chain(fb.keys().filter(|k| !fa.contains_key(*k))) {
+                if fa.get(k) != fb.get(k) {
+                    fields.push(format!(
+                        "output_fields.{k} ({} vs {})",
+                        fa.get(k).unwrap_or(&Value::Null),
+                        fb.get(k).unwrap_or(&Value::Null)
+                    ));
+                }
+            }
+            differing.push(format!("{}: {}", a.brief(), fields.join(", ")));
+        }
+    }
+    let same = missing.is_empty() && extra.is_empty();
+    println!(
+        "{} replay --journal (no --policy): {} alerts{}; {}",
+        stamp(t0),
+        replayed.len(),
+        if same {
+            format!(
+                ", the same {} as the alert file (rule, priority, namespace/pod, triggering events)",
+                recorded.len()
+            )
+        } else {
+            format!(", the alert file has {}: MISMATCH", recorded.len())
+        },
+        match (differing.len(), same) {
+            (0, true) => "every Falco line identical".to_owned(),
+            (0, false) => "the lines that match are identical".to_owned(),
+            (n, _) => format!("{n} matching lines differ in other fields"),
+        }
+    );
+    println!("    ({})", r.summary);
+    for m in &missing {
+        problems.push(format!(
+            "replay without --policy lacks the recorded alert {m}"
+        ));
+    }
+    for e in &extra {
+        problems.push(format!(
+            "replay without --policy printed an alert the daemon did not write: {e}"
+        ));
+    }
+    for d in &differing {
+        problems.push(format!(
+            "replay without --policy printed the alert differently: {d}"
+        ));
+    }
+    for n in r.damage() {
+        problems.push(format!("replay without --policy: {n}"));
+    }
+    problems
+}
+
+/// Writes to `out` the AgentPolicies of `policies` with one change: the policy that selects
+/// `pod` also allows egress to `dest` (its IP as a /32, its port). Returns that policy's
+/// name.
+fn allowing_policies(policies: &Path, pod: &Pod, dest: SocketAddr, out: &Path) -> Result<String> {
+    let old = PolicySet::load(&[policies.to_owned()])
+        .map_err(|e| anyhow!("policies {}: {e}", policies.display()))?;
+    let policy = old
+        .for_workload(&pod.workload())
+        .with_context(|| format!("no policy selects {}", pod.name()))?;
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    let namespace = policy.metadata.namespace.clone();
+    let text = std::fs::read_to_string(policies)?;
+    // One YAML document per AgentPolicy, separated by `---` lines.
+    let mut chunks = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            chunks.push(String::new());
+        } else if let Some(last) = chunks.last_mut() {
+            last.push_str(line);
+            last.push('\n');
+        }
+    }
+    let mut docs = Vec::new();
+    let mut changed = 0;
+    for chunk in chunks {
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&chunk)
+            .with_context(|| format!("policies {}", policies.display()))?;
+        if doc.is_null() {
+            continue;
+        }
+        let meta = &doc["metadata"];
+        let this = doc["kind"].as_str() == Some("AgentPolicy")
+            && meta["name"].as_str() == Some(name.as_str())
+            && (namespace.is_none() || meta["namespace"].as_str() == namespace.as_deref());
+        if this {
+            let spec = doc
+                .get_mut("spec")
+                .and_then(serde_yaml::Value::as_mapping_mut)
+                .with_context(|| format!("policy {name} has no spec"))?;
+            let egress = spec
+                .entry("egress".into())
+                .or_insert_with(|| serde_yaml::Mapping::new().into());
+            let allow = egress
+                .as_mapping_mut()
+                .with_context(|| format!("policy {name}: spec.egress is not a mapping"))?
+                .entry("allow".into())
+                .or_insert_with(|| serde_yaml::Value::Sequence(Vec::new()));
+            let mut rule = serde_yaml::Mapping::new();
+            rule.insert("cidr".into(), format!("{}/32", dest.ip()).into());
+            rule.insert(
+                "ports".into(),
+                serde_yaml::Value::Sequence(vec![dest.port().into()]),
+            );
+            allow
+                .as_sequence_mut()
+                .with_context(|| format!("policy {name}: spec.egress.allow is not a list"))?
+                .push(rule.into());
+            changed += 1;
+        }
+        docs.push(serde_yaml::to_string(&doc)?);
+    }
+    if changed != 1 {
+        bail!(
+            "policy {name} found {changed} times in {}",
+            policies.display()
+        );
+    }
+    std::fs::write(
+        out,
+        format!(
+            "# Written by am-demo: {}, with {dest} added to the egress allow list of policy {name}.\n{}",
+            policies.display(),
+            docs.join("---\n")
+        ),
+    )?;
+    // The new file must select the same policy for the pod (and load at all).
+    let new = PolicySet::load(&[out.to_owned()])
+        .map_err(|e| anyhow!("allowing policies {}: {e}", out.display()))?;
+    let picked = new
+        .for_workload(&pod.workload())
+        .and_then(|p| p.metadata.name.clone());
+    if picked.as_deref() != Some(name.as_str()) {
+        bail!(
+            "allowing policies {}: {} is selected by {picked:?}, not {name}",
+            out.display(),
+            pod.name()
+        );
+    }
+    Ok(name)
+}
+
+/// Replay with the allowing policies and `--diff` must remove exactly the alerts the
+/// exfiltration step raised because its destination was not allowed (for `pod`, to
+/// `dest`: credential-exfiltration and egress-outside-allowlist), and add nothing.
+fn check_diff(
+    t0: Instant,
+    recorded: &[Alert],
+    pod: &str,
+    dest: &str,
+    policy: &str,
+    r: &Replayed,
+) -> Vec<String> {
+    const JUDGED_BY_ALLOWLIST: [&str; 2] = ["credential-exfiltration", "egress-outside-allowlist"];
+    let mut problems = Vec::new();
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
+    for line in &r.lines {
+        let parsed = match line.split_at_checked(2) {
+            Some(("- ", rest)) => parse_falco(rest).map(|a| removed.push(a)),
+            Some(("+ ", rest)) => parse_falco(rest).map(|a| added.push(a)),
+            _ => None,
+        };
+        if parsed.is_none() {
+            problems.push(format!(
+                "replay --diff printed a line that is not `- `/`+ ` and a Falco alert: {line}"
+            ));
+        }
+    }
+    let expected: Vec<Alert> = recorded
+        .iter()
+        .filter(|a| {
+            a.pod == pod && a.dest == dest && JUDGED_BY_ALLOWLIST.contains(&a.rule.as_str())
+        })
+        .cloned()
+        .collect();
+    println!(
+        "{} replay --journal --policy <{policy} also allowing {dest}> --diff: {} removed, {} added",
+        stamp(t0),
+        removed.len(),
+        added.len()
+    );
+    println!("    ({})", r.summary);
+    for a in &removed {
+        println!("    - {}", a.brief());
+    }
+    for a in &added {
+        println!("    + {}", a.brief());
+    }
+    if !expected.iter().any(|a| a.rule == "credential-exfiltration") {
+        problems.push(format!(
+            "the alert file has no credential-exfiltration for {NS}/{pod} to {dest}: the diff has nothing to remove"
+        ));
+    }
+    let unexpected = missing_from(&removed, &key_counts(&expected));
+    let kept = missing_from(&expected, &key_counts(&removed));
+    // Whatever the diff removes must have been recorded.
+    let unrecorded = missing_from(&removed, &key_counts(recorded));
+    if unexpected.is_empty() && kept.is_empty() && added.is_empty() && !expected.is_empty() {
+        let mut rules: Vec<&str> = removed.iter().map(|a| a.rule.as_str()).collect();
+        rules.sort_unstable();
+        println!(
+            "    = exactly the recorded {} of {NS}/{pod} to {dest} removed (the exfiltration step), nothing else removed, nothing added",
+            rules.join(" and ")
+        );
+    }
+    for a in &unexpected {
+        problems.push(format!(
+            "replay --diff removed an alert the allowing policy should keep: {a}"
+        ));
+    }
+    for a in &kept {
+        problems.push(format!("replay --diff did not remove {a}"));
+    }
+    for a in &unrecorded {
+        problems.push(format!(
+            "replay --diff removed an alert the daemon never wrote: {a}"
+        ));
+    }
+    for a in &added {
+        problems.push(format!("replay --diff added an alert: {}", a.brief()));
+    }
+    for n in r.damage() {
+        problems.push(format!("replay --diff: {n}"));
+    }
+    problems
+}
+
+/// Replays the journal twice: as recorded, then with the policy allowing the exfiltration
+/// destination, and checks both against the alert file.
+fn check_journal(
+    opts: &Opts,
+    scene: &Scene,
+    steps: &[Step],
+    recorded: &[Alert],
+    t0: Instant,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    match replay(&opts.daemon, &scene.journal, &[], &scene.dir, "recorded") {
+        Ok(r) => problems.extend(check_replay(t0, recorded, &r)),
+        Err(e) => problems.push(format!("replay without --policy: {e:#}")),
+    }
+    let Some((step, dest)) = steps.iter().find_map(|s| {
+        let dest = s.actions.iter().find_map(|a| a.strip_prefix("connect:"))?;
+        s.expect
+            .contains(&"credential-exfiltration")
+            .then(|| (s, dest.to_owned()))
+    }) else {
+        problems.push("the scenario has no exfiltration step to allow".to_owned());
+        return problems;
+    };
+    let pod = &scene.pods[step.pod];
+    let allowing = scene.dir.join("agentpolicies-allowing-exfiltration.yaml");
+    let diffed = allowing_policies(&scene.policies, pod, sock(&dest), &allowing).and_then(|name| {
+        println!(
+            "{} policy {} = {} with {dest} allowed in the egress of policy {name}",
+            stamp(t0),
+            allowing.display(),
+            scene.policies.display()
+        );
+        // The daemon's config too, for the detection settings (API servers, cluster
+        // CIDRs, DNS servers) the recorded alerts were raised with.
+        let args = [
+            "--policy".as_ref(),
+            allowing.as_os_str(),
+            "--config".as_ref(),
+            scene.config.as_os_str(),
+            "--diff".as_ref(),
+        ];
+        Ok((
+            name,
+            replay(&opts.daemon, &scene.journal, &args, &scene.dir, "diff")?,
+        ))
+    });
+    match diffed {
+        Ok((name, r)) => problems.extend(check_diff(t0, recorded, pod.name(), &dest, &name, &r)),
+        Err(e) => problems.push(format!("replay --diff with the allowing policy: {e:#}")),
+    }
+    problems
+}
+
 fn run(opts: &Opts, t0: Instant) -> Result<Vec<String>> {
     let mut scene = set_up(opts)?;
     describe(&scene, opts);
@@ -1244,8 +1750,10 @@ fn run(opts: &Opts, t0: Instant) -> Result<Vec<String>> {
     print_table(&alerts);
     println!();
     problems.extend(verdict(&steps, &scene.pods, &alerts));
+    let log = daemon.log_tail(15);
+    problems.extend(check_journal(opts, &scene, &steps, &alerts, t0));
     if !problems.is_empty() {
-        println!("daemon log (last lines):\n{}", daemon.log_tail(15));
+        println!("daemon log (last lines):\n{log}");
     }
     Ok(problems)
 }
@@ -1277,7 +1785,7 @@ fn main() -> ExitCode {
     let elapsed = t0.elapsed().as_secs_f64();
     match result {
         Ok(Ok(problems)) if problems.is_empty() => {
-            println!("PASS: every expected alert was raised for the right pod and the benign actions raised none ({elapsed:.1} s)");
+            println!("PASS: every expected alert was raised for the right pod, the benign actions raised none, the journal replays to the same alerts and the policy allowing the exfiltration destination removes exactly its alerts ({elapsed:.1} s)");
             ExitCode::SUCCESS
         }
         Ok(Ok(problems)) => {

@@ -1,11 +1,13 @@
 //! Conversions between the daemon's model ([`Record`], [`Anomaly`]) and the wire messages.
 //!
-//! The forward direction is what the server sends. The reverse direction lets a client
-//! (`tail --json`) print exactly the JSON the daemon's own JSON-lines output would.
+//! The forward direction is what the server sends, the journal stores and the JSON outputs
+//! print: [`Origin`] stamps each message with the run, the node and the boot it came from.
+//! The reverse direction turns journaled messages back into the model for `replay`, and
+//! lets a client (`tail --json`) print exactly the JSON the daemon's own output would.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
-use prost_types::Timestamp;
+use prost_types::{value::Kind as PbKind, ListValue, Struct, Timestamp};
 use serde_json::Value;
 
 use super::{pb, GrpcError};
@@ -119,6 +121,241 @@ fn class_from_pb(c: pb::CredentialClass) -> CredentialClass {
     }
 }
 
+/// Where messages come from: the daemon run, the node and its boot. Every event and
+/// anomaly the daemon hands out is stamped with it. Cheap to clone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// A random id per start of the daemon.
+    pub run_id: Arc<str>,
+    pub node: Arc<str>,
+    /// The node's boot id, the first part of every process key.
+    pub boot_id: Arc<str>,
+}
+
+/// Where the kernel publishes this boot's id.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+/// A fresh random UUID from the kernel on every read.
+const RANDOM_UUID: &str = "/proc/sys/kernel/random/uuid";
+
+fn read_trimmed(path: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+impl Origin {
+    /// This daemon run on `node`: a new random run id and this boot's id. Without /proc
+    /// (never, for a daemon that needs tracefs) the run id is the pid and the time, unique
+    /// in practice, and the boot id is empty.
+    pub fn new_run(node: &str) -> Self {
+        let run_id = read_trimmed(RANDOM_UUID).unwrap_or_else(|| {
+            let nanos = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("{:x}-{nanos:x}", std::process::id())
+        });
+        Self {
+            run_id: run_id.into(),
+            node: node.into(),
+            boot_id: read_trimmed(BOOT_ID).unwrap_or_default().into(),
+        }
+    }
+
+    /// `r` as the wire event of this run.
+    pub fn event(&self, r: &Record) -> pb::Event {
+        let mut e = pb::Event::from(r);
+        e.run_id = self.run_id.to_string();
+        e.node = self.node.to_string();
+        if let Some(key) = e.process.as_mut().and_then(|p| p.key.as_mut()) {
+            key.boot_id = self.boot_id.to_string();
+        }
+        e
+    }
+
+    /// `a` as the wire anomaly of this run.
+    pub fn anomaly(&self, a: &Anomaly) -> pb::Anomaly {
+        let mut p = pb::Anomaly::from(a);
+        p.run_id = self.run_id.to_string();
+        p.node = self.node.to_string();
+        p
+    }
+}
+
+/// The daemon's names of a wire enum's values, both ways: a name the table lacks maps to
+/// the enum's UNSPECIFIED value, an UNSPECIFIED value to an empty name.
+struct Names<E: 'static> {
+    table: &'static [(&'static str, E)],
+    unspecified: E,
+}
+
+impl<E: Copy + PartialEq> Names<E> {
+    fn to_pb(&self, name: &str) -> E {
+        self.table
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(self.unspecified, |(_, e)| *e)
+    }
+
+    fn name(&self, e: E) -> &'static str {
+        self.table
+            .iter()
+            .find(|(_, v)| *v == e)
+            .map_or("", |(n, _)| n)
+    }
+}
+
+const SYSCALLS: Names<pb::Syscall> = Names {
+    table: &[
+        ("open", pb::Syscall::Open),
+        ("openat", pb::Syscall::Openat),
+        ("openat2", pb::Syscall::Openat2),
+        ("creat", pb::Syscall::Creat),
+        ("open_by_handle_at", pb::Syscall::OpenByHandleAt),
+        ("io_uring_openat", pb::Syscall::IoUringOpenat),
+        ("io_uring_openat2", pb::Syscall::IoUringOpenat2),
+        ("connect", pb::Syscall::Connect),
+        ("sendto", pb::Syscall::Sendto),
+        ("sendmsg", pb::Syscall::Sendmsg),
+        ("tcp_connect", pb::Syscall::TcpConnect),
+        ("send", pb::Syscall::Send),
+    ],
+    unspecified: pb::Syscall::Unspecified,
+};
+
+const MATCH_KINDS: Names<pb::MatchKind> = Names {
+    table: &[
+        ("volume", pb::MatchKind::Volume),
+        ("inode", pb::MatchKind::Inode),
+        ("prefix", pb::MatchKind::Prefix),
+        ("basename", pb::MatchKind::Basename),
+        ("proc_environ", pb::MatchKind::ProcEnviron),
+    ],
+    unspecified: pb::MatchKind::Unspecified,
+};
+
+const FAMILIES: Names<pb::AddressFamily> = Names {
+    table: &[
+        ("inet", pb::AddressFamily::Inet),
+        ("inet6", pb::AddressFamily::Inet6),
+    ],
+    unspecified: pb::AddressFamily::Unspecified,
+};
+
+const LANES: Names<pb::Lane> = Names {
+    table: &[
+        ("credential", pb::Lane::Credential),
+        ("network", pb::Lane::Network),
+        ("process", pb::Lane::Process),
+    ],
+    unspecified: pb::Lane::Unspecified,
+};
+
+/// The daemon's name of a wire syscall (`openat`, `tcp_connect`, ...); empty for
+/// UNSPECIFIED.
+pub fn syscall_name(s: pb::Syscall) -> &'static str {
+    SYSCALLS.name(s)
+}
+
+/// `inet` or `inet6`; empty for UNSPECIFIED.
+pub fn family_name(f: pb::AddressFamily) -> &'static str {
+    FAMILIES.name(f)
+}
+
+/// The wire lane of a lane name (`credential`, `network`, `process`).
+pub fn lane_to_pb(name: &str) -> pb::Lane {
+    LANES.to_pb(name)
+}
+
+/// The lane name of a wire lane; empty for UNSPECIFIED.
+pub fn lane_name(l: pb::Lane) -> &'static str {
+    LANES.name(l)
+}
+
+/// The wire tier of a tier label value.
+fn tier_to_pb(tier: Option<&str>) -> pb::Tier {
+    match tier {
+        None => pb::Tier::Unspecified,
+        Some("proxy") => pb::Tier::Proxy,
+        Some("worker") => pb::Tier::Worker,
+        Some(_) => pb::Tier::Other,
+    }
+}
+
+/// The tier label value of a wire tier. OTHER only says the label had another value;
+/// detection treats every such value alike (neither tier), so none is made up here.
+fn tier_from_pb(t: pb::Tier) -> Option<String> {
+    match t {
+        pb::Tier::Proxy => Some("proxy".into()),
+        pb::Tier::Worker => Some("worker".into()),
+        pb::Tier::Unspecified | pb::Tier::Other => None,
+    }
+}
+
+/// A JSON value as a `google.protobuf.Value`.
+fn value_to_pb(v: &Value) -> prost_types::Value {
+    let kind = match v {
+        Value::Null => PbKind::NullValue(0),
+        Value::Bool(b) => PbKind::BoolValue(*b),
+        // Struct numbers are doubles: exact for the integers rules put in fields (pids,
+        // uids, ports, inode numbers below 2^53).
+        Value::Number(n) => PbKind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => PbKind::StringValue(s.clone()),
+        Value::Array(a) => PbKind::ListValue(ListValue {
+            values: a.iter().map(value_to_pb).collect(),
+        }),
+        Value::Object(o) => PbKind::StructValue(Struct {
+            fields: o.iter().map(|(k, v)| (k.clone(), value_to_pb(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A `google.protobuf.Value` as JSON; whole doubles come back as integers.
+pub(super) fn value_from_pb(v: &prost_types::Value) -> Value {
+    match &v.kind {
+        None | Some(PbKind::NullValue(_)) => Value::Null,
+        Some(PbKind::BoolValue(b)) => Value::Bool(*b),
+        Some(PbKind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
+                // Exact: |n| < 2^53 and whole.
+                #[expect(clippy::cast_possible_truncation, reason = "whole and below 2^53")]
+                Value::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(PbKind::StringValue(s)) => Value::String(s.clone()),
+        Some(PbKind::ListValue(l)) => Value::Array(l.values.iter().map(value_from_pb).collect()),
+        Some(PbKind::StructValue(s)) => Value::Object(
+            s.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), value_from_pb(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Anomaly fields as a `google.protobuf.Struct`.
+pub fn fields_to_pb(fields: &BTreeMap<String, Value>) -> Struct {
+    Struct {
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_pb(v)))
+            .collect(),
+    }
+}
+
+/// Anomaly fields from a `google.protobuf.Struct`.
+pub fn fields_from_pb(s: Option<&Struct>) -> BTreeMap<String, Value> {
+    s.map(|s| {
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_from_pb(v)))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 impl From<&Workload> for pb::Workload {
     fn from(w: &Workload) -> Self {
         pb::Workload {
@@ -130,7 +367,7 @@ impl From<&Workload> for pb::Workload {
             container_id: opt(&w.container_id),
             service_account: opt(&w.service_account),
             agent: opt(&w.agent),
-            tier: opt(&w.tier),
+            tier: tier_to_pb(w.tier.as_deref()) as i32,
             labels: w
                 .labels
                 .iter()
@@ -154,7 +391,7 @@ impl From<&pb::Workload> for Workload {
             container_id: non_empty(&w.container_id),
             service_account: non_empty(&w.service_account),
             agent: non_empty(&w.agent),
-            tier: non_empty(&w.tier),
+            tier: tier_from_pb(w.tier()),
             labels: w
                 .labels
                 .iter()
@@ -167,6 +404,7 @@ impl From<&pb::Workload> for Workload {
     }
 }
 
+/// The process of `t`; the key's boot id is the [`Origin`]'s to fill.
 impl From<&Task> for pb::Process {
     fn from(t: &Task) -> Self {
         pb::Process {
@@ -178,8 +416,12 @@ impl From<&Task> for pb::Process {
             comm: t.comm.clone(),
             exe: t.exe.clone(),
             cgroup_id: t.cgroup_id,
-            time: timestamp(&t.time),
             ts_boot_ns: t.ts_boot_ns,
+            key: Some(pb::ProcessKey {
+                boot_id: String::new(),
+                pid: t.tgid,
+                start_time_ns: t.start_ns,
+            }),
         }
     }
 }
@@ -206,6 +448,8 @@ impl From<&pb::Owner> for Owner {
     }
 }
 
+/// The event of `r`, without its [`Origin`] (run, node, boot id): [`Origin::event`] is
+/// what the daemon hands out.
 impl From<&Record> for pb::Event {
     fn from(r: &Record) -> Self {
         use pb::event::Kind;
@@ -213,7 +457,7 @@ impl From<&Record> for pb::Event {
             Record::Open(o) => Kind::Open(pb::CredentialAccess {
                 path: o.path.clone(),
                 raw_path: o.raw_path.clone(),
-                syscall: o.syscall.clone(),
+                syscall: SYSCALLS.to_pb(&o.syscall) as i32,
                 flags: o.flags,
                 mode: o.mode,
                 dirfd: o.dirfd,
@@ -221,7 +465,7 @@ impl From<&Record> for pb::Event {
                 error: o.error.clone(),
                 class: class_to_pb(o.class) as i32,
                 owner: o.owner.as_ref().map(pb::Owner::from),
-                matched_by: o.matched_by.clone(),
+                matched_by: MATCH_KINDS.to_pb(&o.matched_by) as i32,
                 path_resolved: o.path_resolved,
                 path_truncated: o.path_truncated,
                 host_path: o.host_path.clone(),
@@ -229,8 +473,8 @@ impl From<&Record> for pb::Event {
                 inode: o.inode,
             }),
             Record::Connect(c) => Kind::Connect(pb::Connect {
-                syscall: c.syscall.clone(),
-                family: c.family.clone(),
+                syscall: SYSCALLS.to_pb(&c.syscall) as i32,
+                family: FAMILIES.to_pb(&c.family) as i32,
                 dst_addr: c.dst_addr.clone(),
                 dst_port: u32::from(c.dst_port),
                 fd: c.fd,
@@ -247,16 +491,22 @@ impl From<&Record> for pb::Event {
             }),
             Record::Exit(_) => Kind::Exit(pb::Exit {}),
             Record::Lost(l) => Kind::Lost(pb::Lost {
-                lane: l.lane.clone(),
+                lane: LANES.to_pb(&l.lane) as i32,
                 count: l.count,
                 total: l.total,
-                time: timestamp(&l.time),
             }),
+        };
+        let time = match r {
+            Record::Lost(l) => &l.time,
+            _ => r.task().map_or("", |t| t.time.as_str()),
         };
         pb::Event {
             seq: r.seq(),
             process: r.task().map(pb::Process::from),
             workload: r.task().map(|t| pb::Workload::from(&t.workload)),
+            run_id: String::new(),
+            node: String::new(),
+            time: timestamp(time),
             kind: Some(kind),
         }
     }
@@ -272,13 +522,14 @@ impl TryFrom<&pb::Event> for Record {
             .as_ref()
             .ok_or_else(|| GrpcError::Malformed("event without a kind".into()))?;
         let seq = e.seq;
+        let time = rfc3339_or_empty(e.time.as_ref());
         let task = || -> Result<Task, GrpcError> {
             let p = e
                 .process
                 .as_ref()
                 .ok_or_else(|| GrpcError::Malformed(format!("event {seq} without a process")))?;
             Ok(Task {
-                time: rfc3339_or_empty(p.time.as_ref()),
+                time: time.clone(),
                 ts_boot_ns: p.ts_boot_ns,
                 pid: p.pid,
                 tgid: p.tgid,
@@ -288,6 +539,7 @@ impl TryFrom<&pb::Event> for Record {
                 comm: p.comm.clone(),
                 exe: p.exe.clone(),
                 cgroup_id: p.cgroup_id,
+                start_ns: p.key.as_ref().map_or(0, |k| k.start_time_ns),
                 workload: e.workload.as_ref().map(Workload::from).unwrap_or_default(),
             })
         };
@@ -295,12 +547,12 @@ impl TryFrom<&pb::Event> for Record {
             Kind::Open(o) => Record::Open(OpenRecord {
                 seq,
                 task: task()?,
-                syscall: o.syscall.clone(),
+                syscall: SYSCALLS.name(o.syscall()).to_owned(),
                 path: o.path.clone(),
                 raw_path: o.raw_path.clone(),
                 path_resolved: o.path_resolved,
                 path_truncated: o.path_truncated,
-                matched_by: o.matched_by.clone(),
+                matched_by: MATCH_KINDS.name(o.matched_by()).to_owned(),
                 dirfd: o.dirfd,
                 flags: o.flags,
                 mode: o.mode,
@@ -315,8 +567,8 @@ impl TryFrom<&pb::Event> for Record {
             Kind::Connect(c) => Record::Connect(ConnectRecord {
                 seq,
                 task: task()?,
-                syscall: c.syscall.clone(),
-                family: c.family.clone(),
+                syscall: SYSCALLS.name(c.syscall()).to_owned(),
+                family: FAMILIES.name(c.family()).to_owned(),
                 dst_addr: c.dst_addr.clone(),
                 dst_port: u16::try_from(c.dst_port).map_err(|_| {
                     GrpcError::Malformed(format!("event {seq}: port {} out of range", c.dst_port))
@@ -340,8 +592,8 @@ impl TryFrom<&pb::Event> for Record {
             Kind::Exit(_) => Record::Exit(ExitRecord { seq, task: task()? }),
             Kind::Lost(l) => Record::Lost(LostRecord {
                 seq,
-                time: rfc3339_or_empty(l.time.as_ref()),
-                lane: l.lane.clone(),
+                time: time.clone(),
+                lane: LANES.name(l.lane()).to_owned(),
                 count: l.count,
                 total: l.total,
             }),
@@ -349,6 +601,8 @@ impl TryFrom<&pb::Event> for Record {
     }
 }
 
+/// The anomaly `a`, without its [`Origin`]: [`Origin::anomaly`] is what the daemon hands
+/// out.
 impl From<&Anomaly> for pb::Anomaly {
     fn from(a: &Anomaly) -> Self {
         pb::Anomaly {
@@ -359,12 +613,10 @@ impl From<&Anomaly> for pb::Anomaly {
             output: a.output.clone(),
             tags: a.tags.clone(),
             workload: Some(pb::Workload::from(&a.workload)),
-            fields: a
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_string()))
-                .collect(),
+            fields: Some(fields_to_pb(&a.fields)),
             event_seqs: a.events.clone(),
+            run_id: String::new(),
+            node: String::new(),
         }
     }
 }
@@ -383,15 +635,7 @@ impl TryFrom<&pb::Anomaly> for Anomaly {
             output: a.output.clone(),
             tags: a.tags.clone(),
             workload: a.workload.as_ref().map(Workload::from).unwrap_or_default(),
-            fields: a
-                .fields
-                .iter()
-                .map(|(k, v)| {
-                    let value =
-                        serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
-                    (k.clone(), value)
-                })
-                .collect::<BTreeMap<_, _>>(),
+            fields: fields_from_pb(a.fields.as_ref()),
             events: a.event_seqs.clone(),
         })
     }
@@ -433,6 +677,7 @@ mod tests {
             comm: "python3".into(),
             exe: Some("/usr/bin/python3".into()),
             cgroup_id: 777,
+            start_ns: 99,
             workload: workload(),
         }
     }
@@ -464,12 +709,26 @@ mod tests {
             device: Some("0:52".into()),
             inode: Some(7),
         });
-        let ev = pb::Event::from(&rec);
+        let origin = Origin {
+            run_id: "run-1".into(),
+            node: "node-a".into(),
+            boot_id: "boot-1".into(),
+        };
+        let ev = origin.event(&rec);
         assert_eq!(ev.seq, 5);
+        assert_eq!((ev.run_id.as_str(), ev.node.as_str()), ("run-1", "node-a"));
         let p = ev.process.as_ref().expect("process");
         assert_eq!((p.pid, p.tgid, p.ppid), (11, 10, Some(1)));
         assert_eq!(p.exe.as_deref(), Some("/usr/bin/python3"));
-        let t = p.time.expect("time");
+        assert_eq!(
+            p.key,
+            Some(pb::ProcessKey {
+                boot_id: "boot-1".into(),
+                pid: 10,
+                start_time_ns: 99,
+            })
+        );
+        let t = ev.time.expect("time");
         assert_eq!(t.nanos, 123);
         assert_eq!(
             rfc3339(&t).as_deref(),
@@ -487,6 +746,9 @@ mod tests {
             panic!("not an open: {ev:?}");
         };
         assert_eq!(o.class(), pb::CredentialClass::ServiceAccountToken);
+        assert_eq!(o.syscall(), pb::Syscall::Openat);
+        assert_eq!(o.matched_by(), pb::MatchKind::Prefix);
+        assert_eq!(w.tier(), pb::Tier::Worker);
         assert_eq!(o.result, 3);
         assert_eq!(
             o.owner.as_ref().and_then(|o| o.name.as_deref()),
@@ -512,7 +774,7 @@ mod tests {
         let Some(pb::event::Kind::Lost(l)) = &ev.kind else {
             panic!("not lost: {ev:?}");
         };
-        assert_eq!((l.lane.as_str(), l.count, l.total), ("network", 3, 8));
+        assert_eq!((l.lane(), l.count, l.total), (pb::Lane::Network, 3, 8));
         assert_eq!(
             Record::try_from(&ev).expect("back"),
             Record::Lost(LostRecord {
@@ -541,6 +803,10 @@ mod tests {
             panic!("not connect: {ev:?}");
         };
         assert_eq!((c.dst_addr.as_str(), c.dst_port), ("169.254.169.254", 80));
+        assert_eq!(
+            (c.syscall(), c.family()),
+            (pb::Syscall::Connect, pb::AddressFamily::Inet)
+        );
         assert_eq!(Record::try_from(&ev).expect("back"), conn);
     }
 
@@ -565,9 +831,11 @@ mod tests {
         let p = pb::Anomaly::from(&a);
         assert_eq!(p.priority(), pb::Priority::Critical);
         assert_eq!(p.time.expect("time").nanos, 500_000_000);
-        assert_eq!(p.fields["proc.pid"], "10");
-        assert_eq!(p.fields["fd.name"], "\"/token\"");
-        assert_eq!(p.fields["k8s.ns.name"], "null");
+        let f = &p.fields.as_ref().expect("fields").fields;
+        use prost_types::value::Kind as K;
+        assert_eq!(f["proc.pid"].kind, Some(K::NumberValue(10.0)));
+        assert_eq!(f["fd.name"].kind, Some(K::StringValue("/token".into())));
+        assert_eq!(f["k8s.ns.name"].kind, Some(K::NullValue(0)));
         assert_eq!(p.event_seqs, vec![5, 6]);
         let back = Anomaly::try_from(&p).expect("back");
         assert_eq!(

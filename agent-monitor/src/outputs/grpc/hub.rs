@@ -7,7 +7,6 @@
 //! queue, or, if none comes, as soon as the client has drained its queue.
 
 use std::{
-    collections::HashSet,
     pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,8 +18,8 @@ use std::{
 use futures::Stream;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use super::{convert, pb};
-use crate::{detect::Anomaly, events::Record, identity::Workload, policy::Priority};
+use super::{convert::Origin, filter::Matcher, pb, resume::JournalSource};
+use crate::{detect::Anomaly, events::Record};
 
 /// What a client's queue carries.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,65 +28,6 @@ pub enum Delivery<T> {
     Item(Arc<T>),
     /// This many items were dropped for this client just before this point.
     Gap(u64),
-}
-
-/// A compiled [`pb::Filter`].
-#[derive(Debug, Clone, Default)]
-struct Matcher {
-    namespaces: HashSet<String>,
-    pods: HashSet<String>,
-    agents: HashSet<String>,
-    rules: HashSet<String>,
-    /// Only anomalies at least this severe.
-    min_priority: Option<Priority>,
-}
-
-impl Matcher {
-    fn new(f: &pb::Filter) -> Self {
-        let set = |v: &[String]| {
-            v.iter()
-                .filter(|s| !s.is_empty())
-                .cloned()
-                .collect::<HashSet<_>>()
-        };
-        Self {
-            namespaces: set(&f.namespaces),
-            pods: set(&f.pods),
-            agents: set(&f.agents),
-            rules: set(&f.rules),
-            min_priority: convert::priority_from_pb(f.min_priority()),
-        }
-    }
-
-    fn any_of(set: &HashSet<String>, value: Option<&String>) -> bool {
-        set.is_empty() || value.is_some_and(|v| set.contains(v))
-    }
-
-    fn workload(&self, w: &Workload) -> bool {
-        let pod_ok = self.pods.is_empty()
-            || w.pod.as_ref().is_some_and(|p| {
-                self.pods.contains(p)
-                    || w.namespace
-                        .as_ref()
-                        .is_some_and(|ns| self.pods.contains(&format!("{ns}/{p}")))
-            })
-            || w.pod_uid.as_ref().is_some_and(|u| self.pods.contains(u));
-        pod_ok
-            && Self::any_of(&self.namespaces, w.namespace.as_ref())
-            && Self::any_of(&self.agents, w.agent.as_ref())
-    }
-
-    /// Rules and priority do not apply to events. A `lost` record has no workload and
-    /// always passes: it tells the client that events it may have wanted were dropped.
-    fn record(&self, r: &Record) -> bool {
-        r.task().is_none_or(|t| self.workload(&t.workload))
-    }
-
-    fn anomaly(&self, a: &Anomaly) -> bool {
-        Self::any_of(&self.rules, Some(&a.rule))
-            && self.min_priority.is_none_or(|min| a.priority <= min)
-            && self.workload(&a.workload)
-    }
 }
 
 /// Per-client state shared between the publisher and the client's stream.
@@ -126,6 +66,8 @@ type ClientsObserver = Box<dyn Fn(usize) + Send + Sync>;
 
 struct Inner {
     queue: usize,
+    /// Stamped on every item.
+    origin: Origin,
     next_id: AtomicU64,
     events: Mutex<Vec<Subscriber<pb::Event>>>,
     anomalies: Mutex<Vec<Subscriber<pb::Anomaly>>>,
@@ -134,6 +76,8 @@ struct Inner {
     shut_down: AtomicBool,
     /// Told the client count whenever it changes (the `agent_monitor_grpc_clients` gauge).
     observer: OnceLock<ClientsObserver>,
+    /// Where resumed streams read what they missed; none without a journal.
+    journal: OnceLock<Arc<dyn JournalSource>>,
 }
 
 impl Inner {
@@ -172,17 +116,19 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// A hub whose clients each get a queue of `queue_per_client` items (at least 2: a gap
-    /// and the item after it).
-    pub fn new(queue_per_client: usize) -> Self {
+    /// and the item after it), handing out items of `origin`.
+    pub fn new(queue_per_client: usize, origin: Origin) -> Self {
         Self {
             inner: Arc::new(Inner {
                 queue: queue_per_client.max(2),
+                origin,
                 next_id: AtomicU64::new(0),
                 events: Mutex::new(Vec::new()),
                 anomalies: Mutex::new(Vec::new()),
                 counters: Counters::default(),
                 shut_down: AtomicBool::new(false),
                 observer: OnceLock::new(),
+                journal: OnceLock::new(),
             }),
         }
     }
@@ -225,7 +171,7 @@ impl Hub {
             &mut subs,
             &self.inner.counters,
             |m| m.record(record),
-            || pb::Event::from(record),
+            || self.inner.origin.event(record),
         );
     }
 
@@ -241,23 +187,39 @@ impl Hub {
             &mut subs,
             &self.inner.counters,
             |m| m.anomaly(anomaly),
-            || pb::Anomaly::from(anomaly),
+            || self.inner.origin.anomaly(anomaly),
         );
     }
 
+    /// Lets clients resume from `journal` (the daemon's journal of this run). Only the
+    /// first journal set is kept.
+    pub fn set_journal(&self, journal: Arc<dyn JournalSource>) {
+        let _ = self.inner.journal.set(journal);
+    }
+
+    /// The journal resumed streams read, if the daemon keeps one.
+    pub fn journal(&self) -> Option<Arc<dyn JournalSource>> {
+        self.inner.journal.get().cloned()
+    }
+
+    /// The run, node and boot every item is stamped with.
+    pub fn origin(&self) -> &Origin {
+        &self.inner.origin
+    }
+
     /// A new event client.
-    pub fn subscribe_events(&self, filter: &pb::Filter) -> Subscription<pb::Event> {
-        self.subscribe(filter, &self.inner.events, Kind::Events)
+    pub fn subscribe_events(&self, matcher: Matcher) -> Subscription<pb::Event> {
+        self.subscribe(matcher, &self.inner.events, Kind::Events)
     }
 
     /// A new anomaly client.
-    pub fn subscribe_anomalies(&self, filter: &pb::Filter) -> Subscription<pb::Anomaly> {
-        self.subscribe(filter, &self.inner.anomalies, Kind::Anomalies)
+    pub fn subscribe_anomalies(&self, matcher: Matcher) -> Subscription<pb::Anomaly> {
+        self.subscribe(matcher, &self.inner.anomalies, Kind::Anomalies)
     }
 
     fn subscribe<T>(
         &self,
-        filter: &pb::Filter,
+        matcher: Matcher,
         list: &Mutex<Vec<Subscriber<T>>>,
         kind: Kind,
     ) -> Subscription<T> {
@@ -273,7 +235,7 @@ impl Hub {
                 subs.push(Subscriber {
                     id,
                     tx,
-                    matcher: Matcher::new(filter),
+                    matcher,
                     shared: shared.clone(),
                 });
             }
@@ -464,7 +426,10 @@ mod tests {
     use futures::{FutureExt as _, StreamExt as _};
 
     use super::*;
-    use crate::events::{ExitRecord, Task};
+    use crate::{
+        events::{ExitRecord, Task},
+        identity::Workload,
+    };
 
     fn exit(seq: u64, ns: &str) -> Record {
         Record::Exit(ExitRecord {
@@ -480,6 +445,7 @@ mod tests {
                 comm: "x".into(),
                 exe: None,
                 cgroup_id: 0,
+                start_ns: 0,
                 workload: Workload {
                     namespace: Some(ns.into()),
                     pod: Some("p".into()),
@@ -499,8 +465,8 @@ mod tests {
 
     #[test]
     fn slow_client_gets_exact_gap_before_next_item() {
-        let hub = Hub::new(4);
-        let mut sub = hub.subscribe_events(&pb::Filter::default());
+        let hub = Hub::new(4, Origin::default());
+        let mut sub = hub.subscribe_events(Matcher::default());
         for seq in 0..10 {
             hub.publish_event(&exit(seq, "a"));
         }
@@ -523,8 +489,8 @@ mod tests {
 
     #[test]
     fn trailing_gap_is_delivered_once_queue_drains() {
-        let hub = Hub::new(2);
-        let mut sub = hub.subscribe_events(&pb::Filter::default());
+        let hub = Hub::new(2, Origin::default());
+        let mut sub = hub.subscribe_events(Matcher::default());
         for seq in 0..5 {
             hub.publish_event(&exit(seq, "a"));
         }
@@ -538,13 +504,13 @@ mod tests {
 
     #[test]
     fn client_count_is_observed_and_shutdown_ends_streams_after_their_queue() {
-        let hub = Hub::new(8);
+        let hub = Hub::new(8, Origin::default());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         hub.observe_clients(move |n| lock(&log).push(n));
-        let mut a = hub.subscribe_events(&pb::Filter::default());
-        let b = hub.subscribe_anomalies(&pb::Filter::default());
-        let c = hub.subscribe_events(&pb::Filter::default());
+        let mut a = hub.subscribe_events(Matcher::default());
+        let b = hub.subscribe_anomalies(Matcher::default());
+        let c = hub.subscribe_events(Matcher::default());
         drop(c);
         hub.publish_event(&exit(1, "a"));
         hub.shut_down();
@@ -558,7 +524,7 @@ mod tests {
         );
         assert!(matches!(a.next().now_or_never(), Some(None)));
         // Late clients get an ended stream and are never counted.
-        let mut late = hub.subscribe_events(&pb::Filter::default());
+        let mut late = hub.subscribe_events(Matcher::default());
         assert!(matches!(late.next().now_or_never(), Some(None)));
         assert_eq!(hub.clients(), 0);
         drop((b, late));
@@ -566,16 +532,28 @@ mod tests {
     }
 
     #[test]
-    fn filters_select_by_workload() {
-        let hub = Hub::new(16);
-        let mut a = hub.subscribe_events(&pb::Filter {
+    fn filters_select_by_workload_and_items_carry_the_origin() {
+        let origin = Origin {
+            run_id: "run-1".into(),
+            node: "node-a".into(),
+            boot_id: "boot-1".into(),
+        };
+        let hub = Hub::new(16, origin);
+        let filter = |allow: pb::Selector| {
+            Matcher::new(Some(&pb::Filter {
+                allow: Some(allow),
+                ..Default::default()
+            }))
+            .expect("filter")
+        };
+        let mut a = hub.subscribe_events(filter(pb::Selector {
             namespaces: vec!["a".into()],
             ..Default::default()
-        });
-        let mut pods = hub.subscribe_events(&pb::Filter {
+        }));
+        let mut pods = hub.subscribe_events(filter(pb::Selector {
             pods: vec!["b/p".into()],
             ..Default::default()
-        });
+        }));
         hub.publish_event(&exit(1, "a"));
         hub.publish_event(&exit(2, "b"));
         let seqs = |v: Vec<Delivery<pb::Event>>| {
@@ -586,7 +564,13 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
+        let got = drain(&mut pods);
+        if let Some(Delivery::Item(e)) = got.first() {
+            assert_eq!((e.run_id.as_str(), e.node.as_str()), ("run-1", "node-a"));
+            let key = e.process.as_ref().and_then(|p| p.key.as_ref());
+            assert_eq!(key.map(|k| k.boot_id.as_str()), Some("boot-1"));
+        }
         assert_eq!(seqs(drain(&mut a)), [1]);
-        assert_eq!(seqs(drain(&mut pods)), [2]);
+        assert_eq!(seqs(got), [2]);
     }
 }

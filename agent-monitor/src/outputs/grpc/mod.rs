@@ -11,14 +11,21 @@
 
 mod authority;
 mod convert;
+mod filter;
 mod hub;
+mod resume;
 mod server;
 mod tail;
 
 use std::path::PathBuf;
 
-pub use convert::{priority_from_pb, priority_name, priority_to_pb, rfc3339, timestamp};
+pub use convert::{
+    family_name, fields_from_pb, fields_to_pb, lane_name, lane_to_pb, priority_from_pb,
+    priority_name, priority_to_pb, rfc3339, syscall_name, timestamp, Origin,
+};
+pub use filter::Matcher;
 pub use hub::{Delivery, Hub, Subscription};
+pub use resume::{JournalSource, BARRIER_TIMEOUT};
 pub use server::{
     check_tls, serve, AgentMonitorService, GrpcConfig, GrpcServer, RunningGrpc, StatusSource,
     TlsConfig, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_QUEUE_PER_CLIENT,

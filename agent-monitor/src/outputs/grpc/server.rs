@@ -24,11 +24,13 @@ use tonic::{
 
 use super::{
     authority::AuthorityFix,
-    hub::{Delivery, Hub},
+    filter::Matcher,
+    hub::{Delivery, Hub, Subscription},
     pb::{
         self,
         agent_monitor_server::{AgentMonitor, AgentMonitorServer},
     },
+    resume::{self, Out, Resumable},
     GrpcError,
 };
 use crate::outputs::listen::{
@@ -53,7 +55,7 @@ pub const SHUTTING_DOWN: &str = "agent-monitor is shutting down";
 pub trait StatusSource: Send + Sync + 'static {
     /// The current status. `clients`, `gaps_sent` and `items_missed` are filled in by the
     /// service from its [`Hub`], whatever this returns for them.
-    fn status(&self) -> pb::StatusResponse;
+    fn status(&self) -> pb::GetStatusResponse;
 }
 
 /// Server TLS: the server's certificate chain and key (PEM); with `client_ca`, clients
@@ -99,9 +101,9 @@ impl Default for GrpcConfig {
 }
 
 impl GrpcConfig {
-    /// A hub with this config's queue length.
-    pub fn hub(&self) -> Hub {
-        Hub::new(self.queue_per_client)
+    /// A hub with this config's queue length, handing out items of `origin`.
+    pub fn hub(&self, origin: super::Origin) -> Hub {
+        Hub::new(self.queue_per_client, origin)
     }
 }
 
@@ -133,6 +135,65 @@ impl AgentMonitorService {
     }
 }
 
+impl AgentMonitorService {
+    /// The stream of one client: live, or resumed after a cursor from the journal.
+    fn stream<T: Resumable, R: Send + 'static>(
+        &self,
+        filter: Option<&pb::Filter>,
+        resume_after: Option<pb::Cursor>,
+        subscribe: impl FnOnce(&Hub, Matcher) -> Subscription<T>,
+        wrap: fn(Out<T>) -> Result<R, Status>,
+    ) -> Result<BoxStream<R>, Status> {
+        if self.hub.is_shut_down() {
+            return Err(Status::unavailable(SHUTTING_DOWN));
+        }
+        let matcher = Matcher::new(filter).map_err(Status::invalid_argument)?;
+        let ending = ending(self.hub.clone());
+        let Some(after) = resume_after else {
+            let live = subscribe(&self.hub, matcher).map(|d| match d {
+                Delivery::Item(item) => Out::Item((*item).clone()),
+                Delivery::Gap(missed) => Out::Gap(resume::slow_client_gap(missed)),
+            });
+            return Ok(Box::pin(live.map(wrap).chain(ending)));
+        };
+        let journal = self.hub.journal().ok_or_else(|| {
+            Status::failed_precondition(
+                "resume_after needs the daemon's journal, and this daemon keeps none (journal.dir is not set)",
+            )
+        })?;
+        // Live first: everything published from here on is queued for this client; what
+        // was published before is in the journal once the scan's barrier passed.
+        let live = subscribe(&self.hub, matcher.clone());
+        let run = self.hub.origin().run_id.clone();
+        let stream = resume::resumed(journal, live, after, matcher, run);
+        Ok(Box::pin(stream.map(wrap).chain(ending)))
+    }
+}
+
+fn failed<R>(reason: String) -> Result<R, Status> {
+    Err(Status::unavailable(reason))
+}
+
+fn event_response(out: Out<pb::Event>) -> Result<pb::StreamEventsResponse, Status> {
+    use pb::stream_events_response::Item;
+    let item = match out {
+        Out::Item(e) => Item::Event(e),
+        Out::Gap(g) => Item::Gap(g),
+        Out::Failed(reason) => return failed(reason),
+    };
+    Ok(pb::StreamEventsResponse { item: Some(item) })
+}
+
+fn anomaly_response(out: Out<pb::Anomaly>) -> Result<pb::StreamAnomaliesResponse, Status> {
+    use pb::stream_anomalies_response::Item;
+    let item = match out {
+        Out::Item(a) => Item::Anomaly(a),
+        Out::Gap(g) => Item::Gap(g),
+        Out::Failed(reason) => return failed(reason),
+    };
+    Ok(pb::StreamAnomaliesResponse { item: Some(item) })
+}
+
 #[tonic::async_trait]
 impl AgentMonitor for AgentMonitorService {
     type StreamEventsStream = BoxStream<pb::StreamEventsResponse>;
@@ -140,54 +201,42 @@ impl AgentMonitor for AgentMonitorService {
 
     async fn stream_events(
         &self,
-        request: Request<pb::Filter>,
+        request: Request<pb::StreamEventsRequest>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
-        use pb::stream_events_response::Item;
-        if self.hub.is_shut_down() {
-            return Err(Status::unavailable(SHUTTING_DOWN));
-        }
-        let sub = self.hub.subscribe_events(request.get_ref());
-        let stream = sub.map(|d| {
-            let item = match d {
-                Delivery::Item(e) => Item::Event((*e).clone()),
-                Delivery::Gap(missed) => Item::Gap(pb::Gap { missed }),
-            };
-            Ok(pb::StreamEventsResponse { item: Some(item) })
-        });
-        Ok(Response::new(Box::pin(
-            stream.chain(ending(self.hub.clone())),
-        )))
+        let r = request.into_inner();
+        self.stream(
+            r.filter.as_ref(),
+            r.resume_after,
+            |hub, m| hub.subscribe_events(m),
+            event_response,
+        )
+        .map(Response::new)
     }
 
     async fn stream_anomalies(
         &self,
-        request: Request<pb::Filter>,
+        request: Request<pb::StreamAnomaliesRequest>,
     ) -> Result<Response<Self::StreamAnomaliesStream>, Status> {
-        use pb::stream_anomalies_response::Item;
-        if self.hub.is_shut_down() {
-            return Err(Status::unavailable(SHUTTING_DOWN));
-        }
-        let sub = self.hub.subscribe_anomalies(request.get_ref());
-        let stream = sub.map(|d| {
-            let item = match d {
-                Delivery::Item(a) => Item::Anomaly((*a).clone()),
-                Delivery::Gap(missed) => Item::Gap(pb::Gap { missed }),
-            };
-            Ok(pb::StreamAnomaliesResponse { item: Some(item) })
-        });
-        Ok(Response::new(Box::pin(
-            stream.chain(ending(self.hub.clone())),
-        )))
+        let r = request.into_inner();
+        self.stream(
+            r.filter.as_ref(),
+            r.resume_after,
+            |hub, m| hub.subscribe_anomalies(m),
+            anomaly_response,
+        )
+        .map(Response::new)
     }
 
     async fn get_status(
         &self,
-        _request: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let mut status = self.status.status();
         status.clients = self.hub.clients() as u64;
         status.gaps_sent = self.hub.gaps_sent();
         status.items_missed = self.hub.missed();
+        status.run_id = self.hub.origin().run_id.to_string();
+        status.node = self.hub.origin().node.to_string();
         Ok(Response::new(status))
     }
 }

@@ -1,6 +1,10 @@
 //! A client: follow the anomaly (or event) stream and print it.
 
-use std::{io::Write, path::PathBuf};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -111,16 +115,16 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    fn of(e: &pb::Event) -> Option<Self> {
-        use pb::event::Kind;
-        Some(match e.kind.as_ref()? {
-            Kind::Open(_) => Self::Open,
-            Kind::Connect(_) => Self::Connect,
-            Kind::Exec(_) => Self::Exec,
-            Kind::Fork(_) => Self::Fork,
-            Kind::Exit(_) => Self::Exit,
-            Kind::Lost(_) => Self::Lost,
-        })
+    /// The API's name for this kind (for `Filter.kinds`).
+    pub fn to_pb(self) -> pb::EventKind {
+        match self {
+            Self::Open => pb::EventKind::Open,
+            Self::Connect => pb::EventKind::Connect,
+            Self::Exec => pb::EventKind::Exec,
+            Self::Fork => pb::EventKind::Fork,
+            Self::Exit => pb::EventKind::Exit,
+            Self::Lost => pb::EventKind::Lost,
+        }
     }
 }
 
@@ -151,10 +155,111 @@ pub struct TailOptions {
     /// The server-side filter.
     pub filter: pb::Filter,
     pub format: OutputFormat,
-    /// Only these kinds of events (empty: all). The API's filter has no event kinds, so
-    /// this is applied here, after the server sent them.
-    pub kinds: Vec<EventKind>,
     pub tls: Option<ClientTls>,
+    /// Keep the position (the last item's run id and sequence number) in this file and
+    /// resume after the one it holds, if any.
+    pub resume: Option<PathBuf>,
+}
+
+/// How often, at most, the position file is rewritten while events stream in (anomalies:
+/// after each one). A tail killed with SIGKILL prints again at most this much on resume.
+const POSITION_SAVE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The position `tail --resume` keeps: the last item printed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Position {
+    /// `events` or `anomalies`: a position of one stream means nothing in the other.
+    stream: String,
+    run_id: String,
+    seq: u64,
+}
+
+/// The position file of `tail --resume`.
+struct PositionFile {
+    path: PathBuf,
+    stream: &'static str,
+    current: Option<Position>,
+    dirty: bool,
+    saved_at: Instant,
+}
+
+impl PositionFile {
+    /// Reads the position in `path`; none when the file does not exist yet.
+    fn open(path: &Path, stream: &'static str) -> Result<Self, GrpcError> {
+        let bad = |why: String| {
+            GrpcError::Config(format!("resume position file {}: {why}", path.display()))
+        };
+        let current = match std::fs::read(path) {
+            Ok(bytes) => {
+                let p: Position = serde_json::from_slice(&bytes).map_err(|e| {
+                    bad(format!(
+                        "not a position this tail wrote ({e}); remove it to start from now"
+                    ))
+                })?;
+                if p.stream != stream {
+                    return Err(bad(format!(
+                        "holds a position in the {} stream, not the {stream} stream",
+                        p.stream
+                    )));
+                }
+                Some(p)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            stream,
+            current,
+            dirty: false,
+            saved_at: Instant::now(),
+        })
+    }
+
+    fn cursor(&self) -> Option<pb::Cursor> {
+        self.current.as_ref().map(|p| pb::Cursor {
+            run_id: p.run_id.clone(),
+            seq: p.seq,
+        })
+    }
+
+    fn advance(&mut self, run_id: &str, seq: u64) {
+        self.current = Some(Position {
+            stream: self.stream.to_owned(),
+            run_id: run_id.to_owned(),
+            seq,
+        });
+        self.dirty = true;
+    }
+
+    /// Writes the position (to a temporary file renamed over the old one, so a crash
+    /// leaves the old or the new position, never half of one).
+    fn save(&mut self) -> Result<(), GrpcError> {
+        let Some(p) = self.current.as_ref().filter(|_| self.dirty) else {
+            return Ok(());
+        };
+        let tmp = self.path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::write(&tmp, serde_json::to_vec(p).map_err(std::io::Error::other)?)?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| {
+            GrpcError::Config(format!(
+                "cannot save the resume position to {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        self.dirty = false;
+        self.saved_at = Instant::now();
+        Ok(())
+    }
+
+    fn save_soon(&mut self) -> Result<(), GrpcError> {
+        if self.saved_at.elapsed() >= POSITION_SAVE_INTERVAL {
+            self.save()?;
+        }
+        Ok(())
+    }
 }
 
 /// Follows the anomaly stream (or, with `events`, the event stream) and prints each item
@@ -168,47 +273,104 @@ pub async fn tail(opts: TailOptions) -> Result<(), GrpcError> {
     }
 }
 
+/// What a gap notice says.
+fn gap_text(g: &pb::Gap, kind: &str) -> String {
+    let n = if g.at_least {
+        format!("at least {}", g.missed)
+    } else {
+        g.missed.to_string()
+    };
+    match g.reason() {
+        pb::GapReason::Expired => format!(
+            "{n} {kind} after the resume point are no longer in the daemon's journal (retention deleted them)"
+        ),
+        pb::GapReason::NotJournaled => {
+            format!("{n} {kind} never reached the daemon's journal (its queue was full, or a damaged stretch)")
+        }
+        pb::GapReason::SlowClient | pb::GapReason::Unspecified => {
+            format!("this client read too slowly; the server dropped {n} {kind} for it")
+        }
+    }
+}
+
 async fn follow(opts: TailOptions) -> Result<(), GrpcError> {
+    let kind = if opts.events { "events" } else { "anomalies" };
+    let mut position = opts
+        .resume
+        .as_deref()
+        .map(|p| PositionFile::open(p, kind))
+        .transpose()?;
+    let resume_after = position.as_ref().and_then(PositionFile::cursor);
     let mut client = connect(&opts.endpoint, opts.tls.as_ref()).await?;
     let mut printer = Printer {
         out: std::io::stdout(),
         format: opts.format,
         header: false,
     };
-    let kind = if opts.events { "events" } else { "anomalies" };
-    let gap = |missed: u64| {
-        eprintln!(
-            "agent-monitor: this client read too slowly; the server dropped {missed} {kind} for it"
-        );
+    let filter = Some(opts.filter);
+    // Ctrl-C or SIGTERM end the tail after saving the position.
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| GrpcError::Config(format!("SIGTERM handler: {e}")))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<(), GrpcError>(())
     };
-    if opts.events {
-        let mut stream = client.stream_events(opts.filter).await?.into_inner();
-        while let Some(msg) = stream.message().await? {
-            use pb::stream_events_response::Item;
-            match msg.item {
-                Some(Item::Event(e)) => {
-                    let wanted = opts.kinds.is_empty()
-                        || EventKind::of(&e).is_some_and(|k| opts.kinds.contains(&k));
-                    if wanted {
+    let run = async {
+        if opts.events {
+            let request = pb::StreamEventsRequest {
+                filter,
+                resume_after,
+            };
+            let mut stream = client.stream_events(request).await?.into_inner();
+            while let Some(msg) = stream.message().await? {
+                use pb::stream_events_response::Item;
+                match msg.item {
+                    Some(Item::Event(e)) => {
                         printer.event(&e)?;
+                        if let Some(p) = position.as_mut() {
+                            p.advance(&e.run_id, e.seq);
+                            p.save_soon()?;
+                        }
                     }
+                    Some(Item::Gap(g)) => eprintln!("agent-monitor: {}", gap_text(&g, kind)),
+                    None => {}
                 }
-                Some(Item::Gap(g)) => gap(g.missed),
-                None => {}
+            }
+        } else {
+            let request = pb::StreamAnomaliesRequest {
+                filter,
+                resume_after,
+            };
+            let mut stream = client.stream_anomalies(request).await?.into_inner();
+            while let Some(msg) = stream.message().await? {
+                use pb::stream_anomalies_response::Item;
+                match msg.item {
+                    Some(Item::Anomaly(a)) => {
+                        printer.anomaly(&a)?;
+                        if let Some(p) = position.as_mut() {
+                            p.advance(&a.run_id, a.seq);
+                            p.save()?;
+                        }
+                    }
+                    Some(Item::Gap(g)) => eprintln!("agent-monitor: {}", gap_text(&g, kind)),
+                    None => {}
+                }
             }
         }
-    } else {
-        let mut stream = client.stream_anomalies(opts.filter).await?.into_inner();
-        while let Some(msg) = stream.message().await? {
-            use pb::stream_anomalies_response::Item;
-            match msg.item {
-                Some(Item::Anomaly(a)) => printer.anomaly(&a)?,
-                Some(Item::Gap(g)) => gap(g.missed),
-                None => {}
-            }
-        }
+        Ok::<(), GrpcError>(())
+    };
+    let result = tokio::select! {
+        r = run => r,
+        r = stop => r,
+    };
+    // Whatever ended the tail, the last item printed is the position.
+    if let Some(p) = position.as_mut() {
+        p.save()?;
     }
-    Ok(())
+    result
 }
 
 struct Printer<W: Write> {
@@ -317,12 +479,12 @@ fn event_header() -> String {
 
 fn event_row(e: &pb::Event) -> String {
     use pb::event::Kind;
-    let (kind, detail, time) = match &e.kind {
+    let (kind, detail) = match &e.kind {
         Some(Kind::Open(o)) => (
             "open",
             format!(
                 "{} {} -> {}{}",
-                o.syscall,
+                convert::syscall_name(o.syscall()),
                 o.path,
                 o.result,
                 o.error
@@ -330,14 +492,13 @@ fn event_row(e: &pb::Event) -> String {
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default()
             ),
-            None,
         ),
         Some(Kind::Connect(c)) => (
             "connect",
             format!(
                 "{} {} {}:{} -> {}{}",
-                c.syscall,
-                c.family,
+                convert::syscall_name(c.syscall()),
+                convert::family_name(c.family()),
                 c.dst_addr,
                 c.dst_port,
                 c.result,
@@ -346,24 +507,27 @@ fn event_row(e: &pb::Event) -> String {
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default()
             ),
-            None,
         ),
-        Some(Kind::Exec(x)) => ("exec", x.filename.clone(), None),
-        Some(Kind::Fork(f)) => ("fork", format!("child {}", f.child_pid), None),
-        Some(Kind::Exit(_)) => ("exit", String::new(), None),
+        Some(Kind::Exec(x)) => ("exec", x.filename.clone()),
+        Some(Kind::Fork(f)) => ("fork", format!("child {}", f.child_pid)),
+        Some(Kind::Exit(_)) => ("exit", String::new()),
         Some(Kind::Lost(l)) => (
             "lost",
-            format!("lane {}: {} lost ({} total)", l.lane, l.count, l.total),
-            l.time.as_ref(),
+            format!(
+                "lane {}: {} lost ({} total)",
+                convert::lane_name(l.lane()),
+                l.count,
+                l.total
+            ),
         ),
-        None => ("?", String::new(), None),
+        None => ("?", String::new()),
     };
     let process = e
         .process
         .as_ref()
         .map(|p| format!("{}({})", p.comm, p.tgid))
         .unwrap_or_else(|| "-".into());
-    let time = time.or(e.process.as_ref().and_then(|p| p.time.as_ref()));
+    let time = e.time.as_ref();
     format!(
         "{:<24} {:<8} {:<32} {:<16} {:<24} {}",
         short_time(time),
@@ -384,15 +548,24 @@ fn clock_time(ts: Option<&prost_types::Timestamp>) -> String {
     }
 }
 
-/// A Falco output field of an anomaly as text (the API carries each value JSON-encoded);
-/// none for a missing or null field.
+/// A Falco output field of an anomaly as text; none for a missing or null field.
 fn field(a: &pb::Anomaly, key: &str) -> Option<String> {
-    let raw = a.fields.get(key)?;
-    match serde_json::from_str::<serde_json::Value>(raw) {
-        Ok(serde_json::Value::Null) => None,
-        Ok(serde_json::Value::String(s)) => Some(s),
-        Ok(v) => Some(v.to_string()),
-        Err(_) => Some(raw.clone()),
+    use prost_types::value::Kind;
+    match a.fields.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::NullValue(_) => None,
+        Kind::StringValue(s) => Some(s.clone()),
+        Kind::BoolValue(b) => Some(b.to_string()),
+        Kind::NumberValue(n) => Some(
+            // Whole numbers (pids, ports) without a fraction.
+            if n.fract() == 0.0 && n.abs() < 1e15 {
+                format!("{n:.0}")
+            } else {
+                n.to_string()
+            },
+        ),
+        Kind::ListValue(_) | Kind::StructValue(_) => {
+            Some(convert::value_from_pb(a.fields.as_ref()?.fields.get(key)?).to_string())
+        }
     }
 }
 
@@ -461,12 +634,8 @@ fn failure(error: Option<&String>) -> String {
 /// One short line: `time kind ns/pod process what`.
 fn event_compact(e: &pb::Event) -> String {
     use pb::event::Kind;
-    let (kind, what, time) = match &e.kind {
-        Some(Kind::Open(o)) => (
-            "open",
-            format!("{}{}", o.path, failure(o.error.as_ref())),
-            None,
-        ),
+    let (kind, what) = match &e.kind {
+        Some(Kind::Open(o)) => ("open", format!("{}{}", o.path, failure(o.error.as_ref()))),
         Some(Kind::Connect(c)) => (
             "connect",
             format!(
@@ -474,24 +643,27 @@ fn event_compact(e: &pb::Event) -> String {
                 host_port(&c.dst_addr, c.dst_port),
                 failure(c.error.as_ref())
             ),
-            None,
         ),
-        Some(Kind::Exec(x)) => ("exec", x.filename.clone(), None),
-        Some(Kind::Fork(f)) => ("fork", format!("child {}", f.child_pid), None),
-        Some(Kind::Exit(_)) => ("exit", String::new(), None),
+        Some(Kind::Exec(x)) => ("exec", x.filename.clone()),
+        Some(Kind::Fork(f)) => ("fork", format!("child {}", f.child_pid)),
+        Some(Kind::Exit(_)) => ("exit", String::new()),
         Some(Kind::Lost(l)) => (
             "lost",
-            format!("{} {} records ({} in all)", l.count, l.lane, l.total),
-            l.time.as_ref(),
+            format!(
+                "{} {} records ({} in all)",
+                l.count,
+                convert::lane_name(l.lane()),
+                l.total
+            ),
         ),
-        None => ("?", String::new(), None),
+        None => ("?", String::new()),
     };
     let process = e
         .process
         .as_ref()
         .map(|p| format!("{}({})", p.comm, p.tgid))
         .unwrap_or_else(|| "-".into());
-    let time = time.or(e.process.as_ref().and_then(|p| p.time.as_ref()));
+    let time = e.time.as_ref();
     let line = format!(
         "{} {:<7} {} {} {}",
         clock_time(time),
@@ -505,7 +677,18 @@ fn event_compact(e: &pb::Event) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    fn fields(pairs: &[(&str, serde_json::Value)]) -> Option<prost_types::Struct> {
+        Some(convert::fields_to_pb(
+            &pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        ))
+    }
 
     fn anomaly() -> pb::Anomaly {
         pb::Anomaly {
@@ -521,8 +704,10 @@ mod tests {
                 agent: "coder".into(),
                 ..Default::default()
             }),
-            fields: [("fd.sport".to_owned(), "80".to_owned())].into(),
+            fields: fields(&[("fd.sport", json!(80))]),
             event_seqs: vec![4],
+            run_id: "run-1".into(),
+            node: "node-a".into(),
         }
     }
 
@@ -545,7 +730,9 @@ mod tests {
         // the strings the proto carries (JSON-encoded field values).
         assert_eq!(json["priority"], "PRIORITY_ERROR");
         assert_eq!(json["rule"], "cloud-metadata-contact");
-        assert_eq!(json["fields"]["fd.sport"], "80");
+        // Fields are a google.protobuf.Struct: a plain JSON object with typed values.
+        assert_eq!(json["fields"]["fd.sport"], 80.0);
+        assert_eq!(json["run_id"], "run-1");
         assert_eq!(json["workload"]["namespace"], "agents");
     }
 
@@ -575,25 +762,28 @@ mod tests {
 
     #[test]
     fn lost_event_row_has_no_process() {
-        let e = pb::Event {
-            seq: 3,
-            process: None,
-            workload: None,
-            kind: Some(pb::event::Kind::Lost(pb::Lost {
-                lane: "network".into(),
-                count: 2,
-                total: 7,
-                time: convert::timestamp("2026-11-23T00:00:00Z"),
-            })),
-        };
+        let e = lost();
         let row = event_row(&e);
         assert!(row.contains("lost") && row.contains("lane network: 2 lost (7 total)"));
         assert!(row.starts_with("2026-11-23T00:00:00.000Z"), "{row}");
         let json: serde_json::Value =
             serde_json::from_str(&event_json(&e).expect("json")).expect("parse");
         // The proto3 JSON form: the oneof member by name, uint64 as a string.
-        assert_eq!(json["lost"]["lane"], "network");
+        assert_eq!(json["lost"]["lane"], "LANE_NETWORK");
         assert_eq!(json["lost"]["total"], "7");
+    }
+
+    fn lost() -> pb::Event {
+        pb::Event {
+            seq: 3,
+            time: convert::timestamp("2026-11-23T00:00:00Z"),
+            kind: Some(pb::event::Kind::Lost(pb::Lost {
+                lane: pb::Lane::Network as i32,
+                count: 2,
+                total: 7,
+            })),
+            ..Default::default()
+        }
     }
 
     fn process(comm: &str, tgid: u32) -> Option<pb::Process> {
@@ -601,7 +791,6 @@ mod tests {
             pid: tgid,
             tgid,
             comm: comm.into(),
-            time: convert::timestamp("2026-11-23T08:00:02.5Z"),
             ..Default::default()
         })
     }
@@ -609,15 +798,12 @@ mod tests {
     #[test]
     fn compact_anomaly_is_one_short_line() {
         let mut a = anomaly();
-        a.fields = [
-            ("proc.name", "\"curl\""),
-            ("proc.pid", "4242"),
-            ("fd.sip", "\"169.254.169.254\""),
-            ("fd.sport", "80"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+        a.fields = fields(&[
+            ("proc.name", json!("curl")),
+            ("proc.pid", json!(4242)),
+            ("fd.sip", json!("169.254.169.254")),
+            ("fd.sport", json!(80)),
+        ]);
         assert_eq!(
             anomaly_compact(&a),
             "08:00:01.250Z Error    cloud-metadata-contact agents/coder-0 curl(4242) 169.254.169.254:80"
@@ -626,10 +812,13 @@ mod tests {
         // Read then egress: the file and the destination.
         a.rule = "credential-exfiltration".into();
         a.priority = pb::Priority::Critical as i32;
-        a.fields
-            .insert("fd.name".into(), "\"/var/run/secrets/token\"".into());
-        a.fields.insert("fd.sip".into(), "\"fd00::1\"".into());
-        a.fields.insert("fd.sport".into(), "443".into());
+        a.fields = fields(&[
+            ("proc.name", json!("curl")),
+            ("proc.pid", json!(4242)),
+            ("fd.name", json!("/var/run/secrets/token")),
+            ("fd.sip", json!("fd00::1")),
+            ("fd.sport", json!(443)),
+        ]);
         assert_eq!(
             anomaly_compact(&a),
             "08:00:01.250Z Critical credential-exfiltration agents/coder-0 curl(4242) /var/run/secrets/token -> [fd00::1]:443"
@@ -641,7 +830,7 @@ mod tests {
             priority: pb::Priority::Critical as i32,
             output: "Events lost: 12 in lane network".into(),
             workload: None,
-            fields: Default::default(),
+            fields: None,
             ..anomaly()
         };
         assert_eq!(
@@ -661,7 +850,9 @@ mod tests {
             seq: 1,
             process: process("cat", 77),
             workload: workload.clone(),
+            time: convert::timestamp("2026-11-23T08:00:02.5Z"),
             kind: Some(kind),
+            ..Default::default()
         };
         let cases = [
             (
@@ -708,19 +899,8 @@ mod tests {
         for (kind, want) in cases {
             assert_eq!(event_compact(&event(kind)), want);
         }
-        let lost = pb::Event {
-            seq: 3,
-            process: None,
-            workload: None,
-            kind: Some(pb::event::Kind::Lost(pb::Lost {
-                lane: "network".into(),
-                count: 2,
-                total: 7,
-                time: convert::timestamp("2026-11-23T00:00:00Z"),
-            })),
-        };
         assert_eq!(
-            event_compact(&lost),
+            event_compact(&lost()),
             "00:00:00.000Z lost    - - 2 network records (7 in all)"
         );
     }
@@ -765,12 +945,31 @@ mod tests {
     }
 
     #[test]
-    fn event_kinds_are_told_apart() {
-        let exit = pb::Event {
-            kind: Some(pb::event::Kind::Exit(pb::Exit {})),
-            ..Default::default()
-        };
-        assert_eq!(EventKind::of(&exit), Some(EventKind::Exit));
-        assert_eq!(EventKind::of(&pb::Event::default()), None);
+    fn position_files_round_trip_and_refuse_the_other_stream() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("pos");
+        let mut p = PositionFile::open(&path, "anomalies").expect("new");
+        assert_eq!(p.cursor(), None);
+        p.save().expect("nothing to save");
+        assert!(!path.exists(), "no position yet: no file");
+        p.advance("run-1", 7);
+        p.save().expect("save");
+        let again = PositionFile::open(&path, "anomalies").expect("reopen");
+        assert_eq!(
+            again.cursor(),
+            Some(pb::Cursor {
+                run_id: "run-1".into(),
+                seq: 7
+            })
+        );
+        let err = PositionFile::open(&path, "events")
+            .err()
+            .expect("other stream");
+        assert!(err.to_string().contains("anomalies stream"), "{err}");
+        std::fs::write(&path, "garbage").expect("write");
+        let err = PositionFile::open(&path, "anomalies")
+            .err()
+            .expect("garbage");
+        assert!(err.to_string().contains("remove it"), "{err}");
     }
 }
