@@ -1,8 +1,8 @@
 //! Builds the eBPF programs (agent-monitor-ebpf) for bpfel-unknown-none with the pinned
-//! nightly toolchain and bpf-linker; `cargo xtask setup` installs both. Also compiles the
-//! gRPC API (`proto/`) in pure Rust (protox, no protoc) and writes its encoded file
-//! descriptor set to `$OUT_DIR/agent_monitor_descriptor.bin` for server reflection.
-use std::path::{Path, PathBuf};
+//! nightly toolchain and bpf-linker; `cargo xtask setup` installs both. Also generates the
+//! gRPC service code of the API (`agent-monitor-api/proto/`, compiled in pure Rust by
+//! protox) against the messages the agent-monitor-api crate generates.
+use std::path::Path;
 
 use anyhow::Context as _;
 
@@ -10,14 +10,8 @@ use anyhow::Context as _;
 /// `cargo xtask setup` builds bpf-linker against this toolchain's own LLVM.
 const DEFAULT_EBPF_TOOLCHAIN: &str = "nightly";
 
-/// The API's proto files, relative to `proto/`: the gRPC API and the journal's record.
-const PROTO_FILES: [&str; 2] = [
-    "agent_monitor/v1/agent_monitor.proto",
-    "agent_monitor/v1/journal.proto",
-];
-
-/// File name (in OUT_DIR) of the encoded file descriptor set.
-const DESCRIPTOR_FILE: &str = "agent_monitor_descriptor.bin";
+/// The service's proto file, relative to the schema crate's `proto/`.
+const PROTO_FILE: &str = "agent_monitor/v1/agent_monitor.proto";
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
@@ -25,22 +19,19 @@ fn main() -> anyhow::Result<()> {
     build_ebpf(&manifest_dir)
 }
 
-/// Generates the gRPC messages and service, and the descriptor set for reflection.
+/// Generates the gRPC client and server; the messages are agent-monitor-api's.
 fn compile_protos(manifest_dir: &Path) -> anyhow::Result<()> {
-    println!("cargo:rerun-if-changed=proto");
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
-    let include = manifest_dir.join("proto");
+    let include = manifest_dir.join("../agent-monitor-api/proto");
+    println!("cargo:rerun-if-changed={}", include.display());
     let mut compiler = protox::Compiler::new([&include]).context("proto include path")?;
-    compiler.include_source_info(true).include_imports(true);
+    compiler.include_imports(true);
     compiler
-        .open_files(PROTO_FILES)
-        .with_context(|| format!("compiling {PROTO_FILES:?}"))?;
-    let descriptor_path = out_dir.join(DESCRIPTOR_FILE);
-    std::fs::write(&descriptor_path, compiler.encode_file_descriptor_set())
-        .with_context(|| format!("writing {}", descriptor_path.display()))?;
+        .open_files([PROTO_FILE])
+        .with_context(|| format!("compiling {PROTO_FILE}"))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .extern_path(".agent_monitor.v1", "::agent_monitor_api::pb")
         .compile_fds(compiler.file_descriptor_set())
         .context("generating gRPC code")
 }

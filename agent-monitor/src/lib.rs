@@ -13,7 +13,7 @@ pub mod config;
 pub mod detect;
 pub mod events;
 pub mod identity;
-pub mod journal;
+pub use agent_monitor_api::journal;
 pub mod monitor;
 pub mod outputs;
 pub mod policy;

@@ -191,7 +191,7 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
 
     let script = dir.path().join("client.py");
     std::fs::write(&script, CLIENT).expect("client script");
-    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent-monitor-api/proto");
     // The same client over TCP and over the Unix socket, as grpcio users write it: grpcio
     // sends the socket path as the HTTP/2 authority, which the daemon must accept.
     let clients: Vec<_> = [grpc.clone(), format!("unix://{}", sock.display())]

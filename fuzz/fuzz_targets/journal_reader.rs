@@ -2,7 +2,7 @@
 //! must end, and must not report more bytes than it was given.
 #![no_main]
 
-use agent_monitor::journal::{Item, Reader};
+use agent_monitor_api::journal::{Item, Reader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -506,7 +506,7 @@ fn the_image_with_only_the_documented_capabilities_reports_a_token_read_with_its
             };
             if ev["open"].is_object() && ev["process"]["cgroup_id"].as_str() == Some(&cgroup_id) {
                 opens.push(ev.clone());
-                if ev["open"]["matched_by"] == "volume" {
+                if ev["open"]["matched_by"] == "MATCH_KIND_VOLUME" {
                     hit = Some(ev);
                     break;
                 }

@@ -4,6 +4,7 @@
 //! needs nothing but rustup and cargo before `cargo xtask run` or `cargo xtask test`.
 
 mod bench;
+mod fuzz;
 mod image;
 mod manifests;
 
@@ -52,9 +53,15 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then check formatting and lints, build the image, run every test (including
-    /// the ones that need root, BPF and podman, which fail here rather than skip), validate
-    /// the rendered manifests (kubernetes-validate, checkov) and run the demo.
+    /// the ones that need root, BPF and podman, which fail here rather than skip), fuzz the
+    /// journal reader for 30 s, validate the rendered manifests (kubernetes-validate,
+    /// checkov) and run the demo.
     Test,
+    /// Set up and fuzz the journal reader (cargo-fuzz, installed if missing) for SECONDS.
+    Fuzz {
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
     /// Set up and run the two-tier demo on this machine: simulated pods, the real daemon,
     /// one benign and a few hostile actions, and the alerts they raise.
     Demo,
@@ -112,11 +119,16 @@ fn main() -> Result<()> {
             // Privileged tests fail instead of skipping: this command promises they ran.
             env.push(("AGENT_MONITOR_REQUIRE_PRIVILEGED".into(), "1".into()));
             cargo(&root, &env, &["test", "--workspace"])?;
+            fuzz::run_bounded(&root, &env, fuzz::TEST_SECONDS)?;
             manifests::check(&root)?;
             demo(&root, &env)?;
             println!(
-                "xtask test: formatting, lints, every test, the manifest checks and the demo passed"
+                "xtask test: formatting, lints, every test, the fuzz run, the manifest checks and the demo passed"
             );
+        }
+        Task::Fuzz { seconds } => {
+            let env = setup()?;
+            fuzz::run_bounded(&root, &env, seconds)?;
         }
         Task::Demo => {
             let env = setup()?;

@@ -7,7 +7,8 @@
 //!   (mode 0600), with gRPC health checking and server reflection.
 //! - [`tail`] is a client that prints the streams as a table or as JSON lines.
 //!
-//! The wire types are in [`pb`], generated from `proto/agent_monitor/v1/agent_monitor.proto`.
+//! The wire types are in [`pb`]: the messages of agent-monitor-api
+//! (`agent-monitor-api/proto/agent_monitor/v1/agent_monitor.proto`) and the service.
 
 mod authority;
 mod convert;
@@ -36,7 +37,7 @@ pub use tail::{
     TailOptions,
 };
 
-/// Messages and service generated from `agent_monitor/v1/agent_monitor.proto`.
+/// The `agent_monitor.v1` messages (agent-monitor-api) and the service generated for them.
 #[allow(
     missing_docs,
     clippy::all,
@@ -45,11 +46,9 @@ pub use tail::{
     rust_2018_idioms
 )]
 pub mod pb {
-    tonic::include_proto!("agent_monitor.v1");
+    pub use agent_monitor_api::pb::*;
 
-    /// The encoded `FileDescriptorSet` of the API and its imports (for reflection).
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/agent_monitor_descriptor.bin"));
+    tonic::include_proto!("agent_monitor.v1");
 
     /// The fully qualified service name.
     pub const SERVICE_NAME: &str = "agent_monitor.v1.AgentMonitor";

@@ -243,14 +243,18 @@ impl<T: Resumable> Scan<'_, T> {
                 return Err(Gone);
             }
         };
-        // Searching: whether the resume point's run was seen (all at or before it).
+        // Searching: whether an item of the resume point's run was seen (all at or before
+        // the point).
         let mut searching = after.map(|_| false);
+        // A record of the resume point's run (an item, or its start or stop marker) was read.
+        let mut run_present = false;
         for item in reader {
             let Item::Record { record, .. } = item else {
                 // Damage: the sequence jump around it tells the client what is missing.
                 continue;
             };
             let run = record.run_id;
+            run_present |= after.is_some_and(|c| c.run_id == run);
             if matches!(record.body, Some(Body::Start(_))) {
                 self.started.insert(run.clone());
             }
@@ -259,7 +263,7 @@ impl<T: Resumable> Scan<'_, T> {
             };
             if let (Some(seen_run), Some(c)) = (searching, after) {
                 if run != c.run_id {
-                    if !seen_run {
+                    if !run_present {
                         // A run older than the resume point's.
                         continue;
                     }
@@ -287,7 +291,7 @@ impl<T: Resumable> Scan<'_, T> {
             }
             self.emit(&run, item)?;
         }
-        Ok(searching != Some(false))
+        Ok(after.is_none() || run_present)
     }
 }
 
@@ -488,6 +492,10 @@ mod tests {
         );
         // After the last item: nothing (the live stream continues).
         assert!(served(&j, "b", 2, "b").is_empty());
+        // A point beyond what the run journaled (the client had it live): nothing more of
+        // that run, and no older run again.
+        assert!(served(&j, "b", 40, "b").is_empty());
+        assert_eq!(served(&j, "a", 40, "b"), ["b:1", "b:2"]);
         // A run the journal does not have: everything kept, after a gap saying so.
         assert_eq!(
             served(&j, "gone", 9, "b"),

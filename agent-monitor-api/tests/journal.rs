@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use agent_monitor::journal::{
+use agent_monitor_api::journal::{
     journal_record::Body, DamageReason, Item, JournalRecord, Options, Reader, RunMarker, TailState,
     Writer,
 };
-use agent_monitor::outputs::grpc::pb::{event, Anomaly, CredentialAccess, Event, Workload};
+use agent_monitor_api::pb::{event, Anomaly, CredentialAccess, Event, Workload};
 use proptest::prelude::*;
 use prost::Message as _;
 
@@ -219,7 +219,7 @@ proptest! {
         }
         // A cut at a frame boundary leaves a shorter but valid segment.
         let at_boundary = damage_at == len
-            || damage_at == agent_monitor::journal::HEADER_LEN
+            || damage_at == agent_monitor_api::journal::HEADER_LEN
             || in_target.iter().any(|(_, o, _)| *o == damage_at as u64);
         match corruption {
             Corruption::Truncate { .. } if at_boundary => {
@@ -248,7 +248,7 @@ proptest! {
         let before = read(tmp.path()).records.len() as u64;
         let (w, recovery) = Writer::open(tmp.path(), options(1 << 20)).expect("reopen");
         w.close().expect("close");
-        prop_assert!(recovery.records_intact == before || cut < agent_monitor::journal::HEADER_LEN);
+        prop_assert!(recovery.records_intact == before || cut < agent_monitor_api::journal::HEADER_LEN);
         let after = read(tmp.path());
         prop_assert!(after.damage.is_empty(), "{:?}", after.damage);
         let seqs: Vec<u64> = after.records.iter().map(|(_, _, r)| r.seq).collect();

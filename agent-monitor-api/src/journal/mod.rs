@@ -35,7 +35,7 @@ mod writer;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use crate::outputs::grpc::pb::{journal_record, JournalRecord, RunMarker};
+pub use crate::pb::{journal_record, JournalRecord, RunMarker};
 pub use reader::{Damage, DamageReason, Item, Reader};
 pub use writer::{Options, Recovery, TailState, Writer, WriterStats};
 
