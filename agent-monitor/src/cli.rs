@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{Config, ConfigError},
-    outputs::grpc::{EventKind, OutputFormat},
+    outputs::grpc::{pb, EventKind, Matcher, OutputFormat},
 };
 
 /// Exit status for a bad config or bad arguments (EX_USAGE in sysexits.h).
@@ -61,12 +61,24 @@ pub struct WorkloadArgs {
     /// Only these namespaces (repeatable).
     #[arg(long = "namespace", value_name = "NS")]
     pub namespaces: Vec<String>,
-    /// Only these pods (repeatable).
+    /// Only these pods: name, namespace/name or UID (repeatable).
     #[arg(long = "pod", value_name = "POD")]
     pub pods: Vec<String>,
     /// Only these agents (repeatable).
     #[arg(long = "agent", value_name = "AGENT")]
     pub agents: Vec<String>,
+}
+
+impl WorkloadArgs {
+    /// The API's selector of these workloads.
+    fn selector(&self) -> pb::Selector {
+        pb::Selector {
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.clone(),
+            agents: self.agents.clone(),
+            rules: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -372,10 +384,8 @@ fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, Str
     }
     let mut filter = pb::Filter {
         allow: Some(pb::Selector {
-            namespaces: args.workload.namespaces,
-            pods: args.workload.pods,
-            agents: args.workload.agents,
             rules: args.rules,
+            ..args.workload.selector()
         }),
         deny: Some(pb::Selector {
             namespaces: args.exclude_namespaces,
@@ -459,12 +469,14 @@ fn replay_options(args: &ReplayArgs) -> Result<crate::replay::Options, String> {
             .map(|v| replay::parse_time(v, now).map_err(|e| format!("{flag} {e}")))
             .transpose()
     };
+    let workloads = Matcher::new(Some(&pb::Filter {
+        allow: Some(args.workload.selector()),
+        ..Default::default()
+    }))?;
     let filter = replay::Filter {
         since: time("--since", &args.since)?,
         until: time("--until", &args.until)?,
-        namespaces: args.workload.namespaces.clone(),
-        pods: args.workload.pods.clone(),
-        agents: args.workload.agents.clone(),
+        workloads,
     };
     let policies = if args.policies.is_empty() {
         None

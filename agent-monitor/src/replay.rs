@@ -39,7 +39,7 @@ use crate::{
     journal::{journal_record::Body, Damage, Item, JournalError, Reader},
     outputs::{
         falco::FalcoAlert,
-        grpc::{anomaly_line, pb},
+        grpc::{anomaly_line, pb, Matcher},
         protojson,
     },
     policy::PolicySet,
@@ -66,22 +66,17 @@ pub struct Filter {
     pub since: Option<SystemTime>,
     /// At or before.
     pub until: Option<SystemTime>,
-    pub namespaces: Vec<String>,
-    pub pods: Vec<String>,
-    pub agents: Vec<String>,
+    /// Which workloads: the API's filter, matched as a stream client's is (pods by name,
+    /// `namespace/name` or UID).
+    pub workloads: Matcher,
 }
 
 impl Filter {
     /// Whether alert `a`, at `when`, is wanted.
     fn wants(&self, a: &pb::Anomaly, when: SystemTime) -> bool {
-        let w = a.workload.clone().unwrap_or_default();
-        let listed =
-            |list: &[String], value: &str| list.is_empty() || list.iter().any(|v| v == value);
         self.since.is_none_or(|s| when >= s)
             && self.until.is_none_or(|u| when <= u)
-            && listed(&self.namespaces, &w.namespace)
-            && listed(&self.pods, &w.pod)
-            && listed(&self.agents, &w.agent)
+            && self.workloads.pb_anomaly(a)
     }
 }
 

@@ -391,9 +391,12 @@ fn filters_narrow_the_output() {
     let cat0 = by_rule(&j.run1, "credential-read-unexpected-executable", "coder-0");
     let metadata = by_rule(&j.run1, "cloud-metadata-contact", "api-0");
     let cat1 = by_rule(&j.run2, "credential-read-unexpected-executable", "coder-1");
-    let cases: [(&[&str], Vec<&pb::Anomaly>); 6] = [
+    let cases: [(&[&str], Vec<&pb::Anomaly>); 8] = [
         (&["--namespace", "prod"], vec![metadata]),
         (&["--pod", "coder-0"], vec![cat0]),
+        // As tail takes them: namespace/name, or the pod's UID.
+        (&["--pod", "agents/coder-0"], vec![cat0]),
+        (&["--pod", "uid-coder-0"], vec![cat0]),
         (&["--pod", "coder-0", "--pod", "coder-1"], vec![cat0, cat1]),
         (&["--agent", "agent-coder-1"], vec![cat1]),
         (&["--since", "2026-01-01T00:10:00Z"], vec![metadata, cat1]),
