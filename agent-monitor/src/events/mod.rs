@@ -8,12 +8,88 @@ pub mod errno;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{
-    credentials::{CredentialClass, Owner},
-    Workload,
-};
-
 pub use decode::{decode, DecodeError, RawEvent};
+
+// The identity an event is attributed: filled in by `identity`, which is downstream of
+// this model and imports it (never the other way).
+
+/// The workload an event came from. For a host process `host` is true and the rest empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Workload {
+    /// Not in any pod's cgroup.
+    pub host: bool,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container: Option<String>,
+    pub container_id: Option<String>,
+    pub service_account: Option<String>,
+    pub agent: Option<String>,
+    pub tier: Option<String>,
+    /// The pod's labels (policy selectors match them).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// cgroup path relative to the cgroup2 mount; `None` when the cgroup id could not be
+    /// resolved.
+    pub cgroup: Option<String>,
+    /// The pod's metadata was over a limit and a name, the namespace, the ServiceAccount
+    /// or the container name may be cut (ending in `…`); see `identity::pods::PodMeta::bounded`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Labels of the pod left out of `labels` or with their value cut.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub labels_truncated: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What kind of credential a path holds.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialClass {
+    /// A ServiceAccount token (the `kube-api-access-*` projected volume's `token`).
+    ServiceAccountToken,
+    /// Another projected token: an audience token such as EKS's or Azure's workload identity.
+    ProjectedToken,
+    /// A file of a Secret volume (or a CSI secrets-store volume).
+    SecretVolume,
+    /// A node or admin kubeconfig (kubelet's, `/etc/kubernetes/*.conf`, k3s, root's).
+    NodeKubeconfig,
+    /// Node PKI: `/etc/kubernetes/pki`, the kubelet's client certificates and keys.
+    NodePki,
+    /// A cloud provider credential file (AWS, GCP, Azure).
+    CloudCredentials,
+    /// `/proc/<pid>/environ` of a process.
+    ProcEnviron,
+    /// A file in a credential directory that holds nothing secret (`ca.crt`, `namespace`).
+    NonSecret,
+    /// A watched path that fits none of the above.
+    Other,
+}
+
+/// Whose credential it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Owner {
+    pub pod_uid: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// For `/proc/<pid>/environ`: the process.
+    pub pid: Option<u32>,
+}
 
 /// Who did it and when; common to every kernel event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

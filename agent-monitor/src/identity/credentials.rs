@@ -7,55 +7,9 @@
 //! its owner found: the pod UID in `<kubelet_root>/pods/<uid>/volumes/...`, or the reader's
 //! own pod for the in-container paths. The daemon never opens these files.
 
-use serde::Serialize;
-
 use super::pods::{ContainerMeta, VolumeKind};
 
-/// What kind of credential a path holds.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum CredentialClass {
-    /// A ServiceAccount token (the `kube-api-access-*` projected volume's `token`).
-    ServiceAccountToken,
-    /// Another projected token: an audience token such as EKS's or Azure's workload identity.
-    ProjectedToken,
-    /// A file of a Secret volume (or a CSI secrets-store volume).
-    SecretVolume,
-    /// A node or admin kubeconfig (kubelet's, `/etc/kubernetes/*.conf`, k3s, root's).
-    NodeKubeconfig,
-    /// Node PKI: `/etc/kubernetes/pki`, the kubelet's client certificates and keys.
-    NodePki,
-    /// A cloud provider credential file (AWS, GCP, Azure).
-    CloudCredentials,
-    /// `/proc/<pid>/environ` of a process.
-    ProcEnviron,
-    /// A file in a credential directory that holds nothing secret (`ca.crt`, `namespace`).
-    NonSecret,
-    /// A watched path that fits none of the above.
-    Other,
-}
-
-/// Whose credential it is.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
-pub struct Owner {
-    pub pod_uid: Option<String>,
-    pub namespace: Option<String>,
-    pub name: Option<String>,
-    /// For `/proc/<pid>/environ`: the process.
-    pub pid: Option<u32>,
-}
+pub use crate::events::{CredentialClass, Owner};
 
 /// Normalizes a path lexically (no file system access).
 pub fn normalize(path: &str) -> String {

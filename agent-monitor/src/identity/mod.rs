@@ -9,8 +9,6 @@ pub mod watched;
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use self::{
     cgroup::{CgroupInfo, CgroupResolver},
     credentials::{classify, Classified, CredentialClass, Owner},
@@ -18,37 +16,7 @@ use self::{
 };
 use crate::config::IdentityConfig;
 
-/// The workload an event came from. For a host process `host` is true and the rest empty.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Workload {
-    /// Not in any pod's cgroup.
-    pub host: bool,
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub pod_uid: Option<String>,
-    pub container: Option<String>,
-    pub container_id: Option<String>,
-    pub service_account: Option<String>,
-    pub agent: Option<String>,
-    pub tier: Option<String>,
-    /// The pod's labels (policy selectors match them).
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// cgroup path relative to the cgroup2 mount; `None` when the cgroup id could not be
-    /// resolved.
-    pub cgroup: Option<String>,
-    /// The pod's metadata was over a limit and a name, the namespace, the ServiceAccount
-    /// or the container name may be cut (ending in `…`); see `identity::pods::PodMeta::bounded`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub truncated: bool,
-    /// Labels of the pod left out of `labels` or with their value cut.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub labels_truncated: u32,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
+pub use crate::events::Workload;
 
 /// The outcome of attributing one cgroup.
 pub struct Attribution {
