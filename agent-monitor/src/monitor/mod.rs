@@ -5,17 +5,17 @@
 //! process lane, so an exec or fork that happened before an open is always applied first
 //! (a record is committed to its ring before the next syscall of that thread starts).
 
+mod pending;
+mod translate;
+
+use pending::PendingQueue;
+
 use std::{
-    collections::{BTreeSet, VecDeque},
-    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_monitor_common::{
-    path_flags, EventHeader, EventKind, Lane, MatchKind, Syscall, GROUP_ALIVE, GROUP_UNKNOWN,
-    LANE_COUNT,
-};
+use agent_monitor_common::{Lane, LANE_COUNT};
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
 use tokio::{
@@ -24,18 +24,16 @@ use tokio::{
     task::JoinHandle,
 };
 
+use self::translate::by_identity;
 use crate::{
     config::Config,
     events::{
-        decode::{c_string, decode, RawEvent},
-        errno, ConnectRecord, ExecRecord, ExitRecord, ForkRecord, LostRecord, OpenRecord, Record,
-        Task, LANE_NAMES,
+        decode::{decode, RawEvent},
+        LostRecord, Record, LANE_NAMES,
     },
     identity::{
-        credentials::{normalize, projected_class, CredentialClass, Owner},
         pods::PodStore,
         process::{ProcessTable, DEFAULT_CAPACITY},
-        watched::{dev_name, VolumePlugin},
         Identity,
     },
     outputs::metrics::Heartbeat,
@@ -108,10 +106,35 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
 }
 
-/// A record waiting for its pod's metadata.
-struct Pending {
-    record: Record,
-    deadline: Instant,
+/// Fills in the workload (and, for opens, the credential class and owner). Returns
+/// false while the pod may still become known.
+fn attribute(identity: &mut Identity, record: &mut Record) -> bool {
+    let Some(task) = record.task_mut() else {
+        return true;
+    };
+    let attribution = identity.attribute(task.cgroup_id);
+    task.workload = attribution.workload.clone();
+    if let Record::Open(open) = record {
+        if by_identity(&open.matched_by) {
+            // Class and owner came from the file itself; only the owner's name is
+            // looked up (it may arrive later than the record).
+            if let Some(owner) = open.owner.as_mut() {
+                if let Some(pod) = owner
+                    .pod_uid
+                    .as_deref()
+                    .and_then(|u| identity.pods().get(u))
+                {
+                    owner.namespace = Some(pod.namespace.clone());
+                    owner.name = Some(pod.name.clone());
+                }
+            }
+        } else {
+            let (class, owner) = identity.credential(&open.path, &attribution);
+            open.class = class;
+            open.owner = owner;
+        }
+    }
+    !attribution.incomplete
 }
 
 /// Enrichment state: owned by the consumer task alone.
@@ -122,9 +145,7 @@ struct Enricher {
     seq: u64,
     lost_reported: [u64; LANE_COUNT as usize],
     decode_errors: u64,
-    pending: VecDeque<Pending>,
-    max_wait: Duration,
-    max_pending: usize,
+    pending: PendingQueue,
     /// The kernel's file-identity maps.
     watching: Watching,
     /// Processes, cgroups and pods known, for status and metrics.
@@ -143,89 +164,42 @@ impl Enricher {
     /// Fills in the workload (and, for opens, the credential class and owner). Returns
     /// false while the pod may still become known.
     fn attribute(&mut self, record: &mut Record) -> bool {
-        let Some(task) = record.task_mut() else {
-            return true;
-        };
-        let attribution = self.identity.attribute(task.cgroup_id);
-        task.workload = attribution.workload.clone();
-        if let Record::Open(open) = record {
-            if by_identity(&open.matched_by) {
-                // Class and owner came from the file itself; only the owner's name is
-                // looked up (it may arrive later than the record).
-                if let Some(owner) = open.owner.as_mut() {
-                    if let Some(pod) = owner
-                        .pod_uid
-                        .as_deref()
-                        .and_then(|u| self.identity.pods().get(u))
-                    {
-                        owner.namespace = Some(pod.namespace.clone());
-                        owner.name = Some(pod.name.clone());
-                    }
-                }
-            } else {
-                let (class, owner) = self.identity.credential(&open.path, &attribution);
-                open.class = class;
-                open.owner = owner;
-            }
-        }
-        !attribution.incomplete
+        attribute(&mut self.identity, record)
     }
 
-    /// Attributes a record and sends it, or parks it until its pod is known. Records of a
-    /// pod that is already waiting wait behind it, so one pod's records stay in order.
+    /// Attributes a record and sends it, or parks it until its pod is known.
     async fn emit(&mut self, mut record: Record, out: &mpsc::Sender<Record>) -> bool {
         let complete = self.attribute(&mut record);
-        let uid = record.task().and_then(|t| t.workload.pod_uid.clone());
-        let behind_waiting = uid.is_some()
-            && self
-                .pending
-                .iter()
-                .any(|p| p.record.task().and_then(|t| t.workload.pod_uid.as_ref()) == uid.as_ref());
-        if complete && !behind_waiting {
-            return self.send(record, out).await;
-        }
-        if self.pending.len() >= self.max_pending {
-            if let Some(oldest) = self.pending.pop_front() {
-                // One line per interval with the count: one unknown pod can push out
-                // every record it makes.
-                crate::warn_limited!(
-                    "pending-queue-full",
-                    "pending queue full ({} records, identity.pending.max_events): a record leaves without its pod's metadata",
-                    self.max_pending
-                );
-                if !self.send(oldest.record, out).await {
-                    return false;
-                }
+        let offer = self.pending.offer(record, complete, Instant::now());
+        if let Some(oldest) = offer.evicted {
+            // One line per interval with the count: one unknown pod can push out every
+            // record it makes.
+            crate::warn_limited!(
+                "pending-queue-full",
+                "pending queue full ({} records, identity.pending.max_events): a record leaves without its pod's metadata",
+                self.pending.capacity()
+            );
+            if !self.send(oldest, out).await {
+                return false;
             }
         }
-        self.pending.push_back(Pending {
-            record,
-            deadline: Instant::now() + self.max_wait,
-        });
-        true
+        match offer.send {
+            Some(record) => self.send(record, out).await,
+            None => true,
+        }
     }
 
     /// Sends parked records whose pod became known or whose wait is over, in order.
     async fn release_pending(&mut self, out: &mpsc::Sender<Record>) -> bool {
-        let now = Instant::now();
-        let mut keep = VecDeque::with_capacity(self.pending.len());
-        let mut blocked: BTreeSet<String> = BTreeSet::new();
-        while let Some(mut p) = self.pending.pop_front() {
-            let complete = self.attribute(&mut p.record);
-            let uid = p.record.task().and_then(|t| t.workload.pod_uid.clone());
-            let is_blocked = uid.as_ref().is_some_and(|u| blocked.contains(u));
-            if (complete || now >= p.deadline) && !is_blocked {
-                if !self.send(p.record, out).await {
-                    return false;
-                }
-            } else {
-                if let Some(u) = uid {
-                    blocked.insert(u);
-                }
-                keep.push_back(p);
+        let identity = &mut self.identity;
+        let ready = self
+            .pending
+            .release(Instant::now(), |r| attribute(identity, r));
+        for record in ready {
+            if !self.send(record, out).await {
+                return false;
             }
         }
-        self.pending = keep;
         true
     }
 
@@ -233,234 +207,6 @@ impl Enricher {
         record.set_seq(self.next_seq());
         out.send(record).await.is_ok()
     }
-
-    /// Class and owner of a file matched by identity, from what is watched: the volume
-    /// its filesystem is, or its inventory entry. Path-matched records get theirs in
-    /// [`Enricher::attribute`].
-    fn file_class(
-        &self,
-        matched: Option<MatchKind>,
-        dev: u32,
-        ino: u64,
-        path: &str,
-        within: Option<&str>,
-    ) -> (CredentialClass, Option<Owner>) {
-        match matched {
-            Some(MatchKind::Volume) => {
-                let Some(v) = self.watching.volume(dev) else {
-                    return (CredentialClass::Other, None);
-                };
-                let normalized = normalize(within.unwrap_or(path));
-                let file = normalized.rsplit('/').next().unwrap_or_default();
-                let class = match v.plugin {
-                    VolumePlugin::Projected => projected_class(&v.volume, file),
-                    VolumePlugin::Secret | VolumePlugin::Csi => CredentialClass::SecretVolume,
-                };
-                let owner = Owner {
-                    pod_uid: Some(v.pod_uid.clone()),
-                    ..Owner::default()
-                };
-                (class, Some(owner))
-            }
-            Some(MatchKind::Inode) => (
-                self.watching
-                    .inventory(dev, ino)
-                    .map_or(CredentialClass::Other, |e| e.class),
-                None,
-            ),
-            _ => (CredentialClass::Other, None),
-        }
-    }
-
-    fn task(&mut self, h: &EventHeader) -> Task {
-        let info = self.table.get(h.tgid);
-        Task {
-            time: self.clock.rfc3339(h.ts_ns),
-            ts_boot_ns: h.ts_ns,
-            pid: h.pid,
-            tgid: h.tgid,
-            ppid: info.ppid,
-            uid: h.uid,
-            gid: h.gid,
-            comm: c_string(&h.comm, h.comm.len()),
-            exe: info.exe,
-            cgroup_id: h.cgroup_id,
-            start_ns: h.start_ns,
-            workload: Default::default(),
-        }
-    }
-
-    /// Turns a kernel record into an output record, updating the process table.
-    fn enrich(&mut self, raw: RawEvent) -> Option<Record> {
-        match raw {
-            RawEvent::Open(ev) => {
-                let raw_path = c_string(&ev.path, usize::from(ev.path_len));
-                let relative = ev.path_flags & path_flags::RELATIVE != 0;
-                let no_path = ev.path_flags & path_flags::NO_PATH != 0;
-                let opened = ev.ret >= 0 && ev.dev != 0;
-                let within = opened.then(|| within_fs_path(&ev.dpath, usize::from(ev.dpath_len)));
-                let host_path = within
-                    .as_deref()
-                    .and_then(|w| self.watching.host_path(ev.dev, w));
-                let resolved = if relative {
-                    self.table
-                        .resolve_relative(ev.header.tgid, ev.header.pid, ev.dirfd, &raw_path)
-                } else if no_path {
-                    None
-                } else {
-                    Some(raw_path.clone())
-                };
-                let matched = MatchKind::from_u8(ev.matched);
-                let matched_by = match matched {
-                    Some(MatchKind::Volume) => "volume",
-                    Some(MatchKind::Inode) => "inode",
-                    Some(MatchKind::Basename) => "basename",
-                    Some(MatchKind::ProcEnviron) => "proc_environ",
-                    Some(MatchKind::Prefix) | None => "prefix",
-                };
-                let path_resolved = host_path.is_some() || resolved.is_some();
-                let path = host_path
-                    .clone()
-                    .or(resolved)
-                    .or_else(|| {
-                        within
-                            .as_ref()
-                            .map(|w| format!("/proc{w}"))
-                            .filter(|_| matched == Some(MatchKind::ProcEnviron))
-                    })
-                    .unwrap_or_else(|| raw_path.clone());
-                let (class, owner) =
-                    self.file_class(matched, ev.dev, ev.ino, &path, within.as_deref());
-                Some(Record::Open(OpenRecord {
-                    seq: 0,
-                    task: self.task(&ev.header),
-                    syscall: Syscall::from_u16(ev.syscall)
-                        .map_or("open", Syscall::name)
-                        .to_owned(),
-                    path_resolved,
-                    path,
-                    raw_path,
-                    path_truncated: ev.path_flags
-                        & (path_flags::TRUNCATED | path_flags::DPATH_TRUNCATED)
-                        != 0,
-                    matched_by: matched_by.to_owned(),
-                    dirfd: ev.dirfd,
-                    flags: ev.flags,
-                    mode: ev.mode,
-                    result: ev.ret,
-                    error: errno::of_result(ev.ret),
-                    class,
-                    owner,
-                    host_path,
-                    device: opened.then(|| dev_name(ev.dev)),
-                    inode: opened.then_some(ev.ino),
-                }))
-            }
-            RawEvent::Connect(ev) => {
-                let a = &ev.args;
-                let (family, addr) = if a.family == libc::AF_INET as u16 {
-                    let v4 = Ipv4Addr::new(a.addr[0], a.addr[1], a.addr[2], a.addr[3]);
-                    ("inet", v4.to_string())
-                } else {
-                    ("inet6", Ipv6Addr::from(a.addr).to_string())
-                };
-                Some(Record::Connect(ConnectRecord {
-                    seq: 0,
-                    task: self.task(&ev.header),
-                    syscall: Syscall::from_u16(a.syscall)
-                        .map_or("connect", Syscall::name)
-                        .to_owned(),
-                    family: family.to_owned(),
-                    dst_addr: addr,
-                    dst_port: a.port,
-                    fd: a.fd,
-                    result: ev.ret,
-                    error: errno::of_result(ev.ret),
-                    attempted: attempted(ev.ret),
-                }))
-            }
-            RawEvent::Proc(ev) => {
-                let h = &ev.header;
-                match EventKind::from_u16(h.kind) {
-                    Some(EventKind::Exec) => {
-                        let filename = c_string(&ev.filename, usize::from(ev.filename_len));
-                        let host = self.identity.attribute(h.cgroup_id).workload.host;
-                        self.table.on_exec(h.tgid, &filename, host);
-                        Some(Record::Exec(ExecRecord {
-                            seq: 0,
-                            task: self.task(h),
-                            filename,
-                            old_pid: ev.child_pid,
-                        }))
-                    }
-                    Some(EventKind::Fork) => {
-                        self.table.on_fork(h.tgid, ev.child_pid);
-                        Some(Record::Fork(ForkRecord {
-                            seq: 0,
-                            task: self.task(h),
-                            child_pid: ev.child_pid,
-                        }))
-                    }
-                    Some(EventKind::Exit) => {
-                        // Without group_dead (older kernels) only a leader's exit ends a process.
-                        if ev.group_dead == GROUP_ALIVE
-                            || (ev.group_dead == GROUP_UNKNOWN && h.pid != h.tgid)
-                        {
-                            return None;
-                        }
-                        let rec = Record::Exit(ExitRecord {
-                            seq: 0,
-                            task: self.task(h),
-                        });
-                        self.table.on_exit(h.tgid);
-                        Some(rec)
-                    }
-                    _ => None,
-                }
-            }
-        }
-    }
-}
-
-/// Whether a connect or send reached the network: it succeeded, is in progress on a
-/// non-blocking socket, or failed only after packets left (refused, reset, timed out,
-/// unreachable host). Local failures (bad address, permission) are not attempts.
-fn attempted(ret: i64) -> bool {
-    ret >= 0
-        || [
-            libc::EINPROGRESS,
-            libc::ECONNREFUSED,
-            libc::ECONNRESET,
-            libc::ETIMEDOUT,
-            libc::EHOSTUNREACH,
-        ]
-        .iter()
-        .any(|e| ret == -i64::from(*e))
-}
-
-/// Whether an open's class and owner come from the file's identity (not its path).
-fn by_identity(matched_by: &str) -> bool {
-    matches!(matched_by, "volume" | "inode")
-}
-
-/// The path of a file within its filesystem from the kernel's dentry names (leaf first,
-/// each NUL-terminated).
-fn within_fs_path(dpath: &[u8], len: usize) -> String {
-    let bytes = &dpath[..len.min(dpath.len())];
-    let names: Vec<String> = bytes
-        .split(|&b| b == 0)
-        .filter(|n| !n.is_empty())
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-        .collect();
-    let mut out = String::new();
-    for n in names.iter().rev() {
-        out.push('/');
-        out.push_str(n);
-    }
-    if out.is_empty() {
-        out.push('/');
-    }
-    out
 }
 
 /// Lane rings registered with the runtime.
@@ -552,9 +298,10 @@ impl Monitor {
             seq: 0,
             lost_reported: [0; LANE_COUNT as usize],
             decode_errors: 0,
-            pending: VecDeque::new(),
-            max_wait: Duration::from_millis(config.identity.pending.max_wait_ms),
-            max_pending: config.identity.pending.max_events,
+            pending: PendingQueue::new(
+                Duration::from_millis(config.identity.pending.max_wait_ms),
+                config.identity.pending.max_events,
+            ),
             watching: Watching::new(
                 &config.identity.kubelet_root,
                 &config.watch.prefixes,
@@ -727,8 +474,8 @@ async fn consume(
         }
         if stopping {
             // Nothing more will arrive: what still waits for its pod leaves as it is.
-            for p in std::mem::take(&mut st.pending) {
-                if !st.send(p.record, &out).await {
+            for record in st.pending.drain() {
+                if !st.send(record, &out).await {
                     break;
                 }
             }
