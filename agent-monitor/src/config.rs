@@ -1063,7 +1063,7 @@ impl Config {
             }
         }
         for (i, c) in self.detect.cluster_cidrs.iter().enumerate() {
-            if crate::policy::Cidr::parse(c).is_err() {
+            if crate::policy::matching::parse_cidr(c).is_err() {
                 return Err(invalid(
                     format!("detect.cluster_cidrs[{i}]"),
                     "a CIDR (10.244.0.0/16, fd00::/64)",

@@ -15,8 +15,9 @@ use std::{
 use agent_monitor::{
     identity::Workload,
     policy::{
-        crd_yaml, learning_window, parse_policies, policy_allows_egress, spawn_reloader,
-        DestinationClass, PolicySet, PolicySources, Tier,
+        crd_yaml,
+        matching::{path_glob, Globs},
+        parse_policies, spawn_reloader, DestinationClass, PolicySet, PolicySources, Tier,
     },
 };
 use logs::{logged, record_logs};
@@ -490,49 +491,84 @@ fn two_tier_example_says_what_it_means() {
         ..Workload::default()
     };
     let proxy = set
-        .for_workload(&workload("agent-proxy"))
+        .compiled_for_workload(&workload("agent-proxy"))
         .expect("proxy policy");
-    assert_eq!(proxy.spec.tier, Some(Tier::Proxy));
+    assert_eq!(proxy.tier(), Some(Tier::Proxy));
     let api: IpAddr = "10.96.0.1".parse().expect("ip");
-    assert!(policy_allows_egress(
-        &proxy.spec,
-        DestinationClass::ApiServer,
-        api,
-        443
-    ));
-    assert!(policy_allows_egress(
-        &proxy.spec,
-        DestinationClass::Dns,
-        api,
-        53
-    ));
-    assert!(!policy_allows_egress(
-        &proxy.spec,
-        DestinationClass::External,
-        "203.0.113.10".parse().expect("ip"),
-        443
-    ));
+    assert_eq!(
+        proxy.egress_allows(DestinationClass::ApiServer, api, 443),
+        Some(true)
+    );
+    assert_eq!(
+        proxy.egress_allows(DestinationClass::Dns, api, 53),
+        Some(true)
+    );
+    let outside: IpAddr = "203.0.113.10".parse().expect("ip");
+    assert_eq!(
+        proxy.egress_allows(DestinationClass::External, outside, 443),
+        Some(false)
+    );
 
     let worker = set
-        .for_workload(&workload("agent-worker-3"))
+        .compiled_for_workload(&workload("agent-worker-3"))
         .expect("worker policy");
-    assert_eq!(worker.spec.tier, Some(Tier::Worker));
-    assert!(!policy_allows_egress(
-        &worker.spec,
-        DestinationClass::ApiServer,
-        api,
-        443
-    ));
+    assert_eq!(worker.tier(), Some(Tier::Worker));
     assert_eq!(
-        learning_window(&worker.spec),
-        Some(Duration::from_secs(600))
+        worker.egress_allows(DestinationClass::ApiServer, api, 443),
+        Some(false)
     );
+    assert_eq!(worker.learning_window(), Some(Duration::from_secs(600)));
+    assert!(worker.allows_executable("/usr/local/bin/agent"));
+    assert!(worker.allows_executable("/usr/bin/python3.12"));
+    assert!(!worker.allows_executable("/usr/bin/sh"));
     assert!(set.for_workload(&workload("default")).is_none());
     let other_ns = Workload {
         namespace: Some("default".into()),
         ..workload("agent-proxy")
     };
     assert!(set.for_workload(&other_ns).is_none());
+}
+
+/// Path globs as a policy file writes them: `*` stays within one directory, `**` crosses
+/// `/`. The globs are compiled by the same code detection matches with.
+#[test]
+fn path_globs_keep_star_within_one_directory() {
+    let dir = temp_dir();
+    let file = dir.path().join("globs.yaml");
+    std::fs::write(
+        &file,
+        doc(
+            "llm",
+            "  credentials:\n    allowed:\n      - path: /etc/openai/*\n      - path: /etc/llm/**\n    executables: [\"/opt/agent/*\", \"/opt/tools/**\"]\n",
+        ),
+    )
+    .expect("write policy");
+    let set = PolicySet::load(std::slice::from_ref(&file)).expect("the policy loads");
+    let policy = &set.policies()[0];
+    let grants = |i: usize| {
+        let path = policy.spec.credentials.allowed[i]
+            .path
+            .clone()
+            .expect("a path grant");
+        Globs::new("spec.credentials.allowed", &[path], path_glob).expect("compiles")
+    };
+    let star = grants(0);
+    assert!(star.is_match("/etc/openai/api-key"));
+    assert!(!star.is_match("/etc/openai/a/b"), "`*` does not cross `/`");
+    assert!(!star.is_match("/etc/openai"));
+    let globstar = grants(1);
+    assert!(globstar.is_match("/etc/llm/api-key"));
+    assert!(globstar.is_match("/etc/llm/a/b"), "`**` crosses `/`");
+    assert!(!globstar.is_match("/etc/llmx/a"));
+
+    // Executables, as the detection engine applies them to every credential read.
+    let compiled = set
+        .compiled_for_workload(&Workload::default())
+        .expect("the policy selects any workload");
+    assert!(compiled.allows_executable("/opt/agent/run"));
+    assert!(!compiled.allows_executable("/opt/agent/a/b"));
+    assert!(compiled.allows_executable("/opt/tools/a/b"));
+    assert!(!compiled.allows_executable("/usr/bin/cat"));
 }
 
 /// The committed CRD is the one the Rust types generate. Run with

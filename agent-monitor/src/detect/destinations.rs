@@ -2,7 +2,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::policy::{Cidr, DestinationClass};
+use ipnet::IpNet;
+
+use crate::policy::{matching::net_contains, DestinationClass};
 
 /// AWS, GCP and Azure serve instance metadata (and credentials) here.
 pub const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
@@ -49,7 +51,7 @@ pub struct Destinations {
     /// The cluster's DNS servers: the `dns` class is these on port 53 or 853, nothing else,
     /// so that port 53 to an outside address cannot pass for DNS.
     pub dns_servers: Vec<IpAddr>,
-    pub cluster: Vec<Cidr>,
+    pub cluster: Vec<IpNet>,
 }
 
 /// An IPv4-mapped IPv6 address as IPv4, so `::ffff:169.254.169.254` is metadata too.
@@ -77,7 +79,7 @@ impl Destinations {
         if (port == DNS_PORT || port == DNS_TLS_PORT) && self.is_dns_server(ip) {
             return DestinationClass::Dns;
         }
-        if self.cluster.iter().any(|c| c.contains(&ip)) {
+        if self.cluster.iter().any(|c| net_contains(c, ip)) {
             return DestinationClass::Cluster;
         }
         DestinationClass::External
@@ -93,6 +95,7 @@ impl Destinations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::matching::parse_cidr;
 
     fn dest() -> Destinations {
         Destinations {
@@ -106,9 +109,9 @@ mod tests {
                 "fd10::a".parse().expect("ip"),
             ],
             cluster: vec![
-                Cidr::parse("10.96.0.0/12").expect("cidr"),
-                Cidr::parse("10.244.0.0/16").expect("cidr"),
-                Cidr::parse("fd10::/64").expect("cidr"),
+                parse_cidr("10.96.0.0/12").expect("cidr"),
+                parse_cidr("10.244.0.0/16").expect("cidr"),
+                parse_cidr("fd10::/64").expect("cidr"),
             ],
         }
     }

@@ -26,7 +26,10 @@ use self::{
 use crate::{
     events::{ConnectRecord, LostRecord, OpenRecord, Record, Task},
     identity::{credentials::CredentialClass, Workload},
-    policy::{policy_allows_egress, AgentPolicy, DestinationClass, PolicySet, Priority, Tier},
+    policy::{
+        matching::{parse_cidr, CompiledPolicy},
+        DestinationClass, PolicySet, Priority, Tier,
+    },
 };
 
 /// A built-in rule.
@@ -187,7 +190,7 @@ impl DetectConfig {
                 cluster: s
                     .cluster_cidrs
                     .iter()
-                    .filter_map(|c| crate::policy::Cidr::parse(c).ok())
+                    .filter_map(|c| parse_cidr(c).ok())
                     .collect(),
             },
             exfil_window: Duration::from_millis(s.exfil_window_ms),
@@ -319,9 +322,9 @@ impl Engine {
         }
     }
 
-    /// The policy for a workload, if any.
-    fn policy_for(&self, w: &Workload) -> Option<AgentPolicy> {
-        self.policies.read().ok()?.for_workload(w).cloned()
+    /// The policy for a workload, if any, as compiled when the set was loaded.
+    fn policy_for(&self, w: &Workload) -> Option<Arc<CompiledPolicy>> {
+        self.policies.read().ok()?.compiled_for_workload(w).cloned()
     }
 
     /// Runs every rule over one record.
@@ -337,8 +340,8 @@ impl Engine {
         }
         let policy = task.as_ref().and_then(|t| self.policy_for(&t.workload));
         match record {
-            Record::Open(o) => self.on_open(o, policy.as_ref(), &mut hits),
-            Record::Connect(c) => self.on_connect(c, policy.as_ref(), &mut hits),
+            Record::Open(o) => self.on_open(o, policy.as_deref(), &mut hits),
+            Record::Connect(c) => self.on_connect(c, policy.as_deref(), &mut hits),
             Record::Fork(f) => self
                 .parents
                 .record(f.child_pid, f.task.tgid, f.task.ts_boot_ns),
@@ -356,7 +359,7 @@ impl Engine {
         let ts = task.as_ref().map_or(self.last_ts, |t| t.ts_boot_ns);
         let mut out = Vec::new();
         for hit in hits {
-            if let Some(a) = self.finish(hit, policy.as_ref(), &workload, &time, ts) {
+            if let Some(a) = self.finish(hit, policy.as_deref(), &workload, &time, ts) {
                 out.push(a);
             }
         }
@@ -419,13 +422,13 @@ impl Engine {
     fn finish(
         &mut self,
         hit: Hit,
-        policy: Option<&AgentPolicy>,
+        policy: Option<&CompiledPolicy>,
         workload: &Workload,
         time: &str,
         ts: u64,
     ) -> Option<Anomaly> {
         let info = rule(hit.rule)?;
-        let over = policy.and_then(|p| p.spec.rules.get(hit.rule));
+        let over = policy.and_then(|p| p.rule_override(hit.rule));
         if over.is_some_and(|o| o.disabled) {
             return None;
         }
@@ -463,7 +466,7 @@ impl Engine {
         })
     }
 
-    fn on_open(&mut self, o: &OpenRecord, policy: Option<&AgentPolicy>, hits: &mut Vec<Hit>) {
+    fn on_open(&mut self, o: &OpenRecord, policy: Option<&CompiledPolicy>, hits: &mut Vec<Hit>) {
         let t = &o.task;
         let w = &t.workload;
         // A missing file reveals nothing and reads nothing.
@@ -579,11 +582,7 @@ impl Engine {
         }
         // 2. The reader itself.
         let suspicious = self.config.suspicious_readers.iter().any(|s| s == exe_name);
-        let allowed_exes = policy
-            .map(|p| &p.spec.credentials.executables)
-            .filter(|e| !e.is_empty());
-        let off_policy = allowed_exes
-            .is_some_and(|list| !list.iter().any(|g| crate::policy::glob_match(g, exe)));
+        let off_policy = policy.is_some_and(|p| !p.allows_executable(exe));
         if suspicious || off_policy {
             let why = if suspicious {
                 "a shell or file utility"
@@ -603,7 +602,7 @@ impl Engine {
             });
         }
         // 7. Baseline: credential classes and the executables reading them.
-        if let Some(window) = policy.and_then(|p| crate::policy::learning_window(&p.spec)) {
+        if let Some(window) = policy.and_then(CompiledPolicy::learning_window) {
             if let Some(agent) = w.agent.clone() {
                 let win = window.as_nanos() as u64;
                 for (kind, item) in [
@@ -642,9 +641,9 @@ impl Engine {
         }
     }
 
-    fn tier_of(policy: Option<&AgentPolicy>, w: &Workload) -> Option<Tier> {
+    fn tier_of(policy: Option<&CompiledPolicy>, w: &Workload) -> Option<Tier> {
         policy
-            .and_then(|p| p.spec.tier)
+            .and_then(CompiledPolicy::tier)
             .or(match w.tier.as_deref() {
                 Some("proxy") => Some(Tier::Proxy),
                 Some("worker") => Some(Tier::Worker),
@@ -653,22 +652,25 @@ impl Engine {
     }
 
     fn egress_allowed(
-        policy: Option<&AgentPolicy>,
+        policy: Option<&CompiledPolicy>,
         w: &Workload,
         class: DestinationClass,
         ip: IpAddr,
         port: u16,
     ) -> bool {
         let tier = Self::tier_of(policy, w);
-        match policy {
-            Some(p) if !p.spec.egress.allow.is_empty() => {
-                policy_allows_egress(&p.spec, class, ip, port)
-            }
-            _ => Self::default_allows(tier, class, policy.is_some()),
+        match policy.and_then(|p| p.egress_allows(class, ip, port)) {
+            Some(allowed) => allowed,
+            None => Self::default_allows(tier, class, policy.is_some()),
         }
     }
 
-    fn on_connect(&mut self, c: &ConnectRecord, policy: Option<&AgentPolicy>, hits: &mut Vec<Hit>) {
+    fn on_connect(
+        &mut self,
+        c: &ConnectRecord,
+        policy: Option<&CompiledPolicy>,
+        hits: &mut Vec<Hit>,
+    ) {
         let t = &c.task;
         let w = &t.workload;
         if !c.attempted || w.host {
@@ -766,7 +768,7 @@ impl Engine {
                 });
             }
         }
-        if let Some(window) = policy.and_then(|p| crate::policy::learning_window(&p.spec)) {
+        if let Some(window) = policy.and_then(CompiledPolicy::learning_window) {
             if let Some(agent) = w.agent.clone() {
                 if self.baselines.observe(
                     &agent,

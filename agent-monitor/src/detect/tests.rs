@@ -118,7 +118,8 @@ fn engine(policy_yaml: &str) -> Engine {
     let mut cfg = DetectConfig::default();
     cfg.destinations.api_servers =
         vec![destinations::Endpoint::parse("10.96.0.1:443").expect("ep")];
-    cfg.destinations.cluster = vec![crate::policy::Cidr::parse("10.244.0.0/16").expect("cidr")];
+    cfg.destinations.cluster =
+        vec![crate::policy::matching::parse_cidr("10.244.0.0/16").expect("cidr")];
     // Only these are DNS: port 53 elsewhere is cluster or external traffic.
     cfg.destinations.dns_servers = vec![
         "10.96.0.10".parse().expect("ip"),
@@ -257,6 +258,40 @@ fn unexpected_executable() {
         None,
     );
     assert_eq!(fired(&mut e, &[host_cat]), vec![NODE_CREDENTIAL_READ]);
+}
+
+#[test]
+fn executable_globs_keep_star_within_one_directory() {
+    // `*` stays within one path segment; `**` as a whole segment crosses `/`.
+    let policy = POLICY.replace(
+        "executables: [/usr/local/bin/agent]",
+        "executables: [\"/opt/agent/*\", \"/opt/tools/**\"]",
+    );
+    let mut e = engine(&policy);
+    let a = pod_workload(A, "a", None);
+    let read_by = |seq, exe: &str| {
+        open(
+            seq,
+            task(10 + seq as u32, 1, exe, a.clone(), S),
+            "/etc/openai/api-key",
+            CredentialClass::SecretVolume,
+            Some(A),
+        )
+    };
+    for (seq, exe, fires) in [
+        (1, "/opt/agent/run", false),
+        (2, "/opt/agent/plugins/run", true),
+        (3, "/opt/tools/run", false),
+        (4, "/opt/tools/a/b/run", false),
+        (5, "/opt/toolsx/run", true),
+    ] {
+        let want: Vec<String> = if fires {
+            vec![UNEXPECTED_EXECUTABLE.to_owned()]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(fired(&mut e, &[read_by(seq, exe)]), want, "{exe}");
+    }
 }
 
 #[test]

@@ -38,9 +38,11 @@ use serde::Deserialize as _;
 use serde_json::Value;
 
 use super::{
-    load::{validate_policy, FieldError, API_VERSION, KIND},
+    error::FieldError,
+    load::{API_VERSION, KIND},
     sources::PolicySources,
     types::{AgentPolicy, AgentPolicySpec},
+    validate::validate_policy,
 };
 
 /// An `AgentPolicy` object of the cluster: its namespace and name. Orders by namespace,

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::{
     cluster::{ClusterPolicies, ObjectKey},
-    load::PolicySet,
+    set::PolicySet,
 };
 
 /// The two parts, updated under one lock so that two updates cannot publish out of order.

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use kube::{CustomResource, CustomResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -160,4 +160,31 @@ pub struct AgentPolicySpec {
     /// Per-rule overrides, by rule id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rules: BTreeMap<String, RuleOverride>,
+}
+
+/// The CustomResourceDefinition of `AgentPolicy`, as YAML, generated from the Rust types.
+pub fn crd_yaml() -> String {
+    let body = serde_yaml::to_string(&AgentPolicy::crd())
+        .expect("a CustomResourceDefinition always serializes to YAML");
+    format!(
+        "# Generated from agent-monitor/src/policy/types.rs by policy::crd_yaml(); do not edit.\n\
+         # Regenerate: AGENT_MONITOR_UPDATE_CRD=1 cargo test -p agent-monitor --test policy_files\n\
+         {body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_is_generated() {
+        let crd = crd_yaml();
+        assert!(crd.starts_with("# Generated"), "{crd}");
+        assert!(
+            crd.contains("name: agentpolicies.agent-monitor.dev"),
+            "{crd}"
+        );
+        assert!(crd.contains("scope: Namespaced"), "{crd}");
+    }
 }
