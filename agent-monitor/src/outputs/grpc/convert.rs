@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
-use prost_types::{value::Kind as PbKind, ListValue, Struct, Timestamp};
+use agent_monitor_api::wkt::{value::Kind as PbKind, ListValue, Struct, Timestamp};
 use serde_json::Value;
 
 use super::{pb, GrpcError};
@@ -292,7 +292,7 @@ fn tier_from_pb(t: pb::Tier) -> Option<String> {
 }
 
 /// A JSON value as a `google.protobuf.Value`.
-fn value_to_pb(v: &Value) -> prost_types::Value {
+fn value_to_pb(v: &Value) -> agent_monitor_api::wkt::Value {
     let kind = match v {
         Value::Null => PbKind::NullValue(0),
         Value::Bool(b) => PbKind::BoolValue(*b),
@@ -307,11 +307,11 @@ fn value_to_pb(v: &Value) -> prost_types::Value {
             fields: o.iter().map(|(k, v)| (k.clone(), value_to_pb(v))).collect(),
         }),
     };
-    prost_types::Value { kind: Some(kind) }
+    agent_monitor_api::wkt::Value { kind: Some(kind) }
 }
 
 /// A `google.protobuf.Value` as JSON; whole doubles come back as integers.
-pub(super) fn value_from_pb(v: &prost_types::Value) -> Value {
+pub(super) fn value_from_pb(v: &agent_monitor_api::wkt::Value) -> Value {
     match &v.kind {
         None | Some(PbKind::NullValue(_)) => Value::Null,
         Some(PbKind::BoolValue(b)) => Value::Bool(*b),
@@ -368,11 +368,7 @@ impl From<&Workload> for pb::Workload {
             service_account: opt(&w.service_account),
             agent: opt(&w.agent),
             tier: tier_to_pb(w.tier.as_deref()) as i32,
-            labels: w
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            labels: w.labels.clone(),
             cgroup: opt(&w.cgroup),
             truncated: w.truncated,
             labels_truncated: w.labels_truncated,
@@ -392,11 +388,7 @@ impl From<&pb::Workload> for Workload {
             service_account: non_empty(&w.service_account),
             agent: non_empty(&w.agent),
             tier: tier_from_pb(w.tier()),
-            labels: w
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            labels: w.labels.clone(),
             cgroup: non_empty(&w.cgroup),
             truncated: w.truncated,
             labels_truncated: w.labels_truncated,
@@ -832,7 +824,7 @@ mod tests {
         assert_eq!(p.priority(), pb::Priority::Critical);
         assert_eq!(p.time.expect("time").nanos, 500_000_000);
         let f = &p.fields.as_ref().expect("fields").fields;
-        use prost_types::value::Kind as K;
+        use agent_monitor_api::wkt::value::Kind as K;
         assert_eq!(f["proc.pid"].kind, Some(K::NumberValue(10.0)));
         assert_eq!(f["fd.name"].kind, Some(K::StringValue("/token".into())));
         assert_eq!(f["k8s.ns.name"].kind, Some(K::NullValue(0)));

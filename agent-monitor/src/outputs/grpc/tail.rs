@@ -421,7 +421,7 @@ fn event_json(e: &pb::Event) -> Result<String, GrpcError> {
 }
 
 /// Millisecond RFC 3339, or `-`.
-fn short_time(ts: Option<&prost_types::Timestamp>) -> String {
+fn short_time(ts: Option<&agent_monitor_api::wkt::Timestamp>) -> String {
     ts.and_then(|t| std::time::SystemTime::try_from(*t).ok())
         .map(|t| humantime::format_rfc3339_millis(t).to_string())
         .unwrap_or_else(|| "-".into())
@@ -540,7 +540,7 @@ fn event_row(e: &pb::Event) -> String {
 }
 
 /// `HH:MM:SS.mmmZ`: the time of day in UTC (a live stream needs no date).
-fn clock_time(ts: Option<&prost_types::Timestamp>) -> String {
+fn clock_time(ts: Option<&agent_monitor_api::wkt::Timestamp>) -> String {
     let full = short_time(ts);
     match full.split_once('T') {
         Some((_, time)) => time.to_owned(),
@@ -550,7 +550,7 @@ fn clock_time(ts: Option<&prost_types::Timestamp>) -> String {
 
 /// A Falco output field of an anomaly as text; none for a missing or null field.
 fn field(a: &pb::Anomaly, key: &str) -> Option<String> {
-    use prost_types::value::Kind;
+    use agent_monitor_api::wkt::value::Kind;
     match a.fields.as_ref()?.fields.get(key)?.kind.as_ref()? {
         Kind::NullValue(_) => None,
         Kind::StringValue(s) => Some(s.clone()),
@@ -681,7 +681,7 @@ mod tests {
 
     use super::*;
 
-    fn fields(pairs: &[(&str, serde_json::Value)]) -> Option<prost_types::Struct> {
+    fn fields(pairs: &[(&str, serde_json::Value)]) -> Option<agent_monitor_api::wkt::Struct> {
         Some(convert::fields_to_pb(
             &pairs
                 .iter()
