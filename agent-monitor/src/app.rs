@@ -289,12 +289,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let mut events: Vec<EventSink> = Vec::new();
     let mut alerts: Vec<AlertSink> = Vec::new();
     if let Some(w) = open_output(&config.output)? {
-        let lines =
-            protojson::EventLines::new(w, origin.clone()).map_err(|source| AppError::Output {
-                output: config.output.clone(),
-                source,
-            })?;
-        events.push(Box::new(lines));
+        events.push(Box::new(protojson::EventLines::new(w, origin.clone())));
     }
     if let Some(w) = open_output(&config.alerts.output)? {
         alerts.push(Box::new(falco::FalcoLines::new(w, hostname.clone())));

@@ -43,11 +43,11 @@ pub struct EventLines<W: Write> {
 
 impl<W: Write> EventLines<W> {
     /// Never fails; the `Result` is kept for the callers.
-    pub fn new(out: W, origin: Origin) -> std::io::Result<Self> {
-        Ok(Self {
+    pub fn new(out: W, origin: Origin) -> Self {
+        Self {
             lines: JsonLines::new(out),
             origin,
-        })
+        }
     }
 }
 

@@ -573,7 +573,7 @@ fn event_lines_print_every_kind_of_record_as_before() {
     };
     let mut buf = Vec::new();
     {
-        let mut lines = EventLines::new(&mut buf, origin.clone()).expect("lines");
+        let mut lines = EventLines::new(&mut buf, origin.clone());
         for r in &records {
             lines.write(r).expect("write");
         }
@@ -636,7 +636,7 @@ fn events_print_in_the_proto3_json_mapping() {
     // The line writer prints the same object.
     let mut buf = Vec::new();
     {
-        let mut lines = EventLines::new(&mut buf, Origin::default()).expect("lines");
+        let mut lines = EventLines::new(&mut buf, Origin::default());
         lines.write(&r).expect("write");
         lines.flush().expect("flush");
     }
