@@ -43,6 +43,7 @@ pub struct RuleInfo {
 
 pub const FOREIGN_CREDENTIAL_READ: &str = "foreign-credential-read";
 pub const UNEXPECTED_EXECUTABLE: &str = "credential-read-unexpected-executable";
+pub const CREDENTIAL_NOT_ALLOWED: &str = "credential-read-not-allowed";
 pub const EXFILTRATION: &str = "credential-exfiltration";
 pub const EGRESS_OUTSIDE_ALLOWLIST: &str = "egress-outside-allowlist";
 pub const CLOUD_METADATA: &str = "cloud-metadata-contact";
@@ -66,6 +67,12 @@ pub const RULES: &[RuleInfo] = &[
         priority: Priority::Warning,
         tags: &["k8s", "credentials", "mitre_credential_access", "T1552.001"],
         description: "a credential is read by a shell, a file utility, or an executable the policy does not name",
+    },
+    RuleInfo {
+        id: CREDENTIAL_NOT_ALLOWED,
+        priority: Priority::Warning,
+        tags: &["k8s", "credentials", "mitre_credential_access", "T1552.001"],
+        description: "a pod reads a credential its policy's credentials.allowed does not grant (class or path)",
     },
     RuleInfo {
         id: EXFILTRATION,
@@ -594,6 +601,24 @@ impl Engine {
                 rule: UNEXPECTED_EXECUTABLE,
                 output: format!(
                     "Credential read by {why}: {} read {class} at {}",
+                    who(t),
+                    o.path
+                ),
+                fields: fields.clone(),
+                events: vec![o.seq],
+            });
+        }
+        // 2b. What was read: the policy's grants, when it lists any. Files that hold
+        // nothing secret (`ca.crt`, `namespace`) are not credentials to grant.
+        if o.class != CredentialClass::NonSecret
+            && policy.and_then(|p| p.allows_credential(o.class, &[&o.path, &o.raw_path]))
+                == Some(false)
+        {
+            hits.push(Hit {
+                priority: None,
+                rule: CREDENTIAL_NOT_ALLOWED,
+                output: format!(
+                    "Credential read its policy does not grant: {} read {class} at {}",
                     who(t),
                     o.path
                 ),

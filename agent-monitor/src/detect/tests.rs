@@ -722,3 +722,74 @@ fn rate_limit_reports_what_it_suppressed() {
         summary[0].output
     );
 }
+
+#[test]
+fn reads_outside_the_policys_credential_grants_fire_and_granted_ones_do_not() {
+    let policy = POLICY.replace(
+        "    executables: [/usr/local/bin/agent]",
+        "    executables: [/usr/local/bin/agent]\n    allowed:\n      - class: service_account_token\n      - path: /var/run/secrets/openai/*",
+    );
+    let mut e = engine(&policy);
+    let a = pod_workload(A, "a", None);
+    let read = |seq, path: &str, raw: &str, class| {
+        let mut r = open(seq, task(10, 1, AGENT, a.clone(), S), path, class, Some(A));
+        if let Record::Open(o) = &mut r {
+            o.raw_path = raw.into();
+        }
+        r
+    };
+    let host = "/var/lib/kubelet/pods/a/volumes/kubernetes.io~secret/openai/..data/api-key";
+    for (seq, path, raw, class, fires) in [
+        // Granted by class.
+        (1, TOKEN, TOKEN, CredentialClass::ServiceAccountToken, false),
+        // Granted by path: the path as passed, through the kubelet's `..data` and the
+        // `/var/run` symlink, matches the glob; the host path does not need to.
+        (
+            2,
+            host,
+            "/var/run/secrets/openai/..data/api-key",
+            CredentialClass::SecretVolume,
+            false,
+        ),
+        // `*` stays within the directory.
+        (
+            3,
+            host,
+            "/var/run/secrets/openai/nested/key",
+            CredentialClass::SecretVolume,
+            true,
+        ),
+        // A Secret the policy does not grant.
+        (
+            4,
+            "/var/lib/kubelet/pods/a/volumes/kubernetes.io~secret/db/password",
+            "/etc/db/password",
+            CredentialClass::SecretVolume,
+            true,
+        ),
+        // Nothing secret: never a grant question.
+        (
+            5,
+            "/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+            "ca.crt",
+            CredentialClass::NonSecret,
+            false,
+        ),
+    ] {
+        let want: Vec<String> = if fires {
+            vec![CREDENTIAL_NOT_ALLOWED.to_owned()]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(fired(&mut e, &[read(seq, path, raw, class)]), want, "{raw}");
+    }
+    // Without grants in the policy, the rule says nothing.
+    let mut e = engine(POLICY);
+    let secret = read(
+        6,
+        "/var/lib/kubelet/pods/a/volumes/kubernetes.io~secret/db/password",
+        "/etc/db/password",
+        CredentialClass::SecretVolume,
+    );
+    assert!(fired(&mut e, &[secret]).is_empty());
+}

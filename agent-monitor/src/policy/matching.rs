@@ -13,7 +13,10 @@ use super::{
     error::{quoted, FieldError},
     types::{AgentPolicySpec, DestinationClass, EgressRule, RuleOverride, Tier},
 };
-use crate::identity::Workload;
+use crate::identity::{
+    credentials::{normalize, CredentialClass},
+    Workload,
+};
 
 // ---------------------------------------------------------------------------------------
 // Globs
@@ -226,6 +229,24 @@ fn learning_window(spec: &AgentPolicySpec) -> Option<Duration> {
 // One policy, compiled
 // ---------------------------------------------------------------------------------------
 
+/// One `spec.credentials.allowed` entry, compiled: a read matches when it is of the class
+/// (if given) and its path matches the glob (if given).
+#[derive(Debug, Clone)]
+struct CredentialGrant {
+    class: Option<CredentialClass>,
+    path: Option<Globs>,
+}
+
+impl CredentialGrant {
+    fn matches(&self, class: CredentialClass, paths: &[&str]) -> bool {
+        self.class.is_none_or(|c| c == class)
+            && self
+                .path
+                .as_ref()
+                .is_none_or(|g| paths.iter().any(|p| g.is_match(&normalize(p))))
+    }
+}
+
 /// One policy as detection applies it: its selector, executables and egress rules
 /// compiled, with its tier, rule overrides and learning window. Built once per policy
 /// when a [`PolicySet`](super::PolicySet) is built.
@@ -239,6 +260,9 @@ pub struct CompiledPolicy {
     executables: Option<Globs>,
     /// `None`: the policy lists no destinations, and the detector's defaults apply.
     egress: Option<Vec<EgressAllow>>,
+    /// `None`: the policy grants no credentials by name (its own token and volumes are
+    /// the other rules' to judge).
+    credentials: Option<Vec<CredentialGrant>>,
     tier: Option<Tier>,
     rules: BTreeMap<String, RuleOverride>,
     learning_window: Option<Duration>,
@@ -275,12 +299,38 @@ impl CompiledPolicy {
             }
             Some(rules)
         };
+        let credentials = if spec.credentials.allowed.is_empty() {
+            None
+        } else {
+            let mut grants = Vec::with_capacity(spec.credentials.allowed.len());
+            for (i, grant) in spec.credentials.allowed.iter().enumerate() {
+                // Paths are compared normalized (`/var/run` is `/run`; the kubelet's
+                // `..data` directories dropped), so the glob is too.
+                let path = grant
+                    .path
+                    .as_deref()
+                    .map(|p| {
+                        Globs::new(
+                            &format!("spec.credentials.allowed[{i}].path"),
+                            &[normalize(p)],
+                            path_glob,
+                        )
+                    })
+                    .transpose()?;
+                grants.push(CredentialGrant {
+                    class: grant.class,
+                    path,
+                });
+            }
+            Some(grants)
+        };
         Ok(Self {
             namespaces: sel.namespaces.clone(),
             match_labels: sel.match_labels.clone(),
             service_accounts,
             executables,
             egress,
+            credentials,
             tier: spec.tier,
             rules: spec.rules.clone(),
             learning_window: learning_window(spec),
@@ -316,6 +366,15 @@ impl CompiledPolicy {
         self.executables
             .as_ref()
             .is_none_or(|globs| globs.is_match(exe))
+    }
+
+    /// Whether the policy's `credentials.allowed` grants a read of class `class` at any of
+    /// `paths` (the host path and the path as the process passed it); `None` when the
+    /// policy lists no grants.
+    pub fn allows_credential(&self, class: CredentialClass, paths: &[&str]) -> Option<bool> {
+        self.credentials
+            .as_ref()
+            .map(|grants| grants.iter().any(|g| g.matches(class, paths)))
     }
 
     /// Whether one of the policy's egress rules allows a connection to `ip:port` of class
