@@ -482,6 +482,33 @@ impl DetectSettings {
     }
 }
 
+/// The conversion lives with the schema: `detect` does not know the config file.
+impl crate::detect::DetectConfig {
+    /// From validated settings (entries that do not parse were rejected by validation).
+    /// Without `detect.dns_servers` this reads the DNS servers from /etc/resolv.conf.
+    pub fn from_settings(s: &DetectSettings, rate_limit_per_minute: u32) -> Self {
+        Self {
+            destinations: crate::detect::destinations::Destinations {
+                api_servers: s
+                    .api_servers
+                    .iter()
+                    .filter_map(|a| crate::detect::destinations::Endpoint::parse(a))
+                    .collect(),
+                dns_servers: s.effective_dns_servers(),
+                cluster: s
+                    .cluster_cidrs
+                    .iter()
+                    .filter_map(|c| crate::policy::matching::parse_cidr(c).ok())
+                    .collect(),
+            },
+            exfil_window: std::time::Duration::from_millis(s.exfil_window_ms),
+            rate_limit_per_minute,
+            suspicious_readers: s.suspicious_readers.clone(),
+            node_agents: s.node_agents.clone(),
+        }
+    }
+}
+
 /// The `nameserver` addresses of resolv.conf text, in order, without duplicates. Comments,
 /// other options and lines that do not hold an address are skipped, as the resolver does;
 /// a `%zone` suffix (link-local IPv6) is dropped, since connects report no zone.
@@ -606,12 +633,23 @@ pub struct PendingConfig {
 impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
-            kubelet_root: "/var/lib/kubelet".to_owned(),
+            kubelet_root: crate::identity::DEFAULT_KUBELET_ROOT.to_owned(),
             cgroup_root: None,
-            agent_label: "agent-monitor.dev/agent".to_owned(),
-            tier_label: "agent-monitor.dev/tier".to_owned(),
+            agent_label: crate::identity::DEFAULT_AGENT_LABEL.to_owned(),
+            tier_label: crate::identity::DEFAULT_TIER_LABEL.to_owned(),
             pods: PodsConfig::default(),
             pending: PendingConfig::default(),
+        }
+    }
+}
+
+impl IdentityConfig {
+    /// What attribution needs of this section.
+    pub fn settings(&self) -> crate::identity::IdentitySettings {
+        crate::identity::IdentitySettings {
+            kubelet_root: self.kubelet_root.clone(),
+            agent_label: self.agent_label.clone(),
+            tier_label: self.tier_label.clone(),
         }
     }
 }
@@ -894,6 +932,25 @@ impl Config {
             }
         }
         out
+    }
+
+    /// What the probes are loaded with.
+    pub fn probe_settings(&self) -> crate::probes::ProbeSettings {
+        crate::probes::ProbeSettings {
+            ring_bytes: [
+                self.lanes.credential.ring_bytes,
+                self.lanes.network.ring_bytes,
+                self.lanes.process.ring_bytes,
+            ],
+            cgroups: self.cgroups.clone(),
+            proc_environ: self.watch.proc_environ,
+            kernel_log: self.kernel_log,
+            exfil_window_ms: self.detect.exfil_window_ms,
+            watched_filesystems: self.kernel_maps.watched_filesystems,
+            inventory_files: self.kernel_maps.inventory_files,
+            prefixes: self.effective_prefixes(),
+            basenames: self.watch.basenames.clone(),
+        }
     }
 
     /// Checks what types alone cannot.

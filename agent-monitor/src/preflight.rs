@@ -29,6 +29,9 @@ use crate::{
     policy::{PolicyError, PolicySet},
 };
 
+/// Moved to [`crate::errors`]; kept here under its old path.
+pub use crate::errors::error_chain;
+
 /// What makes a config unusable on this machine.
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
@@ -40,23 +43,6 @@ pub enum PreflightError {
     /// policy file and the field within it.
     #[error(transparent)]
     Policy(#[from] PolicyError),
-}
-
-/// `e` and every cause under it on one line, without repeats (library errors often wrap
-/// a cause and repeat its text).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let text = err.to_string();
-        // tonic's transport errors say only this and keep what happened in their source.
-        let opaque = text == "transport error" && err.source().is_some();
-        if !opaque && !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    parts.join(": ")
 }
 
 /// Runs every check `run` makes before it loads the probes and returns the policies
@@ -498,14 +484,6 @@ impl Checker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_chain_skips_repeats() {
-        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let outer = std::io::Error::other(inner);
-        // io::Error::other displays its inner error: the repeat is dropped.
-        assert_eq!(error_chain(&outer), "refused");
-    }
 
     #[test]
     fn too_many_prefixes_and_basenames_are_refused() {

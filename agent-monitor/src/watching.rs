@@ -10,10 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -28,6 +25,8 @@ use crate::{
     probes::{Probes, WATCH_DEVS_MAP, WATCH_FILES_MAP},
 };
 
+pub use crate::identity::watched::WatchStatus;
+
 /// The mount table the daemon sees: the host's, since the DaemonSet runs in the host's
 /// mount namespace (or with the host's `/proc` mounted).
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
@@ -36,26 +35,6 @@ const INVENTORY_MAX_DEPTH: usize = 8;
 /// How long a volume stays known after its filesystem is unmounted, so that records read
 /// after a pod's deletion still name the owner.
 const RETIRED_GRACE: Duration = Duration::from_secs(120);
-
-/// Counters for status and metrics, shared with the outputs.
-#[derive(Debug, Default)]
-pub struct WatchStatus {
-    /// Filesystems (pod volumes) watched in the kernel.
-    pub volumes: AtomicU64,
-    /// Inventory files and directories watched in the kernel.
-    pub inventory: AtomicU64,
-    /// Inserts the kernel refused (map full); retried on the next sync.
-    pub map_full: AtomicU64,
-    /// Entries waiting for room in a full map right now.
-    pub pending: AtomicU64,
-    /// Walks of the inventory begun, and the number of the last one finished: a walk
-    /// numbered above what `walks_begun` read at some moment saw the files as they were
-    /// then.
-    pub walks_begun: AtomicU64,
-    pub walks_done: AtomicU64,
-    /// The watched filesystems as read back from the kernel map after the last sync.
-    pub kernel_filesystems: Mutex<Vec<u32>>,
-}
 
 /// The kernel's file-identity maps and what each entry stands for.
 pub struct Watching {

@@ -6,6 +6,7 @@
 mod bench;
 mod fuzz;
 mod image;
+mod layers;
 mod manifests;
 
 use std::{
@@ -57,6 +58,9 @@ enum Task {
     /// journal reader for 30 s, validate the rendered manifests (kubernetes-validate,
     /// checkov) and run the demo.
     Test,
+    /// Check that no module of agent-monitor imports a module downstream of it in the
+    /// flow declared in `xtask/src/layers.rs` (also run by `test`).
+    Layers,
     /// Set up and fuzz the journal reader (cargo-fuzz, installed if missing) for SECONDS.
     Fuzz {
         #[arg(default_value_t = 60)]
@@ -113,6 +117,7 @@ fn main() -> Result<()> {
                     "warnings",
                 ],
             )?;
+            layers::check(&root)?;
             // The container test runs the image.
             image::build(&root, &env)?;
             let mut env = env;
@@ -125,6 +130,9 @@ fn main() -> Result<()> {
             println!(
                 "xtask test: formatting, lints, every test, the fuzz run, the manifest checks and the demo passed"
             );
+        }
+        Task::Layers => {
+            layers::check(&root)?;
         }
         Task::Fuzz { seconds } => {
             let env = setup()?;

@@ -293,6 +293,18 @@ impl Record {
 /// Lane names, indexed by `agent_monitor_common::Lane`.
 pub const LANE_NAMES: [&str; 3] = ["credential", "network", "process"];
 
+/// The time of `clock` in nanoseconds (CLOCK_BOOTTIME is the clock of the kernel's
+/// record stamps, `ts_boot_ns`).
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; both clocks exist on every Linux we support.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,37 @@ use self::{
     credentials::{classify, Classified, CredentialClass, Owner},
     pods::{ContainerMeta, PodMeta, PodStore},
 };
-use crate::config::IdentityConfig;
 
 pub use crate::events::Workload;
+
+/// The pod label naming the agent, unless configured otherwise.
+pub const DEFAULT_AGENT_LABEL: &str = "agent-monitor.dev/agent";
+/// The pod label naming the agent's tier, unless configured otherwise.
+pub const DEFAULT_TIER_LABEL: &str = "agent-monitor.dev/tier";
+/// The kubelet's root directory, unless configured otherwise.
+pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
+
+/// What attribution needs of the config's `identity` section, converted by the wiring
+/// (`IdentityConfig::settings`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentitySettings {
+    /// The kubelet's root directory; owners of pod volumes are read under it.
+    pub kubelet_root: String,
+    /// Pod label naming the agent.
+    pub agent_label: String,
+    /// Pod label naming the agent's tier (`proxy`, `worker`).
+    pub tier_label: String,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            kubelet_root: DEFAULT_KUBELET_ROOT.to_owned(),
+            agent_label: DEFAULT_AGENT_LABEL.to_owned(),
+            tier_label: DEFAULT_TIER_LABEL.to_owned(),
+        }
+    }
+}
 
 /// The outcome of attributing one cgroup.
 pub struct Attribution {
@@ -44,7 +72,7 @@ impl Attribution {
 pub struct Identity {
     cgroups: CgroupResolver,
     pods: Arc<PodStore>,
-    config: IdentityConfig,
+    config: IdentitySettings,
     /// Whether pod metadata can arrive at all (a pod source is configured).
     has_pod_source: bool,
 }
@@ -52,7 +80,7 @@ pub struct Identity {
 impl Identity {
     /// Identity over the cgroup2 hierarchy at `cgroup_root` (see [`cgroup::cgroup2_root`]).
     pub fn new(
-        config: IdentityConfig,
+        config: IdentitySettings,
         cgroup_root: Option<std::path::PathBuf>,
         pods: Arc<PodStore>,
         has_pod_source: bool,

@@ -18,6 +18,26 @@ use std::{
 
 use super::credentials::{classify, normalize, CredentialClass};
 
+/// Counters for status and metrics, shared with the outputs (kept current by `watching`).
+#[derive(Debug, Default)]
+pub struct WatchStatus {
+    /// Filesystems (pod volumes) watched in the kernel.
+    pub volumes: std::sync::atomic::AtomicU64,
+    /// Inventory files and directories watched in the kernel.
+    pub inventory: std::sync::atomic::AtomicU64,
+    /// Inserts the kernel refused (map full); retried on the next sync.
+    pub map_full: std::sync::atomic::AtomicU64,
+    /// Entries waiting for room in a full map right now.
+    pub pending: std::sync::atomic::AtomicU64,
+    /// Walks of the inventory begun, and the number of the last one finished: a walk
+    /// numbered above what `walks_begun` read at some moment saw the files as they were
+    /// then.
+    pub walks_begun: std::sync::atomic::AtomicU64,
+    pub walks_done: std::sync::atomic::AtomicU64,
+    /// The watched filesystems as read back from the kernel map after the last sync.
+    pub kernel_filesystems: std::sync::Mutex<Vec<u32>>,
+}
+
 /// Bits of the minor number in the kernel's `dev_t`: `MINORBITS` in
 /// https://github.com/torvalds/linux/blob/v6.18/include/linux/kdev_t.h
 const KERNEL_MINOR_BITS: u32 = 20;

@@ -28,6 +28,7 @@ use self::translate::by_identity;
 use crate::{
     config::Config,
     events::{
+        clock_ns,
         decode::{decode, RawEvent},
         LostRecord, Record, LANE_NAMES,
     },
@@ -73,16 +74,6 @@ pub enum MonitorError {
 struct Clock {
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, in nanoseconds, when the daemon started.
     offset_ns: i128,
-}
-
-pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; both clocks exist on every Linux we support.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
 impl Clock {
@@ -269,7 +260,7 @@ impl Monitor {
             Some(root) => info!("cgroup2 hierarchy at {}", root.display()),
             None => warn!("no cgroup2 mount found: events will name no pod or container"),
         }
-        let mut probes = Probes::load(config, std::process::id())?;
+        let mut probes = Probes::load(&config.probe_settings(), std::process::id())?;
         let attached = probes.attached().to_vec();
         let Rings {
             credential,
@@ -293,7 +284,12 @@ impl Monitor {
         let has_pod_source = config.identity.pods.source != crate::config::PodSourceKind::None;
         let mut enricher = Enricher {
             table,
-            identity: Identity::new(config.identity.clone(), cgroup_root, pods, has_pod_source),
+            identity: Identity::new(
+                config.identity.settings(),
+                cgroup_root,
+                pods,
+                has_pod_source,
+            ),
             clock: Clock::new(),
             seq: 0,
             lost_reported: [0; LANE_COUNT as usize],

@@ -82,7 +82,7 @@ impl Sink<Record> for Observer {
             _ => self.metrics.record_event(lane),
         }
         if let Some(t) = r.task() {
-            let now = crate::monitor::clock_ns(libc::CLOCK_BOOTTIME);
+            let now = crate::events::clock_ns(libc::CLOCK_BOOTTIME);
             let age = now - i128::from(t.ts_boot_ns);
             if age >= 0 {
                 self.metrics
@@ -120,7 +120,7 @@ pub struct DaemonStatus {
     /// Entries in the identity caches.
     pub identity_cache: Arc<std::sync::atomic::AtomicU64>,
     /// What the kernel watches by file identity.
-    pub watch: Arc<crate::watching::WatchStatus>,
+    pub watch: Arc<crate::identity::watched::WatchStatus>,
 }
 
 impl StatusSource for DaemonStatus {

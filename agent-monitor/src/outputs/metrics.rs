@@ -343,7 +343,7 @@ impl Metrics {
     }
 
     /// Copies what the kernel watches by file identity, and the refusals of full maps.
-    pub fn set_watch(&self, w: &crate::watching::WatchStatus) {
+    pub fn set_watch(&self, w: &crate::identity::watched::WatchStatus) {
         use std::sync::atomic::Ordering::Relaxed;
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.watched

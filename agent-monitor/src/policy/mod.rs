@@ -6,6 +6,8 @@
 //!   [`error`]s naming the file, the field and what was expected.
 //! - [`matching`]: what detection matches against (globs, CIDRs, egress rules), compiled
 //!   once per policy into a [`CompiledPolicy`](matching::CompiledPolicy).
+//! - [`rules`]: the built-in rules' ids and the detection defaults, below both this
+//!   module (which validates rule ids) and `detect` (which fires them).
 //! - [`set`]: the loaded [`PolicySet`] and its choice of the policy for a workload.
 //! - [`reload`], [`cluster`] and [`sources`]: policy files polled, the cluster's objects
 //!   watched, both combined into the set the detection engine reads.
@@ -15,6 +17,7 @@ pub mod error;
 pub mod load;
 pub mod matching;
 pub mod reload;
+pub mod rules;
 pub mod set;
 pub mod sources;
 pub mod types;

@@ -129,8 +129,8 @@ pub fn validate_spec(spec: &AgentPolicySpec) -> Result<(), FieldError> {
         }
     }
     for id in spec.rules.keys() {
-        if crate::detect::rule(id).is_none() {
-            let ids: Vec<String> = crate::detect::RULES.iter().map(|r| quoted(r.id)).collect();
+        if super::rules::rule(id).is_none() {
+            let ids: Vec<String> = super::rules::RULES.iter().map(|r| quoted(r.id)).collect();
             return Err(FieldError::new(
                 format!("spec.rules.{id}"),
                 format!("a rule id, one of {}", ids.join(", ")),

@@ -15,8 +15,6 @@ use aya::{
 };
 use log::{debug, info, warn};
 
-use crate::config::Config;
-
 /// The eBPF object, built by build.rs from agent-monitor-ebpf.
 static PROBES_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-monitor-probes"));
@@ -149,10 +147,34 @@ fn read_format(events: &std::path::Path, tracepoint: &str) -> Result<String, Pro
     std::fs::read_to_string(&path).map_err(|source| ProbeError::Format { path, source })
 }
 
+/// What the probes are loaded with: the kernel-side part of the config, converted by the
+/// wiring (`Config::probe_settings`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// Ring size in bytes of each lane, indexed by [`Lane`].
+    pub ring_bytes: [u32; LANE_COUNT as usize],
+    /// Cgroup directories whose processes alone are traced; empty: every process.
+    pub cgroups: Vec<PathBuf>,
+    /// Whether reads of `/proc/<pid>/environ` are watched.
+    pub proc_environ: bool,
+    /// Whether the programs' own log is forwarded.
+    pub kernel_log: bool,
+    /// The kernel's read-then-connect window, in milliseconds.
+    pub exfil_window_ms: u64,
+    /// Entries of the watched-filesystem map.
+    pub watched_filesystems: u32,
+    /// Entries of the inventory-file map.
+    pub inventory_files: u32,
+    /// Watched path prefixes (already including the kubelet's).
+    pub prefixes: Vec<String>,
+    /// Watched file basenames.
+    pub basenames: Vec<String>,
+}
+
 impl Probes {
-    /// Loads the programs with the settings of `config`, fills the filter maps and attaches
-    /// every tracepoint. `own_tgid` is the process whose syscalls are never reported.
-    pub fn load(config: &Config, own_tgid: u32) -> Result<Self, ProbeError> {
+    /// Loads the programs with `config`, fills the filter maps and attaches every
+    /// tracepoint. `own_tgid` is the process whose syscalls are never reported.
+    pub fn load(config: &ProbeSettings, own_tgid: u32) -> Result<Self, ProbeError> {
         let events = tracefs::events_dir().ok_or(ProbeError::NoTracefs(tracefs::TRACEFS_ROOTS))?;
         let fork_format = read_format(&events, "sched/sched_process_fork")?;
         let fork_child =
@@ -166,11 +188,7 @@ impl Probes {
             info!("sched_process_exit has no group_dead field; thread exits will be reported too");
         }
 
-        let ring_bytes = [
-            config.lanes.credential.ring_bytes,
-            config.lanes.network.ring_bytes,
-            config.lanes.process.ring_bytes,
-        ];
+        let ring_bytes = config.ring_bytes;
         let wakeup: [u64; LANE_COUNT as usize] = ring_bytes.map(|b| u64::from(b) / WAKEUP_DIVISOR);
         let cgroup_ids = config
             .cgroups
@@ -185,7 +203,7 @@ impl Probes {
             })
             .collect::<Result<Vec<u64>, _>>()?;
         let cgroup_filter: u8 = u8::from(!cgroup_ids.is_empty());
-        let proc_environ: u8 = u8::from(config.watch.proc_environ);
+        let proc_environ: u8 = u8::from(config.proc_environ);
         let log_level: u8 = if config.kernel_log {
             aya_log::Level::Trace as u8
         } else {
@@ -199,7 +217,7 @@ impl Probes {
                 offsets.missing.join(", ")
             );
         }
-        let exfil_window_ns: u64 = config.detect.exfil_window_ms.saturating_mul(1_000_000);
+        let exfil_window_ns: u64 = config.exfil_window_ms.saturating_mul(1_000_000);
 
         let mut loader = EbpfLoader::new();
         loader
@@ -216,8 +234,8 @@ impl Probes {
             loader.map_max_entries(name, bytes);
         }
         loader
-            .map_max_entries(WATCH_DEVS_MAP, config.kernel_maps.watched_filesystems)
-            .map_max_entries(WATCH_FILES_MAP, config.kernel_maps.inventory_files);
+            .map_max_entries(WATCH_DEVS_MAP, config.watched_filesystems)
+            .map_max_entries(WATCH_FILES_MAP, config.inventory_files);
         let mut ebpf = loader
             .load(PROBES_OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
@@ -396,10 +414,14 @@ fn prefix_key(prefix: &str) -> Result<Key<[u8; PATH_CAP]>, ProbeError> {
 }
 
 /// Writes the watched prefixes, basenames and monitored cgroups into their maps.
-fn fill_filters(ebpf: &mut Ebpf, config: &Config, cgroup_ids: &[u64]) -> Result<(), ProbeError> {
+fn fill_filters(
+    ebpf: &mut Ebpf,
+    config: &ProbeSettings,
+    cgroup_ids: &[u64],
+) -> Result<(), ProbeError> {
     let mut prefixes = prefix_map(ebpf)?;
-    let all = config.effective_prefixes();
-    for prefix in &all {
+    let all = &config.prefixes;
+    for prefix in all {
         prefixes
             .insert(&prefix_key(prefix)?, 1, 0)
             .map_err(map_err("WATCH_PREFIXES"))?;
@@ -407,7 +429,7 @@ fn fill_filters(ebpf: &mut Ebpf, config: &Config, cgroup_ids: &[u64]) -> Result<
     debug!("watching {} path prefixes", all.len());
 
     let mut basenames: HashMap<_, [u8; BASENAME_CAP], u8> = map_mut(ebpf, "WATCH_BASENAMES")?;
-    for name in &config.watch.basenames {
+    for name in &config.basenames {
         let mut key = [0u8; BASENAME_CAP];
         key[..name.len()].copy_from_slice(name.as_bytes());
         basenames

@@ -318,8 +318,10 @@ pub struct PodStore {
 
 impl Default for PodStore {
     fn default() -> Self {
-        let defaults = crate::config::IdentityConfig::default();
-        Self::with_keep_labels(vec![defaults.agent_label, defaults.tier_label])
+        Self::with_keep_labels(vec![
+            super::DEFAULT_AGENT_LABEL.to_owned(),
+            super::DEFAULT_TIER_LABEL.to_owned(),
+        ])
     }
 }
 

@@ -82,7 +82,7 @@ pub enum GrpcError {
         source: std::io::Error,
     },
     /// The TLS configuration is invalid (tonic rejected the certificate or key).
-    #[error("TLS configuration: {}", crate::preflight::error_chain(.0))]
+    #[error("TLS configuration: {}", crate::errors::error_chain(.0))]
     Tls(#[source] tonic::transport::Error),
     /// A setting does not make sense (e.g. a client certificate without a key).
     #[error("gRPC configuration: {0}")]
@@ -99,7 +99,7 @@ pub enum GrpcError {
     /// The client endpoint is not a valid `http://`, `https://` or `unix:` address.
     #[error(
         "invalid gRPC endpoint {endpoint}: {}",
-        crate::preflight::error_chain(source)
+        crate::errors::error_chain(source)
     )]
     Endpoint {
         endpoint: String,
