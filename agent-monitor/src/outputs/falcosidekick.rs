@@ -564,7 +564,7 @@ impl Sender {
             Ok(r) => r,
             Err(e) => {
                 return Attempt::Failed {
-                    reason: error_chain(&e),
+                    reason: crate::errors::error_chain(&e),
                     retry_after: None,
                 }
             }
@@ -620,17 +620,6 @@ async fn body_excerpt(mut resp: reqwest::Response) -> String {
         text.push_str("(empty body)");
     }
     text
-}
-
-/// An error with its causes: reqwest's own message rarely says why a connection failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let _ = write!(s, ": {c}");
-        cause = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
