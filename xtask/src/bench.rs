@@ -1,5 +1,8 @@
-//! `cargo xtask bench overhead`: what the probes add to an open+close, a connect and an
-//! unrelated syscall.
+//! Benchmarks. Each figure is reported next to a baseline measured in the same run.
+//!
+//! # `cargo xtask bench overhead`
+//!
+//! What the probes add to an open+close, a connect and an unrelated syscall.
 //!
 //! In one run, tight loops (am-testkid `time-opens`, `time-connects`, `time-getppid`) on an
 //! unwatched and a watched file, TCP connects to a local listener, and `getppid`, without
@@ -7,10 +10,20 @@
 //! median of each is reported with the ratio to its own baseline. With the daemon attached,
 //! the kernel's per-program statistics (`kernel.bpf_stats_enabled`) say what each eBPF
 //! program cost per run during each loop.
+//!
+//! # `cargo xtask bench journal` and `cargo xtask bench replay`
+//!
+//! The forensic journal, measured by `am-bench` (`tests/src/bin/am-bench.rs`, which links
+//! the agent-monitor library) on a tmpfs directory and on a directory of the real disk:
+//! the pipeline thread's cost per record in the journal sink next to the JSON-lines output,
+//! records dropped, the storage writer's and the whole sink's write throughput next to raw
+//! writes and to each other, disk bytes per event and per anomaly next to their JSON lines,
+//! and `agent-monitor replay` (with and without `--policy`) next to the storage reader
+//! alone and `cat`. `replay` records a journal and runs the last part only.
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -149,8 +162,9 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
             "agent-monitor-tests",
         ],
     )?;
-    let bin = root.join("target/release/agent-monitor");
-    let kid = root.join("target/release/am-testkid");
+    let release = target_dir(root, env)?.join("release");
+    let bin = release.join("agent-monitor");
+    let kid = release.join("am-testkid");
     let dir = std::env::temp_dir().join(format!("am-bench-{}", std::process::id()));
     let watched_dir = dir.join("watched");
     std::fs::create_dir_all(&watched_dir)?;
@@ -307,4 +321,79 @@ fn prog_stats() -> Result<ProgStats> {
         }
     }
     Ok(out)
+}
+
+/// Cargo's target directory (CARGO_TARGET_DIR and cargo config included).
+fn target_dir(root: &Path, env: &Env) -> Result<PathBuf> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("cargo metadata printed no JSON")?;
+    v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
+
+/// Removes a directory tree when dropped (the benchmark's tmpfs and disk directories).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `journal` (every part) or `replay` (replay throughput only), with `events` events per
+/// run.
+pub fn journal(root: &Path, env: &Env, name: &str, events: u64) -> Result<()> {
+    cargo(
+        root,
+        env,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "agent-monitor",
+            "--bin",
+            "agent-monitor",
+            "-p",
+            "agent-monitor-tests",
+            "--bin",
+            "am-bench",
+        ],
+    )?;
+    let release = target_dir(root, env)?.join("release");
+    let id = std::process::id();
+    // tmpfs: /dev/shm is one on every Linux with glibc's shm_open; the disk: /var/tmp,
+    // which systemd and Debian keep on persistent storage.
+    let tmpfs = Scratch(PathBuf::from(format!("/dev/shm/am-bench-{id}")));
+    let disk = Scratch(PathBuf::from(format!("/var/tmp/am-bench-{id}")));
+    let status = Command::new(release.join("am-bench"))
+        .arg(name)
+        .arg("--agent-monitor")
+        .arg(release.join("agent-monitor"))
+        .arg("--tmpfs")
+        .arg(&tmpfs.0)
+        .arg("--disk")
+        .arg(&disk.0)
+        .args(["--events", &events.to_string()])
+        .status()
+        .context("running am-bench")?;
+    drop((tmpfs, disk));
+    if !status.success() {
+        bail!("am-bench {name} failed: {status}");
+    }
+    Ok(())
 }

@@ -72,13 +72,17 @@ enum Task {
     /// Set up, build the release binary and the OCI image `localhost/agent-monitor:<version>`
     /// (FROM scratch, podman with the vfs storage driver; no Docker engine or registry).
     Image,
-    /// Set up and run a benchmark (`overhead`: cost the probes add to open+close).
+    /// Set up and run a benchmark: `overhead` (cost the probes add to open+close, a
+    /// connect and getppid), `journal` (the forensic journal: pipeline cost, write
+    /// throughput on tmpfs and disk, bytes per event, replay throughput) or `replay` (replay
+    /// throughput only).
     Bench {
         #[arg(default_value = "overhead")]
         name: String,
-        /// Loop iterations per measurement.
-        #[arg(long, default_value_t = 200_000)]
-        iterations: u64,
+        /// Loop iterations per measurement (overhead: opens or getppid calls, default
+        /// 200000; journal and replay: events per run, default 1000000).
+        #[arg(long)]
+        iterations: Option<u64>,
     },
 }
 
@@ -149,8 +153,11 @@ fn main() -> Result<()> {
         Task::Bench { name, iterations } => {
             let env = setup()?;
             match name.as_str() {
-                "overhead" => bench::overhead(&root, &env, iterations)?,
-                other => bail!("unknown benchmark {other:?}; available: overhead"),
+                "overhead" => bench::overhead(&root, &env, iterations.unwrap_or(200_000))?,
+                "journal" | "replay" => {
+                    bench::journal(&root, &env, &name, iterations.unwrap_or(1_000_000))?
+                }
+                other => bail!("unknown benchmark {other:?}; available: overhead, journal, replay"),
             }
         }
     }
