@@ -168,7 +168,8 @@ mod am {
                 dir: dir.to_owned(),
                 options: options(),
                 sync_interval: sync_interval(),
-                node: "bench-node-1".to_owned(),
+                // A run as the daemon starts one: a fresh run id, this node's boot id.
+                origin: agent_monitor::outputs::grpc::Origin::new_run("bench-node-1"),
                 queue: JOURNAL_QUEUE,
             },
             Some(metrics.clone()),
@@ -209,7 +210,10 @@ mod am {
     pub fn event_lines<W: std::io::Write + Reopen + 'static>(
         w: W,
     ) -> Result<Box<dyn Sink<Record>>> {
-        Ok(Box::new(EventLines::new(w)?))
+        Ok(Box::new(EventLines::new(
+            w,
+            agent_monitor::outputs::grpc::Origin::new_run("bench-node-1"),
+        )))
     }
 
     /// The daemon's Falco alert output.
@@ -446,6 +450,7 @@ mod workload {
             comm: comm.to_owned(),
             exe: Some(exe.to_owned()),
             cgroup_id: pod.cgroup_id,
+            start_ns: u64::from(pid) * 1_000_000,
             workload: pod.workload.clone(),
         }
     }
