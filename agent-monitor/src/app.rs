@@ -4,11 +4,11 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
-use log::{error, info};
 use tokio::{
     signal::unix::SignalKind,
     sync::{mpsc, Notify},
 };
+use tracing::{error, info};
 
 use crate::{
     config::listen_addr,

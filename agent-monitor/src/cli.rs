@@ -8,7 +8,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, LogFormat},
     outputs::grpc::{pb, EventKind, Matcher, OutputFormat},
 };
 
@@ -266,18 +266,162 @@ fn load_run_config(args: &RunArgs) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-fn init_logging(level: &str) {
-    let env = env_logger::Env::default().default_filter_or(level);
-    env_logger::Builder::from_env(env)
-        .format_timestamp_micros()
-        .target(env_logger::Target::Stderr)
-        .init();
+/// The `[<time> <LEVEL> <target>] <message>` lines the daemon has always written (the
+/// layout of env_logger, which it used before tracing), with any structured fields of the
+/// event after the message as ` key=value`.
+struct TextLines;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for TextLines
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_log::NormalizeEvent as _;
+        // A record bridged from the `log` crate names its own target and level.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        write!(
+            writer,
+            "[{} {:<5} {}] ",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+            meta.level(),
+            meta.target()
+        )?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// One JSON object per line for log collectors: `timestamp` (RFC 3339, UTC), `level`,
+/// `target`, `message`, then the event's structured fields, if any.
+struct JsonLines;
+
+/// An event's fields as JSON members; the message apart.
+#[derive(Default)]
+struct JsonFields {
+    message: String,
+    fields: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl JsonFields {
+    fn add(&mut self, field: &tracing::field::Field, value: serde_json::Value) {
+        match field.name() {
+            "message" => {
+                self.message = match value {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                }
+            }
+            // The bridge's own fields: the target is the line's, the rest is noise.
+            name if name.starts_with("log.") => {}
+            name => self.fields.push((name, value)),
+        }
+    }
+}
+
+impl tracing::field::Visit for JsonFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.add(field, format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.add(field, value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.add(field, value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.add(field, value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.add(field, value.into());
+    }
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_log::NormalizeEvent as _;
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let json = |v: &str| serde_json::Value::from(v).to_string();
+        write!(
+            writer,
+            "{{\"timestamp\":\"{}\",\"level\":\"{}\",\"target\":{},\"message\":{}",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+            meta.level(),
+            json(meta.target()),
+            json(&fields.message)
+        )?;
+        for (name, value) in &fields.fields {
+            write!(writer, ",{}:{value}", json(name))?;
+        }
+        writeln!(writer, "}}")
+    }
+}
+
+/// Installs the daemon's log: events at `level` and above (RUST_LOG, when set, instead) on
+/// stderr in `format`, with the records of the `log` crate (aya, the eBPF programs' log
+/// through aya-log, other dependencies) bridged in.
+fn init_logging(level: &str, format: LogFormat) {
+    use tracing_log::AsLog as _;
+    use tracing_subscriber::{layer::SubscriberExt as _, EnvFilter};
+    let directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| level.to_owned());
+    let filter = EnvFilter::builder().parse_lossy(directives);
+    // `log` records above the most verbose level any directive enables are never built.
+    let max = filter
+        .max_level_hint()
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::TRACE);
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .event_format(TextLines)
+            .with_writer(std::io::stderr)
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .event_format(JsonLines)
+            .with_writer(std::io::stderr)
+    });
+    let subscriber = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json);
+    if let Err(e) = tracing::subscriber::set_global_default(subscriber) {
+        eprintln!("agent-monitor: installing the log: {e}");
+    }
+    if let Err(e) = tracing_log::LogTracer::builder()
+        .with_max_level(max.as_log())
+        .init()
+    {
+        eprintln!("agent-monitor: bridging `log` records: {e}");
+    }
 }
 
 /// Parses the command line, runs the command and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    // `run` installs the log once its config (which chooses the format) is read.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_logging(&cli.log_level, LogFormat::Text);
+    }
     match cli.command {
         Command::Version => {
             println!("agent-monitor {}", env!("CARGO_PKG_VERSION"));
@@ -286,7 +430,7 @@ pub fn main() -> ExitCode {
         Command::Tail(args) => tail(args),
         Command::Replay(args) => replay(&args),
         Command::CheckConfig(args) => check_config(&args),
-        Command::Run(args) => run(&args),
+        Command::Run(args) => run(&args, &cli.log_level),
     }
 }
 
@@ -315,7 +459,7 @@ fn check_config(args: &ConfigArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(args: &RunArgs) -> ExitCode {
+fn run(args: &RunArgs, log_level: &str) -> ExitCode {
     let config = match load_run_config(args) {
         Ok(c) => c,
         Err(e) => {
@@ -323,6 +467,7 @@ fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    init_logging(log_level, config.log.format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(2);
     let runtime = match runtime(builder) {

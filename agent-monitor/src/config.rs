@@ -117,6 +117,28 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// The forensic journal on local disk; off unless `journal.dir` is set.
     pub journal: JournalSettings,
+    /// The daemon's own log on stderr.
+    pub log: LogSettings,
+}
+
+/// The daemon's own log (stderr); its level comes from `--log-level` or RUST_LOG.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` (one human-readable line per record) or `json` (one JSON object per line,
+    /// for log collectors).
+    pub format: LogFormat,
+}
+
+/// How the daemon's log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// `[<RFC 3339 time> <LEVEL> <target>] <message>`.
+    #[default]
+    Text,
+    /// `{"timestamp":..,"level":..,"target":..,"message":..}` and the event's fields.
+    Json,
 }
 
 /// Default of `journal.sync_interval_ms`.
@@ -539,17 +561,17 @@ pub fn read_resolv_conf(path: &Path) -> Vec<IpAddr> {
         Ok(text) => {
             let servers = parse_resolv_conf(&text);
             if servers.is_empty() {
-                log::info!(
+                tracing::info!(
                     "{}: no nameserver; the dns destination class is empty (set detect.dns_servers)",
                     path.display()
                 );
             } else {
-                log::info!("dns destination class: {servers:?} from {}", path.display());
+                tracing::info!("dns destination class: {servers:?} from {}", path.display());
             }
             servers
         }
         Err(e) => {
-            log::info!(
+            tracing::info!(
                 "{}: {e}; the dns destination class is empty (set detect.dns_servers)",
                 path.display()
             );
@@ -746,6 +768,7 @@ impl Default for Config {
             health: HealthSettings::default(),
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             journal: JournalSettings::default(),
+            log: LogSettings::default(),
         }
     }
 }
@@ -1291,6 +1314,11 @@ mod tests {
                 &["identity.pods.source", "unknown variant `cluster`"],
             ),
             (
+                "log: {format: logfmt}\n",
+                &["log.format", "unknown variant `logfmt`"],
+            ),
+            ("log: {level: debug}\n", &["log", "unknown field `level`"]),
+            (
                 "identity:\n  kubelet_root: var/lib/kubelet\n",
                 &["identity.kubelet_root", "absolute"],
             ),
@@ -1442,6 +1470,13 @@ mod tests {
         let c = parse("detect:\n  cluster_policies: true\n").expect("valid");
         assert!(c.detect.cluster_policies);
         assert_eq!(c.identity.pods.source, PodSourceKind::None);
+    }
+
+    #[test]
+    fn log_format_is_text_by_default_and_json_on_request() {
+        assert_eq!(parse("").expect("default").log.format, LogFormat::Text);
+        let c = parse("log:\n  format: json\n").expect("valid");
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use tracing::Level;
+
 /// At most one line per key in this long.
 pub const INTERVAL: Duration = Duration::from_secs(60);
 
@@ -25,7 +27,7 @@ const MAX_KEYS: usize = 1024;
 #[derive(Debug)]
 struct Entry {
     started: Instant,
-    level: log::Level,
+    level: Level,
     /// The line logged when the interval began, repeated with the count at its end.
     message: String,
     suppressed: u64,
@@ -34,7 +36,7 @@ struct Entry {
 /// A line to log now.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Line {
-    pub level: log::Level,
+    pub level: Level,
     pub text: String,
 }
 
@@ -59,7 +61,7 @@ impl Limiter {
     pub fn occur(
         &mut self,
         key: &'static str,
-        level: log::Level,
+        level: Level,
         now: Instant,
         message: impl FnOnce() -> String,
     ) -> Vec<Line> {
@@ -135,14 +137,40 @@ static LIMITER: Mutex<Option<Limiter>> = Mutex::new(None);
 
 fn emit(lines: Vec<Line>) {
     for Line { level, text } in lines {
-        log::log!(level, "{text}");
+        // tracing's macros take the level as a constant.
+        if level == Level::ERROR {
+            tracing::error!("{text}");
+        } else if level == Level::WARN {
+            tracing::warn!("{text}");
+        } else if level == Level::INFO {
+            tracing::info!("{text}");
+        } else if level == Level::DEBUG {
+            tracing::debug!("{text}");
+        } else {
+            tracing::trace!("{text}");
+        }
+    }
+}
+
+/// Whether a line at `level` would be logged (by the daemon's filter, for this module).
+fn enabled(level: Level) -> bool {
+    if level == Level::ERROR {
+        tracing::enabled!(Level::ERROR)
+    } else if level == Level::WARN {
+        tracing::enabled!(Level::WARN)
+    } else if level == Level::INFO {
+        tracing::enabled!(Level::INFO)
+    } else if level == Level::DEBUG {
+        tracing::enabled!(Level::DEBUG)
+    } else {
+        tracing::enabled!(Level::TRACE)
     }
 }
 
 /// Logs `message` under `key` unless the key already logged within [`INTERVAL`]; then it
 /// is only counted. Use through [`warn_limited!`] / [`error_limited!`].
-pub fn log_limited(key: &'static str, level: log::Level, message: impl FnOnce() -> String) {
-    if !log::log_enabled!(level) {
+pub fn log_limited(key: &'static str, level: Level, message: impl FnOnce() -> String) {
+    if !enabled(level) {
         return;
     }
     let lines = {
@@ -170,20 +198,20 @@ pub fn flush(all: bool) {
     emit(lines);
 }
 
-/// `warn!` at most once per key and [`INTERVAL`], with the repeats counted:
+/// `tracing::warn!` at most once per key and [`INTERVAL`], with the repeats counted:
 /// `warn_limited!("pending-full", "pending queue full ({n})")`.
 #[macro_export]
 macro_rules! warn_limited {
     ($key:expr, $($arg:tt)+) => {
-        $crate::ratelog::log_limited($key, ::log::Level::Warn, || format!($($arg)+))
+        $crate::ratelog::log_limited($key, $crate::ratelog::Level::WARN, || format!($($arg)+))
     };
 }
 
-/// `error!` at most once per key and [`INTERVAL`], with the repeats counted.
+/// `tracing::error!` at most once per key and [`INTERVAL`], with the repeats counted.
 #[macro_export]
 macro_rules! error_limited {
     ($key:expr, $($arg:tt)+) => {
-        $crate::ratelog::log_limited($key, ::log::Level::Error, || format!($($arg)+))
+        $crate::ratelog::log_limited($key, $crate::ratelog::Level::ERROR, || format!($($arg)+))
     };
 }
 
@@ -191,7 +219,7 @@ macro_rules! error_limited {
 mod tests {
     use super::*;
 
-    const W: log::Level = log::Level::Warn;
+    const W: Level = Level::WARN;
 
     fn texts(lines: &[Line]) -> Vec<&str> {
         lines.iter().map(|l| l.text.as_str()).collect()
@@ -250,13 +278,13 @@ mod tests {
     fn shutdown_flushes_every_count() {
         let mut l = Limiter::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        l.occur("k", log::Level::Error, t0, || "boom".into());
-        l.occur("k", log::Level::Error, t0, || "boom".into());
+        l.occur("k", Level::ERROR, t0, || "boom".into());
+        l.occur("k", Level::ERROR, t0, || "boom".into());
         let lines = l.flush(t0, true);
         assert_eq!(
             lines,
             [Line {
-                level: log::Level::Error,
+                level: Level::ERROR,
                 text: "boom (1 more in the last 1 s)".into()
             }]
         );

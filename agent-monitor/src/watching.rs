@@ -15,7 +15,7 @@ use std::{
 };
 
 use agent_monitor_common::{dev_flags, FileKey};
-use log::info;
+use tracing::info;
 
 use crate::{
     identity::watched::{

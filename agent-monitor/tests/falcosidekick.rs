@@ -193,7 +193,11 @@ fn config(url: String) -> SidekickConfig {
 }
 
 fn init_log() {
-    let _ = env_logger::builder().is_test(true).try_init();
+    // RUST_LOG, else errors only, through the test harness's capture.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 /// Polls the counters until `done` holds, failing after [`PATIENCE`].

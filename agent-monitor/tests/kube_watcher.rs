@@ -101,7 +101,11 @@ fn label(store: &PodStore, uid: &str, key: &str) -> Option<String> {
 
 #[tokio::test]
 async fn follows_list_watch_and_relists_after_gone() {
-    let _ = env_logger::builder().is_test(true).try_init();
+    // RUST_LOG, else errors only, through the test harness's capture.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut server = FakeApiServer::start("PodList").await;
     let a = pod(
         "uid-a",

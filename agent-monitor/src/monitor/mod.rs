@@ -17,12 +17,12 @@ use std::{
 
 use agent_monitor_common::{Lane, LANE_COUNT};
 use aya::maps::{MapData, RingBuf};
-use log::{info, warn};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
+use tracing::{info, warn};
 
 use self::translate::by_identity;
 use crate::{

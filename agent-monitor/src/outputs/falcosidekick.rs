@@ -23,7 +23,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{debug, error, info, warn};
 use reqwest::{header, StatusCode, Url};
 use tokio::{
     sync::{
@@ -32,6 +31,7 @@ use tokio::{
     },
     task::JoinHandle,
 };
+use tracing::{debug, error, info, warn};
 
 use super::{falco::FalcoAlert, Sink};
 use crate::detect::Anomaly;

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use log::{error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     detect::Anomaly,

@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use log::{info, warn};
+use tracing::{info, warn};
 
 use super::Sink;
 

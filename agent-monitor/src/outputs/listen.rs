@@ -516,7 +516,7 @@ pub fn ensure_descriptors(needed: u64) {
         lim.rlim_cur = raised.rlim_cur;
     }
     if lim.rlim_cur < needed {
-        log::warn!(
+        tracing::warn!(
             "open file limit {} is below the {needed} descriptors the connection limits and the probes may need (max_connections); lower them or raise the limit",
             lim.rlim_cur
         );

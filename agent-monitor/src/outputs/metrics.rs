@@ -416,7 +416,7 @@ impl Metrics {
         // Writing into a String cannot fail and no custom collector is registered, so an
         // error here would be a bug in the encoder; report it rather than panic.
         if let Err(e) = encode(&mut out, &self.registry) {
-            log::warn!("encoding metrics failed: {e}");
+            tracing::warn!("encoding metrics failed: {e}");
         }
         out
     }

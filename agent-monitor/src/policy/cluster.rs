@@ -33,9 +33,9 @@ use kube::{
     runtime::{watcher, WatchStreamExt},
     Api, ResourceExt,
 };
-use log::{debug, info, warn};
 use serde::Deserialize as _;
 use serde_json::Value;
+use tracing::{debug, info, warn};
 
 use super::{
     error::FieldError,
@@ -361,8 +361,8 @@ pub fn spawn(client: kube::Client, sources: Arc<PolicySources>) -> tokio::task::
     tokio::spawn(async move {
         if let Err(e) = run(client, sources).await {
             match std::error::Error::source(&e) {
-                Some(cause) => log::error!("cluster policy source stopped: {e}: {cause}"),
-                None => log::error!("cluster policy source stopped: {e}"),
+                Some(cause) => tracing::error!("cluster policy source stopped: {e}: {cause}"),
+                None => tracing::error!("cluster policy source stopped: {e}"),
             }
         }
     })

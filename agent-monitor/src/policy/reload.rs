@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use log::{info, warn};
+use tracing::{info, warn};
 
 use super::{load::files_in, set::PolicySet, sources::PolicySources};
 

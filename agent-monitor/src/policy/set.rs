@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use log::warn;
+use tracing::warn;
 
 use super::{
     error::{Origin, PolicyError},

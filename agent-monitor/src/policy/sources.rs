@@ -15,8 +15,8 @@ use std::{
 };
 
 use kube::{api::DynamicObject, runtime::watcher};
-use log::info;
 use tokio::sync::watch;
+use tracing::info;
 
 use super::{
     cluster::{ClusterPolicies, ObjectKey},

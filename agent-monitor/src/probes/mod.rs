@@ -13,7 +13,7 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use log::{debug, info, warn};
+use tracing::{debug, info, warn};
 
 /// The eBPF object, built by build.rs from agent-monitor-ebpf.
 static PROBES_OBJECT: &[u8] =
@@ -378,7 +378,8 @@ impl Probes {
         Ok(out)
     }
 
-    /// Starts forwarding kernel-side log records to the `log` crate. Only meaningful when
+    /// Starts forwarding kernel-side log records to the `log` crate (which the daemon
+    /// bridges into its `tracing` log). Only meaningful when
     /// the probes were loaded with `kernel_log`.
     pub fn take_logger(
         &mut self,

@@ -18,8 +18,8 @@ use k8s_openapi::{
     api::core::v1::{Pod, PodSpec, PodStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use log::{info, warn};
 use serde::Deserialize;
+use tracing::{info, warn};
 
 use super::{PodMeta, PodStore};
 use crate::boundedfile::{self, ReadError, TooDeep, MAX_NESTING};

@@ -100,7 +100,7 @@ fn apply(store: &PodStore, relist: &mut Option<Vec<PodMeta>>, event: watcher::Ev
         }
         watcher::Event::InitDone => {
             let pods = relist.take().unwrap_or_default();
-            log::info!("pod list: {} pods on this node", pods.len());
+            tracing::info!("pod list: {} pods on this node", pods.len());
             store.replace_all(pods);
         }
         watcher::Event::Apply(pod) => {
@@ -110,7 +110,7 @@ fn apply(store: &PodStore, relist: &mut Option<Vec<PodMeta>>, event: watcher::Ev
         }
         watcher::Event::Delete(pod) => match pod.metadata.uid.as_deref() {
             Some(uid) => store.remove(uid),
-            None => log::debug!("deleted pod {} has no uid; ignored", pod.name_any()),
+            None => tracing::debug!("deleted pod {} has no uid; ignored", pod.name_any()),
         },
     }
 }
@@ -119,7 +119,7 @@ fn apply(store: &PodStore, relist: &mut Option<Vec<PodMeta>>, event: watcher::Ev
 fn convert(pod: &Pod) -> Option<PodMeta> {
     let meta = PodMeta::from_pod(pod);
     if meta.is_none() {
-        log::debug!("pod {} has no uid; ignored", pod.name_any());
+        tracing::debug!("pod {} has no uid; ignored", pod.name_any());
     }
     meta
 }
@@ -134,8 +134,8 @@ pub fn spawn(
     tokio::spawn(async move {
         if let Err(e) = run(client, node_name, store).await {
             match std::error::Error::source(&e) {
-                Some(cause) => log::error!("kube pod source stopped: {e}: {cause}"),
-                None => log::error!("kube pod source stopped: {e}"),
+                Some(cause) => tracing::error!("kube pod source stopped: {e}: {cause}"),
+                None => tracing::error!("kube pod source stopped: {e}"),
             }
         }
     })

@@ -26,9 +26,9 @@ use std::{
 };
 
 use futures::{Stream, StreamExt as _};
-use log::{info, warn};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
 
 use super::{
     filter::Matcher,
