@@ -15,24 +15,16 @@
 //! - Size is capped: checked from fstat before reading, and while reading (a file still
 //!   being appended to, or one whose size is not known, like `/proc` files), so that at
 //!   most one byte past the cap is ever read.
-//! - Nesting is capped ([`MAX_NESTING`]) before text is handed to serde: libyaml, under
-//!   serde_yaml, takes time quadratic in the depth of nested flow collections (a 250 KB
-//!   `{a: {a: ...}}` costs 13 s of CPU) before serde_yaml's own recursion limit is checked.
+//! - Nesting is capped ([`MAX_NESTING`]): for YAML by the parser's own budget
+//!   ([`crate::yaml`]), which stops at the first collection past the cap; for JSON by
+//!   [`check_json_nesting`] before the text is handed to serde_json.
 
 use std::{
     fmt,
     fs::{Metadata, OpenOptions},
     io::Read as _,
-    mem::MaybeUninit,
     os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
     path::Path,
-};
-
-use unsafe_libyaml::{
-    yaml_event_delete, yaml_event_t, yaml_parser_delete, yaml_parser_initialize, yaml_parser_parse,
-    yaml_parser_set_encoding, yaml_parser_set_input_string, yaml_parser_t, YAML_MAPPING_END_EVENT,
-    YAML_MAPPING_START_EVENT, YAML_NO_EVENT, YAML_SEQUENCE_END_EVENT, YAML_SEQUENCE_START_EVENT,
-    YAML_STREAM_END_EVENT, YAML_UTF8_ENCODING,
 };
 
 /// One mebibyte.
@@ -41,8 +33,8 @@ pub const MIB: u64 = 1 << 20;
 /// Deepest nesting of sequences and mappings accepted in a YAML or JSON file. Policies and
 /// configs need under 10 levels and a `kubectl get pods -o json` list about 20 (a List,
 /// a Pod, its affinity terms, their label selectors' expressions); anything near 64 is
-/// not a real input. It is below serde_yaml's and serde_json's own limits (128), so every
-/// file deeper than real inputs gets this check's message, with the position.
+/// not a real input. It is below serde_json's own limit (128), so every file deeper than
+/// real inputs gets this cap's message, with the position.
 pub const MAX_NESTING: usize = 64;
 
 /// A file could not be read within the bounds.
@@ -166,72 +158,6 @@ pub fn read_to_string(path: &Path, limit: u64) -> Result<String, ReadError> {
     String::from_utf8(read(path, limit)?).map_err(|e| ReadError::NotUtf8(e.utf8_error()))
 }
 
-/// Checks that no YAML document of `text` nests sequences and mappings deeper than
-/// `limit`, with libyaml's own event parser (the parser serde_yaml uses, so the depth is
-/// exactly the one serde_yaml would meet). It stops at the first collection beyond the
-/// cap, before libyaml's cost grows with the depth. Text that is not YAML passes: the
-/// parse that follows reports it, and stops where this check stopped.
-pub fn check_yaml_nesting(text: &str, limit: usize) -> Result<(), TooDeep> {
-    // Both stay where they are until the end of their scope: libyaml keeps pointers into
-    // the parser.
-    let mut parser_memory = MaybeUninit::<yaml_parser_t>::uninit();
-    let parser = parser_memory.as_mut_ptr();
-    // SAFETY: `parser` points to writable memory for a yaml_parser_t, which
-    // yaml_parser_initialize fills in. It reports no failure in this Rust port (an
-    // allocation failure aborts); should it, nothing was set up and the parse that follows
-    // is left to report on the text.
-    if unsafe { yaml_parser_initialize(parser) }.fail {
-        return Ok(());
-    }
-    // SAFETY: the parser is initialized; `text` outlives it (deleted below, in this
-    // function); UTF-8 is what serde_yaml sets too.
-    unsafe {
-        yaml_parser_set_encoding(parser, YAML_UTF8_ENCODING);
-        yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as u64);
-    }
-    let mut depth = 0usize;
-    let result = loop {
-        let mut event_memory = MaybeUninit::<yaml_event_t>::uninit();
-        let event = event_memory.as_mut_ptr();
-        // SAFETY: an initialized parser with its input set, and memory for one event,
-        // which yaml_parser_parse fills in when it succeeds.
-        if unsafe { yaml_parser_parse(parser, event) }.fail {
-            break Ok(());
-        }
-        // SAFETY: yaml_parser_parse succeeded, so `event` is initialized; it is read and
-        // then freed, once.
-        let (kind, mark) = unsafe {
-            let read = ((*event).type_, (*event).start_mark);
-            yaml_event_delete(event);
-            read
-        };
-        match kind {
-            YAML_SEQUENCE_START_EVENT | YAML_MAPPING_START_EVENT => {
-                depth += 1;
-                if depth > limit {
-                    break Err(TooDeep {
-                        limit,
-                        line: usize::try_from(mark.line)
-                            .unwrap_or(usize::MAX)
-                            .saturating_add(1),
-                        column: usize::try_from(mark.column)
-                            .unwrap_or(usize::MAX)
-                            .saturating_add(1),
-                    });
-                }
-            }
-            YAML_SEQUENCE_END_EVENT | YAML_MAPPING_END_EVENT => {
-                depth = depth.saturating_sub(1);
-            }
-            YAML_STREAM_END_EVENT | YAML_NO_EVENT => break Ok(()),
-            _ => {}
-        }
-    };
-    // SAFETY: initialized above and not used after this.
-    unsafe { yaml_parser_delete(parser) };
-    result
-}
-
 /// Checks that the JSON `bytes` do not nest arrays and objects deeper than `limit`. A
 /// single pass that skips strings; malformed JSON is left to the parser that follows
 /// (whose own recursion limit still holds).
@@ -274,17 +200,9 @@ pub fn check_json_nesting(bytes: &[u8], limit: usize) -> Result<(), TooDeep> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::Write as _,
-        os::unix::fs::symlink,
-        time::{Duration, Instant},
-    };
+    use std::{io::Write as _, os::unix::fs::symlink};
 
     use super::*;
-
-    fn nested_flow(depth: usize) -> String {
-        format!("{}1{}", "{a: ".repeat(depth), "}".repeat(depth))
-    }
 
     #[test]
     fn regular_files_are_read_through_symlinks() {
@@ -368,55 +286,6 @@ mod tests {
         std::fs::write(&path, [0xff, 0xfe]).expect("write");
         let err = read_to_string(&path, MIB).expect_err("not text");
         assert!(err.to_string().starts_with("not UTF-8 text"), "{err}");
-    }
-
-    #[test]
-    fn yaml_nesting_is_exact_and_positioned() {
-        assert_eq!(check_yaml_nesting(&nested_flow(64), 64), Ok(()));
-        assert_eq!(
-            check_yaml_nesting(&nested_flow(65), 64),
-            Err(TooDeep {
-                limit: 64,
-                line: 1,
-                column: 4 * 64 + 1
-            })
-        );
-        // Block nesting counts the same way: line 3 opens the fourth mapping.
-        let block = "a:\n  b:\n    c:\n      d: 1\n";
-        assert_eq!(check_yaml_nesting(block, 4), Ok(()));
-        assert_eq!(
-            check_yaml_nesting(block, 3),
-            Err(TooDeep {
-                limit: 3,
-                line: 4,
-                column: 7
-            })
-        );
-        // Brackets in quoted, block and plain scalars and comments are not collections.
-        let text = "a: \"[[[[\"\nb: '{{{{'\nc: |\n  [[[[\nd: x[[[[ # [[[[\n---\n[[1]]\n";
-        assert_eq!(check_yaml_nesting(text, 2), Ok(()));
-        assert!(check_yaml_nesting(text, 1).is_err(), "second document");
-        // Malformed YAML is for the parser to report, and it stops where this check stops:
-        // at the error, before the deep part.
-        let malformed = "a: b: c\nd: [[[[1]]]]\n";
-        assert_eq!(check_yaml_nesting(malformed, 1), Ok(()));
-        assert!(serde_yaml::from_str::<serde_yaml::Value>(malformed).is_err());
-        let err = check_yaml_nesting(&nested_flow(100), 64).expect_err("deep");
-        assert_eq!(
-            err.to_string(),
-            "nested deeper than 64 levels at line 1 column 257"
-        );
-    }
-
-    #[test]
-    fn yaml_nesting_check_stops_early_on_deep_flow_collections() {
-        // 200,000 levels: libyaml alone would take minutes over this (quadratic); the
-        // check stops at level 65.
-        let text = nested_flow(200_000);
-        let start = Instant::now();
-        assert!(check_yaml_nesting(&text, MAX_NESTING).is_err());
-        let took = start.elapsed();
-        assert!(took < Duration::from_secs(1), "took {took:?}");
     }
 
     #[test]

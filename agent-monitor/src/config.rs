@@ -904,14 +904,7 @@ impl Config {
         let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            // Before serde_yaml: its parser's time grows with the square of the nesting.
-            crate::boundedfile::check_yaml_nesting(text, crate::boundedfile::MAX_NESTING).map_err(
-                |e| ConfigError::Parse {
-                    file: file.to_owned(),
-                    message: e.to_string(),
-                },
-            )?;
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            crate::yaml::from_str(text).map_err(|e| ConfigError::Parse {
                 file: file.to_owned(),
                 message: e.to_string(),
             })?
@@ -1543,7 +1536,7 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_is_refused_before_serde_yaml() {
+    fn deep_nesting_is_refused_early() {
         let deep = format!("watch: {}1{}\n", "[".repeat(70), "]".repeat(70));
         let err = parse(&deep).expect_err("too deep").to_string();
         assert_eq!(

@@ -27,3 +27,4 @@ pub mod probes;
 pub mod ratelog;
 pub mod replay;
 pub mod watching;
+pub mod yaml;

@@ -29,7 +29,7 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::CustomResourceExt as _;
-use serde::{de::DeserializeOwned, Deserialize as _, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 /// The capabilities the daemon's container adds, as README.md documents them (without the
@@ -164,11 +164,9 @@ fn kustomize(dir: &str) -> String {
 
 /// The documents of a multi-document YAML stream, as JSON values; empty ones skipped.
 fn documents(text: &str, what: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .enumerate()
-        .map(|(i, doc)| {
-            Value::deserialize(doc).unwrap_or_else(|e| panic!("{what}: document {}: {e}", i + 1))
-        })
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -828,7 +826,7 @@ fn service_accounts(subjects: &[Subject]) -> BTreeSet<(String, String)> {
 #[test]
 fn rendered_crd_is_the_generated_one() {
     let generated = serde_json::to_value(AgentPolicy::crd()).expect("CRD to JSON");
-    let from_yaml: Value = serde_yaml::from_str(&crd_yaml()).expect("crd_yaml() parses");
+    let from_yaml: Value = serde_saphyr::from_str(&crd_yaml()).expect("crd_yaml() parses");
     assert_eq!(generated, from_yaml, "crd_yaml() is AgentPolicy::crd()");
     for r in daemon_renders() {
         let crds = kinds!(r, CustomResourceDefinition);
@@ -924,12 +922,12 @@ fn daemon_config_text(r: &Rendered) -> String {
 /// reads it from the environment; the test sets the same field in the text instead of
 /// changing the process environment under other tests).
 fn parse_daemon_config(r: &Rendered, text: &str) -> Config {
-    let mut value: serde_yaml::Value =
-        serde_yaml::from_str(text).unwrap_or_else(|e| panic!("deploy/{}: config: {e}", r.name));
+    let mut value: Value =
+        serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("deploy/{}: config: {e}", r.name));
     let pods = value
         .get_mut("identity")
         .and_then(|v| v.get_mut("pods"))
-        .and_then(serde_yaml::Value::as_mapping_mut)
+        .and_then(Value::as_object_mut)
         .unwrap_or_else(|| panic!("deploy/{}: config has no identity.pods", r.name));
     assert!(
         !pods.contains_key("node_name"),
@@ -937,7 +935,7 @@ fn parse_daemon_config(r: &Rendered, text: &str) -> Config {
         r.name
     );
     pods.insert("node_name".into(), "node-from-downward-api".into());
-    let text = serde_yaml::to_string(&value).expect("YAML");
+    let text = serde_saphyr::to_string(&value).expect("YAML");
     let file = PathBuf::from(format!("deploy/{}/config.yaml", r.name));
     Config::parse(&text, &file).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -990,7 +988,7 @@ fn daemon_configs_parse_and_match_the_pod() {
         );
         // Checked on the YAML: identity.cgroup_root and detect.cluster_policies are newer
         // than some versions of Config; Config::parse above rejected them if unknown.
-        let value: serde_yaml::Value = serde_yaml::from_str(&text).expect("parsed above");
+        let value: Value = serde_saphyr::from_str(&text).expect("parsed above");
         let cgroup_root = value["identity"]["cgroup_root"]
             .as_str()
             .unwrap_or_else(|| panic!("{what}: no identity.cgroup_root"));
@@ -1056,19 +1054,19 @@ fn daemon_configs_parse_and_match_the_pod() {
 }
 
 /// Removes the value at `path` from `value` and returns it.
-fn take(value: &mut serde_yaml::Value, path: &[&str]) -> Option<serde_yaml::Value> {
+fn take(value: &mut Value, path: &[&str]) -> Option<Value> {
     let (last, parents) = path.split_last()?;
     let mut v = value;
     for p in parents {
         v = v.get_mut(*p)?;
     }
-    v.as_mapping_mut()?.remove(*last)
+    v.as_object_mut()?.remove(*last)
 }
 
 #[test]
 fn overlay_configs_differ_from_the_base_only_where_intended() {
     let base_text = daemon_config_text(render_of("base"));
-    let base: serde_yaml::Value = serde_yaml::from_str(&base_text).expect("base config");
+    let base: Value = serde_saphyr::from_str(&base_text).expect("base config");
     let changes = overlay_config_changes();
     for r in daemon_renders() {
         let Some(overlay) = r.name.strip_prefix("overlays/") else {
@@ -1080,8 +1078,8 @@ fn overlay_configs_differ_from_the_base_only_where_intended() {
                 r.name
             )
         });
-        let mut config: serde_yaml::Value =
-            serde_yaml::from_str(&daemon_config_text(r)).expect("overlay config");
+        let mut config: Value =
+            serde_saphyr::from_str(&daemon_config_text(r)).expect("overlay config");
         let got = take(&mut config, path)
             .unwrap_or_else(|| panic!("deploy/{}: config has no {}", r.name, path.join(".")));
         let got: Value = serde_json::to_value(got).expect("JSON");

@@ -97,7 +97,7 @@ fn rendered_base() -> Vec<Value> {
     let text = String::from_utf8(out.stdout).expect("utf-8");
     text.split("\n---\n")
         .filter(|d| !d.trim().is_empty())
-        .map(|d| serde_yaml::from_str(d).expect("rendered object parses"))
+        .map(|d| serde_saphyr::from_str(d).expect("rendered object parses"))
         .collect()
 }
 
@@ -397,22 +397,22 @@ fn podman_args(
 /// The deployed config, changed only where this node has no cluster: pods from a file
 /// (no API server), no cluster policies, and events on stdout for the test to read.
 fn node_config(d: &Deployed, dir: &Path) {
-    let mut c: serde_yaml::Value = serde_yaml::from_str(&d.config).expect("deployed config");
+    let mut c: Value = serde_saphyr::from_str(&d.config).expect("deployed config");
     let pods_in = Path::new(&d.config_path)
         .parent()
         .expect("config dir")
         .join("pods.json");
     c["output"] = "-".into();
     c["identity"]["pods"] =
-        serde_yaml::from_str(&format!("{{source: file, file: {}}}", pods_in.display()))
+        serde_saphyr::from_str(&format!("{{source: file, file: {}}}", pods_in.display()))
             .expect("pods yaml");
-    if let Some(detect) = c.get_mut("detect").and_then(|d| d.as_mapping_mut()) {
+    if let Some(detect) = c.get_mut("detect").and_then(|d| d.as_object_mut()) {
         detect.remove("cluster_policies");
         detect.remove("policies");
     }
     std::fs::write(
         dir.join(Path::new(&d.config_path).file_name().expect("config file")),
-        serde_yaml::to_string(&c).expect("config yaml"),
+        serde_saphyr::to_string(&c).expect("config yaml"),
     )
     .expect("write config");
 }

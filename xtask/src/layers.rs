@@ -43,7 +43,7 @@ use syn::visit::Visit;
 ///   - `app` wires a config to the runners and owns shutdown.
 ///   - `cli` parses the command line and calls `app`, `replay` and `preflight`.
 pub const LAYERS: &[&[&str]] = &[
-    &["boundedfile", "ratelog", "errors", "journal"],
+    &["boundedfile", "yaml", "ratelog", "errors", "journal"],
     &["probes"],
     &["events"],
     &["identity"],

@@ -5,7 +5,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::boundedfile::{ReadError, TooDeep};
+use crate::{
+    boundedfile::{ReadError, TooDeep},
+    yaml::YamlError,
+};
 
 use super::load::KIND;
 
@@ -130,56 +133,35 @@ pub(super) fn quoted(s: &str) -> String {
     format!("`{s}`")
 }
 
-/// Whether the text before the first `: ` of a serde_yaml message is a path
-/// (`spec.egress.allow[0]`) rather than part of the message.
-fn looks_like_path(s: &str) -> bool {
-    !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == '`' || c == '"')
-}
-
-fn join_path(parent: Option<&str>, child: &str) -> String {
-    match parent {
-        Some(p) if !p.is_empty() && p != "." => format!("{p}.{child}"),
-        _ => child.to_owned(),
-    }
-}
-
-/// A serde_yaml error as a [`PolicyError::Parse`]: its path becomes the field (extended by
-/// the field name for unknown, missing and duplicate fields) and its position the origin's.
+/// A YAML error as a [`PolicyError::Parse`] (or [`PolicyError::TooDeep`]): its path is the
+/// field, its position the origin's. `lines_before` is the number of lines of the file
+/// before the document, added to the document's own line numbers.
 pub(super) fn parse_error(
     file: &Path,
     document: Option<usize>,
-    e: &serde_yaml::Error,
+    lines_before: usize,
+    e: YamlError,
 ) -> PolicyError {
-    let mut text = e.to_string();
-    let mut position = None;
-    if let Some(loc) = e.location() {
-        let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-        if let Some(stripped) = text.strip_suffix(&suffix) {
-            text = stripped.to_owned();
-            position = Some((loc.line(), loc.column()));
+    match e {
+        YamlError::TooDeep(mut source) => {
+            source.line += lines_before;
+            PolicyError::TooDeep {
+                path: file.to_owned(),
+                source,
+            }
         }
-    }
-    let (mut field, message) = match text.split_once(": ") {
-        Some((path, message)) if looks_like_path(path) => {
-            (Some(path.to_owned()), message.to_owned())
-        }
-        _ => (None, text.clone()),
-    };
-    for prefix in ["unknown field `", "missing field `", "duplicate field `"] {
-        if let Some(name) = message
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.split('`').next())
-        {
-            field = Some(join_path(field.as_deref(), name));
-        }
-    }
-    PolicyError::Parse {
-        at: Origin {
-            file: file.to_owned(),
-            document,
+        YamlError::Parse {
+            field,
+            message,
             position,
+        } => PolicyError::Parse {
+            at: Origin {
+                file: file.to_owned(),
+                document,
+                position: position.map(|(line, column)| (line + lines_before, column)),
+            },
+            field,
+            message,
         },
-        field,
-        message,
     }
 }

@@ -7,15 +7,17 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize as _;
-use serde_yaml::Value;
+use serde_json::Value;
 
 use super::{
     error::{parse_error, quoted, FieldError, Origin, PolicyError},
     types::AgentPolicy,
     validate::validate_policy,
 };
-use crate::boundedfile::{self, ReadError, MAX_NESTING};
+use crate::{
+    boundedfile::{self, ReadError},
+    yaml,
+};
 
 /// The `apiVersion` of a policy.
 pub const API_VERSION: &str = "agent-monitor.dev/v1alpha1";
@@ -36,15 +38,14 @@ fn describe(v: &Value) -> String {
         Value::Bool(b) => format!("`{b}`"),
         Value::Number(n) => format!("`{n}`"),
         Value::String(s) => quoted(s),
-        Value::Sequence(_) => "a sequence".to_owned(),
-        Value::Mapping(_) => "a mapping".to_owned(),
-        Value::Tagged(t) => format!("a value tagged {}", t.tag),
+        Value::Array(_) => "a sequence".to_owned(),
+        Value::Object(_) => "a mapping".to_owned(),
     }
 }
 
 /// Checks `apiVersion`, `kind` and the top-level fields of one document.
 fn check_header(doc: &Value) -> Result<(), Result<FieldError, String>> {
-    let Value::Mapping(map) = doc else {
+    let Value::Object(map) = doc else {
         return Err(Err(describe(doc)));
     };
     for (field, want) in [("apiVersion", API_VERSION), ("kind", KIND)] {
@@ -59,15 +60,13 @@ fn check_header(doc: &Value) -> Result<(), Result<FieldError, String>> {
             }
         }
     }
-    for key in map.keys() {
-        let known = key.as_str().is_some_and(|k| TOP_LEVEL_FIELDS.contains(&k));
-        if !known {
-            let name = key.as_str().map_or_else(|| describe(key), str::to_owned);
+    for name in map.keys() {
+        if !TOP_LEVEL_FIELDS.contains(&name.as_str()) {
             let fields: Vec<String> = TOP_LEVEL_FIELDS.iter().map(|f| quoted(f)).collect();
             return Err(Ok(FieldError::new(
                 name.clone(),
                 format!("one of {}", fields.join(", ")),
-                format!("unknown field {}", quoted(&name)),
+                format!("unknown field {}", quoted(name)),
             )));
         }
     }
@@ -77,31 +76,26 @@ fn check_header(doc: &Value) -> Result<(), Result<FieldError, String>> {
 /// Parses and validates the policies in `text`; `file` is only used in messages. The
 /// text may hold several YAML documents; empty ones are skipped.
 pub fn parse_policies(text: &str, file: &Path) -> Result<Vec<AgentPolicy>, PolicyError> {
-    // Before serde_yaml: its parser's time grows with the square of the nesting.
-    boundedfile::check_yaml_nesting(text, MAX_NESTING).map_err(|source| PolicyError::TooDeep {
-        path: file.to_owned(),
-        source,
-    })?;
-    // First pass: untyped, to count the documents, find the empty ones and check the
-    // header (kube's AgentPolicy ignores apiVersion, kind and unknown top-level fields).
-    let mut values = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value =
-            Value::deserialize(doc).map_err(|e| parse_error(file, (i > 0).then_some(i + 1), &e))?;
+    let documents = yaml::documents(text);
+    let several = documents.len() > 1;
+    let number = |i: usize| several.then_some(i + 1);
+    // First pass, over every document before any is used: untyped, to find the empty
+    // ones and check the header (kube's AgentPolicy ignores apiVersion, kind and unknown
+    // top-level fields). Nesting is capped here, before anything else looks at the text.
+    let mut values = Vec::with_capacity(documents.len());
+    for (i, &(doc, lines_before)) in documents.iter().enumerate() {
+        let value: Value =
+            yaml::from_str(doc).map_err(|e| parse_error(file, number(i), lines_before, e))?;
         values.push(value);
     }
-    let several = values.len() > 1;
     let origin = |i: usize| Origin {
         file: file.to_owned(),
-        document: several.then_some(i + 1),
+        document: number(i),
         position: None,
     };
-    // Second pass: typed, so that serde_yaml reports field paths and positions.
+    // Second pass: typed, for field paths and positions.
     let mut policies = Vec::new();
-    for (i, (doc, value)) in serde_yaml::Deserializer::from_str(text)
-        .zip(&values)
-        .enumerate()
-    {
+    for (i, (&(doc, lines_before), value)) in documents.iter().zip(&values).enumerate() {
         if value.is_null() {
             continue;
         }
@@ -112,8 +106,8 @@ pub fn parse_policies(text: &str, file: &Path) -> Result<Vec<AgentPolicy>, Polic
             },
             Err(got) => PolicyError::NotAPolicy { at: origin(i), got },
         })?;
-        let policy = AgentPolicy::deserialize(doc)
-            .map_err(|e| parse_error(file, several.then_some(i + 1), &e))?;
+        let policy: AgentPolicy =
+            yaml::from_str(doc).map_err(|e| parse_error(file, number(i), lines_before, e))?;
         validate_policy(&policy).map_err(|error| PolicyError::Invalid {
             at: origin(i),
             error: Box::new(error),
@@ -311,8 +305,8 @@ spec:
     }
 
     #[test]
-    fn deep_nesting_is_refused_before_serde_yaml() {
-        // Flow mappings 50,000 deep: serde_yaml alone spends seconds on these (quadratic).
+    fn deep_nesting_is_refused_early() {
+        // Flow mappings 50,000 deep: the parse stops at level 65.
         let deep = format!("spec: {}1{}", "{a: ".repeat(50_000), "}".repeat(50_000));
         let err = parse_policies(&deep, Path::new("deep.yaml")).expect_err("too deep");
         assert!(matches!(err, PolicyError::TooDeep { .. }), "{err:?}");

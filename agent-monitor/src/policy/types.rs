@@ -164,7 +164,7 @@ pub struct AgentPolicySpec {
 
 /// The CustomResourceDefinition of `AgentPolicy`, as YAML, generated from the Rust types.
 pub fn crd_yaml() -> String {
-    let body = serde_yaml::to_string(&AgentPolicy::crd())
+    let body = serde_saphyr::to_string(&AgentPolicy::crd())
         .expect("a CustomResourceDefinition always serializes to YAML");
     format!(
         "# Generated from agent-monitor/src/policy/types.rs by policy::crd_yaml(); do not edit.\n\

@@ -1476,8 +1476,8 @@ fn allowing_policies(policies: &Path, pod: &Pod, dest: SocketAddr, out: &Path) -
     let mut docs = Vec::new();
     let mut changed = 0;
     for chunk in chunks {
-        let mut doc: serde_yaml::Value = serde_yaml::from_str(&chunk)
-            .with_context(|| format!("policies {}", policies.display()))?;
+        let mut doc: Value = serde_saphyr::from_str(&chunk)
+            .map_err(|e| anyhow!("policies {}: {e}", policies.display()))?;
         if doc.is_null() {
             continue;
         }
@@ -1488,29 +1488,26 @@ fn allowing_policies(policies: &Path, pod: &Pod, dest: SocketAddr, out: &Path) -
         if this {
             let spec = doc
                 .get_mut("spec")
-                .and_then(serde_yaml::Value::as_mapping_mut)
+                .and_then(Value::as_object_mut)
                 .with_context(|| format!("policy {name} has no spec"))?;
             let egress = spec
-                .entry("egress".into())
-                .or_insert_with(|| serde_yaml::Mapping::new().into());
+                .entry("egress")
+                .or_insert_with(|| serde_json::Map::new().into());
             let allow = egress
-                .as_mapping_mut()
+                .as_object_mut()
                 .with_context(|| format!("policy {name}: spec.egress is not a mapping"))?
-                .entry("allow".into())
-                .or_insert_with(|| serde_yaml::Value::Sequence(Vec::new()));
-            let mut rule = serde_yaml::Mapping::new();
+                .entry("allow")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            let mut rule = serde_json::Map::new();
             rule.insert("cidr".into(), format!("{}/32", dest.ip()).into());
-            rule.insert(
-                "ports".into(),
-                serde_yaml::Value::Sequence(vec![dest.port().into()]),
-            );
+            rule.insert("ports".into(), Value::Array(vec![dest.port().into()]));
             allow
-                .as_sequence_mut()
+                .as_array_mut()
                 .with_context(|| format!("policy {name}: spec.egress.allow is not a list"))?
                 .push(rule.into());
             changed += 1;
         }
-        docs.push(serde_yaml::to_string(&doc)?);
+        docs.push(serde_saphyr::to_string(&doc).map_err(|e| anyhow!("policy {name}: {e}"))?);
     }
     if changed != 1 {
         bail!(
