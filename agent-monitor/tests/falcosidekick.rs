@@ -24,6 +24,12 @@ use axum::{
     routing::post,
     Router,
 };
+use http_body_util::Full;
+use hyper::Request;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
 use serde_json::{json, Value};
 use tokio::{net::TcpSocket, task::JoinHandle};
 
@@ -364,7 +370,8 @@ async fn a_full_queue_drops_and_counts_without_blocking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_double_enforces_falcosidekick_checks() {
     let double = FalcosidekickDouble::start();
-    let client = reqwest::Client::new();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     let good = json!({
         "time": "2026-11-23T07:06:34.915522513Z",
         "rule": "r",
@@ -376,14 +383,11 @@ async fn the_double_enforces_falcosidekick_checks() {
         let client = client.clone();
         let url = double.url();
         async move {
-            client
-                .post(url)
+            let req = Request::post(url)
                 .header(header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .send()
-                .await
-                .expect("post")
-                .status()
+                .body(Full::new(Bytes::from(body)))
+                .expect("request");
+            client.request(req).await.expect("post").status()
         }
     };
     assert_eq!(post(good.to_string()).await, StatusCode::OK);
@@ -424,4 +428,131 @@ async fn shutdown_gives_up_after_the_grace_period() {
         (0, 3, 0, 0),
         "{s:?}"
     );
+}
+
+/// An alert received and its Content-Type.
+type Alert = (Value, Option<String>);
+
+/// A TLS receiver on 127.0.0.1 with a self-signed certificate (written as a PEM file):
+/// accepts every POST with 200 and records the bodies and their Content-Type.
+struct TlsReceiver {
+    url: String,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    received: Arc<Mutex<Vec<Alert>>>,
+    server: JoinHandle<()>,
+}
+
+impl TlsReceiver {
+    async fn start() -> Self {
+        use hyper::{body::Incoming, server::conn::http1, service::service_fn, Response};
+        use hyper_util::rt::TokioIo;
+        use rustls::pki_types::PrivatePkcs8KeyDer;
+
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, cert.pem()).expect("write ca");
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = Arc::<Mutex<Vec<Alert>>>::default();
+        let rec = Arc::clone(&received);
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let rec = Arc::clone(&rec);
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate fails here.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(move |req: hyper::Request<Incoming>| {
+                        let rec = Arc::clone(&rec);
+                        async move {
+                            use http_body_util::BodyExt as _;
+                            let ctype = req
+                                .headers()
+                                .get(header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let alert: Value = serde_json::from_slice(&body).expect("json");
+                            rec.lock().expect("lock").push((alert, ctype));
+                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            url: format!("https://{addr}/"),
+            ca,
+            _dir: dir,
+            received,
+            server,
+        }
+    }
+}
+
+impl Drop for TlsReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// `https` with the receiver's CA given as the extra CA file: delivered. Without it (only
+/// the webpki roots) the certificate is not trusted and nothing is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_an_extra_ca() {
+    init_log();
+    let receiver = TlsReceiver::start().await;
+
+    let untrusted = spawn(config(receiver.url.clone()), "node-a".into());
+    let (mut sink, task, counters) = untrusted.expect("spawn");
+    sink.write(&anomaly(0)).expect("write");
+    wait_for(&counters, "a failed attempt", |s| s.failed_attempts > 0).await;
+    drop(sink);
+    task.abort();
+    assert_eq!(counters.snapshot().sent, 0);
+    assert!(receiver.received.lock().expect("lock").is_empty());
+
+    let cfg = SidekickConfig {
+        ca: Some(receiver.ca.clone()),
+        ..config(receiver.url.clone())
+    };
+    let (mut sink, task, counters) = spawn(cfg, "node-a".into()).expect("spawn");
+    for n in 1..4 {
+        sink.write(&anomaly(n)).expect("write");
+    }
+    wait_for(&counters, "3 sent", |s| s.sent == 3).await;
+    shut_down(sink, task).await;
+    let received = receiver.received.lock().expect("lock").clone();
+    assert_eq!(numbers(&received), vec![1, 2, 3]);
+    assert!(received
+        .iter()
+        .all(|(_, ctype)| ctype.as_deref() == Some("application/json")));
 }

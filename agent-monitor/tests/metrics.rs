@@ -11,6 +11,12 @@ use std::{
 use agent_monitor::outputs::metrics::{
     serve_admin_on, Health, Heartbeat, Metrics, OPENMETRICS_CONTENT_TYPE,
 };
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{body::Bytes, header, Uri};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 /// Short enough that the test waits little for a stall, long enough that a request sent
@@ -38,15 +44,24 @@ async fn start(metrics: Arc<Metrics>, health: Arc<Health>) -> Server {
     }
 }
 
-async fn get(client: &reqwest::Client, url: &str) -> (u16, String, String) {
-    let resp = client.get(url).send().await.expect("request");
+/// A plain HTTP/1.1 client.
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(client: &HttpClient, url: &str) -> (u16, String, String) {
+    let uri: Uri = url.parse().expect("uri");
+    let resp = client.get(uri).await.expect("request");
     let status = resp.status().as_u16();
     let ctype = resp
         .headers()
-        .get(reqwest::header::CONTENT_TYPE)
+        .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().expect("ascii content type").to_owned())
         .unwrap_or_default();
-    let body = resp.text().await.expect("body");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8(body.to_vec()).expect("utf-8 body");
     (status, ctype, body)
 }
 
@@ -62,7 +77,7 @@ async fn admin_endpoints_over_http() {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(STALL));
     let server = start(metrics.clone(), health.clone()).await;
-    let client = reqwest::Client::new();
+    let client = http_client();
     let url = |path: &str| format!("{}{path}", server.base);
 
     // --- /metrics ---

@@ -10,8 +10,10 @@
 //! on. When every [`SidekickSink`] clone is dropped, the task keeps delivering what is
 //! queued for at most [`SHUTDOWN_GRACE`], logs what it could not deliver, and ends.
 //!
-//! The HTTP client is reqwest with rustls (webpki roots plus an optional extra CA); it
-//! honours the usual `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` variables.
+//! The HTTP client is hyper-util's client over hyper-rustls (HTTP/1.1; rustls with the
+//! ring provider, trusting the webpki roots plus an optional extra CA), the stack kube
+//! already uses. It does not go through `HTTPS_PROXY`/`HTTP_PROXY` proxies. A user and
+//! password in the URL are sent as HTTP basic authentication.
 
 use std::{
     fmt::Write as _,
@@ -23,7 +25,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reqwest::{header, StatusCode, Url};
+use base64::Engine as _;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    body::{Bytes, Incoming},
+    header::{self, HeaderValue},
+    Request, Response, StatusCode, Uri,
+};
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
 use tokio::{
     sync::{
         mpsc::{self, error::TrySendError},
@@ -32,6 +45,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tracing::{debug, error, info, warn};
+use url::Url;
 
 use super::{falco::FalcoAlert, Sink};
 use crate::detect::Anomaly;
@@ -49,6 +63,16 @@ const BODY_EXCERPT: usize = 2048;
 
 /// Minimum time between two "queue full" warnings from one sink.
 const DROP_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Proxy variables other HTTP clients honour and this one does not (a warning says so).
+const PROXY_VARIABLES: [&str; 6] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
 
 /// Where and how to send alerts.
 #[derive(Debug, Clone)]
@@ -94,10 +118,10 @@ pub enum SidekickError {
         setting: &'static str,
         reason: &'static str,
     },
-    /// reqwest could not build the HTTP client (e.g. the TLS backend failed to
-    /// initialise).
+    /// The TLS client configuration could not be built (e.g. the ring provider
+    /// refused the protocol versions).
     #[error("cannot build the falcosidekick HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
+    Client(#[source] rustls::Error),
     /// [`spawn`] was called outside a tokio runtime.
     #[error("the falcosidekick output must be started inside a tokio runtime")]
     NoRuntime,
@@ -247,24 +271,16 @@ pub fn spawn(
 ) -> Result<(SidekickSink, JoinHandle<()>, Arc<SidekickCounters>), SidekickError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| SidekickError::NoRuntime)?;
     let url = check(&cfg)?;
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
-        .timeout(cfg.timeout)
-        .user_agent(concat!("agent-monitor/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = &cfg.ca {
-        for cert in read_ca(path)? {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    let client = builder.build().map_err(SidekickError::Client)?;
+    let target = Target::new(&url)?;
+    let client = http_client(cfg.ca.as_ref())?;
 
     let counters = Arc::new(SidekickCounters::default());
     let (tx, rx) = mpsc::channel(cfg.queue);
     let (alive_tx, alive_rx) = oneshot::channel();
     let sender = Sender {
         client,
+        target,
         shown_url: redacted(&url),
-        url,
         counters: Arc::clone(&counters),
         timeout: cfg.timeout,
         max_backoff: cfg.max_backoff,
@@ -275,6 +291,17 @@ pub fn spawn(
         "falcosidekick output to {} (queue {}, timeout {:?}, max backoff {:?})",
         sender.shown_url, cfg.queue, cfg.timeout, cfg.max_backoff
     );
+    let proxies: Vec<&str> = PROXY_VARIABLES
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+        .collect();
+    if !proxies.is_empty() {
+        warn!(
+            "falcosidekick output connects to {} directly: the proxy set in {} is not used",
+            sender.shown_url,
+            proxies.join(", ")
+        );
+    }
     let task = runtime.spawn(sender.run(rx));
     let sink = SidekickSink {
         tx,
@@ -339,24 +366,104 @@ pub fn check(cfg: &SidekickConfig) -> Result<Url, SidekickError> {
             reason: "must be more than zero",
         });
     }
+    Target::new(&url)?;
     if let Some(path) = &cfg.ca {
-        read_ca(path)?;
+        roots(Some(path))?;
     }
     Ok(url)
 }
 
-/// Reads the certificates of a PEM file.
-fn read_ca(path: &PathBuf) -> Result<Vec<reqwest::Certificate>, SidekickError> {
+/// The trusted roots: the webpki roots plus the certificates of the PEM file `ca`.
+fn roots(ca: Option<&PathBuf>) -> Result<rustls::RootCertStore, SidekickError> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+
+    let mut store = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let Some(path) = ca else {
+        return Ok(store);
+    };
     let bad = |reason: String| SidekickError::BadCa {
         path: path.clone(),
         reason,
     };
     let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
     if certs.is_empty() {
         return Err(bad("no PEM certificate in it".to_owned()));
     }
-    Ok(certs)
+    for cert in certs {
+        store.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(store)
+}
+
+/// The HTTP client: HTTP/1.1 over plain TCP for `http` URLs and over rustls (ring
+/// provider, [`roots`]) for `https` URLs.
+fn http_client(ca: Option<&PathBuf>) -> Result<HttpClient, SidekickError> {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(SidekickError::Client)?
+    .with_root_certificates(roots(ca)?)
+    .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Where each POST goes: the URL without user and password, and the basic
+/// authentication made of them (as reqwest, which this client replaced, did).
+struct Target {
+    uri: Uri,
+    authorization: Option<HeaderValue>,
+}
+
+impl Target {
+    fn new(url: &Url) -> Result<Self, SidekickError> {
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|e| SidekickError::BadUrl(format!("user or password: {e}")))
+        };
+        let authorization = if url.username().is_empty() && url.password().is_none() {
+            None
+        } else {
+            let user = decode(url.username())?;
+            let password = url.password().map(decode).transpose()?;
+            let credentials = match password {
+                Some(p) => format!("{user}:{p}"),
+                None => format!("{user}:"),
+            };
+            let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+            let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+                .map_err(|e| SidekickError::BadUrl(e.to_string()))?;
+            value.set_sensitive(true);
+            Some(value)
+        };
+        let mut bare = url.clone();
+        // Both only fail for URLs that cannot have credentials, which have none.
+        let _ = bare.set_username("");
+        let _ = bare.set_password(None);
+        bare.set_fragment(None);
+        let uri = bare
+            .as_str()
+            .parse::<Uri>()
+            .map_err(|e| SidekickError::BadUrl(format!("{}: {e}", redacted(url))))?;
+        Ok(Self { uri, authorization })
+    }
 }
 
 /// What became of one POST.
@@ -383,8 +490,8 @@ enum Delivery {
 
 /// The task draining the queue.
 struct Sender {
-    client: reqwest::Client,
-    url: Url,
+    client: HttpClient,
+    target: Target,
     shown_url: String,
     counters: Arc<SidekickCounters>,
     timeout: Duration,
@@ -551,16 +658,29 @@ impl Sender {
         }
     }
 
+    /// One POST, the response body included, within `timeout`.
     async fn post(&self, item: &Queued, timeout: Duration) -> Attempt {
-        let sent = self
-            .client
-            .post(self.url.clone())
+        match tokio::time::timeout(timeout, self.try_post(item)).await {
+            Ok(attempt) => attempt,
+            Err(_) => Attempt::Failed {
+                reason: format!("POST to {} timed out after {timeout:?}", self.shown_url),
+                retry_after: None,
+            },
+        }
+    }
+
+    async fn try_post(&self, item: &Queued) -> Attempt {
+        let mut req = Request::post(self.target.uri.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .timeout(timeout)
-            .body(item.body.clone())
-            .send()
-            .await;
-        let resp = match sent {
+            .header(header::ACCEPT, "*/*")
+            .header(
+                header::USER_AGENT,
+                concat!("agent-monitor/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(auth) = &self.target.authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        let req = match req.body(Full::new(Bytes::from(item.body.clone()))) {
             Ok(r) => r,
             Err(e) => {
                 return Attempt::Failed {
@@ -569,11 +689,24 @@ impl Sender {
                 }
             }
         };
+        let resp = match self.client.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Failed {
+                    reason: format!(
+                        "error sending request to {}: {}",
+                        self.shown_url,
+                        crate::errors::error_chain(&e)
+                    ),
+                    retry_after: None,
+                }
+            }
+        };
         let status = resp.status();
         if status.is_success() {
             // Read the body so that the connection can be reused; the alert is
             // delivered whatever happens to it.
-            let _ = resp.bytes().await;
+            let _ = resp.into_body().collect().await;
             return Attempt::Delivered;
         }
         let retry_after = resp
@@ -598,14 +731,21 @@ impl Sender {
 }
 
 /// The start of a response body, as text.
-async fn body_excerpt(mut resp: reqwest::Response) -> String {
+async fn body_excerpt(resp: Response<Incoming>) -> String {
+    let mut body = resp.into_body();
     let mut buf = Vec::new();
     while buf.len() < BODY_EXCERPT {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-            Ok(None) => break,
-            Err(e) => {
-                buf.extend_from_slice(format!(" [body unreadable: {e}]").as_bytes());
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(chunk) = frame.into_data() {
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+            None => break,
+            Some(Err(e)) => {
+                buf.extend_from_slice(
+                    format!(" [body unreadable: {}]", crate::errors::error_chain(&e)).as_bytes(),
+                );
                 break;
             }
         }
@@ -649,6 +789,20 @@ mod tests {
         let shown = redacted(&u);
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("user"), "{shown}");
+    }
+
+    #[test]
+    fn url_credentials_become_basic_auth() {
+        let t = Target::new(&parse_url("http://user:p%40ss@host:2801/x#frag").expect("url"))
+            .expect("target");
+        assert_eq!(t.uri.to_string(), "http://host:2801/x");
+        let auth = t.authorization.expect("authorization");
+        // base64("user:p@ss")
+        assert_eq!(auth.to_str().expect("ascii"), "Basic dXNlcjpwQHNz");
+        assert!(auth.is_sensitive());
+        let t = Target::new(&parse_url("https://host/").expect("url")).expect("target");
+        assert_eq!(t.uri.to_string(), "https://host/");
+        assert!(t.authorization.is_none());
     }
 
     #[tokio::test]
