@@ -487,10 +487,7 @@ fn event_row(e: &pb::Event) -> String {
                 convert::syscall_name(o.syscall()),
                 o.path,
                 o.result,
-                o.error
-                    .as_ref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
+                failure(o.error.as_ref())
             ),
         ),
         Some(Kind::Connect(c)) => (
@@ -502,10 +499,7 @@ fn event_row(e: &pb::Event) -> String {
                 c.dst_addr,
                 c.dst_port,
                 c.result,
-                c.error
-                    .as_ref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
+                failure(c.error.as_ref())
             ),
         ),
         Some(Kind::Exec(x)) => ("exec", x.filename.clone()),
@@ -522,11 +516,7 @@ fn event_row(e: &pb::Event) -> String {
         ),
         None => ("?", String::new()),
     };
-    let process = e
-        .process
-        .as_ref()
-        .map(|p| format!("{}({})", p.comm, p.tgid))
-        .unwrap_or_else(|| "-".into());
+    let process = process_label(e);
     let time = e.time.as_ref();
     format!(
         "{:<24} {:<8} {:<32} {:<16} {:<24} {}",
@@ -626,6 +616,14 @@ fn compact(a: &pb::Anomaly, time: String) -> String {
     )
 }
 
+/// `comm(pid)` of the event's process, or `-` (a loss report has none).
+fn process_label(e: &pb::Event) -> String {
+    e.process
+        .as_ref()
+        .map(|p| format!("{}({})", p.comm, p.tgid))
+        .unwrap_or_else(|| "-".into())
+}
+
 /// ` (ENOENT)` for a failed call, nothing for a successful one.
 fn failure(error: Option<&String>) -> String {
     error.map(|e| format!(" ({e})")).unwrap_or_default()
@@ -658,11 +656,7 @@ fn event_compact(e: &pb::Event) -> String {
         ),
         None => ("?", String::new()),
     };
-    let process = e
-        .process
-        .as_ref()
-        .map(|p| format!("{}({})", p.comm, p.tgid))
-        .unwrap_or_else(|| "-".into());
+    let process = process_label(e);
     let time = e.time.as_ref();
     let line = format!(
         "{} {:<7} {} {} {}",
