@@ -200,7 +200,9 @@ impl Harness {
             .expect("runtime");
         let (tx, rx) = mpsc::channel(1 << 16);
         let monitor = runtime
-            .block_on(async { Monitor::start(config, pods, tx) })
+            .block_on(async {
+                Monitor::start(agent_monitor::app::settings::monitor(config), pods, tx)
+            })
             .unwrap_or_else(|e| panic!("monitor start: {e}"));
         Self {
             runtime,

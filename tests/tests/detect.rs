@@ -10,7 +10,7 @@ use std::{
 
 use agent_monitor::{
     config::{Config, PodSourceKind},
-    detect::{self, destinations::Endpoint, Anomaly, DetectConfig, Engine},
+    detect::{self, destinations::Endpoint, Anomaly, Engine},
     events::Record,
     outputs::falco::FalcoAlert,
     policy::PolicySet,
@@ -126,7 +126,8 @@ fn benign_agent_is_quiet_and_each_misuse_raises_its_rule() {
     config.detect.policies = vec![policy.clone()];
 
     let policies = PolicySet::load(std::slice::from_ref(&policy)).expect("policy loads");
-    let mut dc = DetectConfig::from_settings(&config.detect, 100);
+    config.alerts.rate_limit_per_minute = 100;
+    let mut dc = agent_monitor::app::settings::detect(&config);
     assert_eq!(
         dc.destinations.api_servers,
         vec![Endpoint::parse(&api.to_string()).expect("ep")]

@@ -24,20 +24,19 @@ use syn::visit::Visit;
 ///   itself: kernel programs and ring buffers, decoded records, who did it, the rules,
 ///   the verdict, where the records go. `policy` sits below `detect` because detection
 ///   evaluates the loaded policy.
-/// - Above the pipeline, the file schema and then the runners and the wiring, each on its
-///   own layer:
-///   - `config` is the schema of the config file. It names every section's settings (and
-///     reuses a few of the pipeline's types and defaults), so it sits above every module
-///     it configures; those modules define their own runtime settings types (e.g.
-///     `probes::ProbeSettings`, `identity::IdentitySettings`, `detect::DetectConfig`) and
-///     never read `config`. The conversions live in `config` and are called once by the
-///     runners above it.
+/// - Above the pipeline, the runners, the file schema and the wiring, each on its own
+///   layer:
 ///   - `watching` keeps the kernel's file-identity maps current; it drives `probes` and
 ///     `identity` only, and `monitor` starts it.
-///   - `monitor` runs the live flow (probes to outputs), converts the config for the
-///     pipeline and starts `watching`.
+///   - `monitor` runs the live flow (probes to outputs) with the settings it is given
+///     (`monitor::MonitorSettings`) and starts `watching`.
 ///   - `replay` runs detection and the outputs over a recorded journal, beside the live
 ///     run: nothing below it knows about it.
+///   - `config` is the schema of the config file and nothing else. It reuses a few of the
+///     pipeline's types and defaults, so it sits above every module it configures; those
+///     modules define their own runtime settings types (`probes::ProbeSettings`,
+///     `identity::IdentitySettings`, `detect::DetectSettings`, `monitor::MonitorSettings`)
+///     and never read `config`. The conversions are in one place, `app::settings`.
 ///   - `preflight` checks a machine and a config before a run (it builds outputs and
 ///     policies from the config to see that they can be built).
 ///   - `app` wires a config to the runners and owns shutdown.
@@ -50,10 +49,10 @@ pub const LAYERS: &[&[&str]] = &[
     &["policy"],
     &["detect"],
     &["outputs"],
-    &["config"],
     &["watching"],
     &["monitor"],
     &["replay"],
+    &["config"],
     &["preflight"],
     &["app"],
     &["cli"],

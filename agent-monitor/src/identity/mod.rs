@@ -25,7 +25,7 @@ pub const DEFAULT_TIER_LABEL: &str = "agent-monitor.dev/tier";
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
 
 /// What attribution needs of the config's `identity` section, converted by the wiring
-/// (`IdentityConfig::settings`).
+/// (`app::settings::identity`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentitySettings {
     /// The kubelet's root directory; owners of pod volumes are read under it.

@@ -26,19 +26,19 @@ use tracing::{info, warn};
 
 use self::translate::by_identity;
 use crate::{
-    config::Config,
     events::{
         clock_ns,
         decode::{decode, RawEvent},
         LostRecord, Record, LANE_NAMES,
     },
+    identity::IdentitySettings,
     identity::{
         pods::PodStore,
         process::{ProcessTable, DEFAULT_CAPACITY},
         Identity,
     },
     outputs::metrics::Heartbeat,
-    probes::{ProbeError, Probes, Rings},
+    probes::{ProbeError, ProbeSettings, Probes, Rings},
     watching::{DirWatch, WatchStatus, Watching, MOUNTINFO},
 };
 
@@ -235,6 +235,29 @@ fn next_raw(ring: &mut RingBuf<MapData>, errors: &mut u64) -> Option<RawEvent> {
     }
 }
 
+/// What the lane consumer runs with (made from the config file in `app::settings`).
+#[derive(Debug, Clone)]
+pub struct MonitorSettings {
+    /// What the probes are loaded with.
+    pub probes: ProbeSettings,
+    /// What attribution needs.
+    pub identity: IdentitySettings,
+    /// Where the node's cgroup2 hierarchy is mounted (None: the daemon's own first
+    /// cgroup2 mount).
+    pub cgroup_root: Option<std::path::PathBuf>,
+    /// Whether pod metadata will come (a pods file or the API server): events of an
+    /// unknown pod then wait for it.
+    pub has_pod_source: bool,
+    /// Longest a record waits for its pod's metadata.
+    pub pending_wait: Duration,
+    /// Most records waiting at once.
+    pub pending_max: usize,
+    /// The configured watch prefixes (the inventory walks those that name node files).
+    pub watch_prefixes: Vec<String>,
+    /// How often records that did not wake the consumer are collected.
+    pub poll_interval: Duration,
+}
+
 /// A running lane consumer. Dropping it without [`Monitor::stop`] detaches the probes
 /// when the task ends.
 pub struct Monitor {
@@ -250,17 +273,16 @@ impl Monitor {
     /// Loads and attaches the probes and starts consuming their lanes into `out`. Must be
     /// called inside a tokio runtime. The daemon's own process is never reported.
     pub fn start(
-        config: &Config,
+        settings: MonitorSettings,
         pods: Arc<PodStore>,
         out: mpsc::Sender<Record>,
     ) -> Result<Self, MonitorError> {
-        let cgroup_root =
-            crate::identity::cgroup::cgroup2_root(config.identity.cgroup_root.as_deref())?;
+        let cgroup_root = crate::identity::cgroup::cgroup2_root(settings.cgroup_root.as_deref())?;
         match &cgroup_root {
             Some(root) => info!("cgroup2 hierarchy at {}", root.display()),
             None => warn!("no cgroup2 mount found: events will name no pod or container"),
         }
-        let mut probes = Probes::load(&config.probe_settings(), std::process::id())?;
+        let mut probes = Probes::load(&settings.probes, std::process::id())?;
         let attached = probes.attached().to_vec();
         let Rings {
             credential,
@@ -272,7 +294,7 @@ impl Monitor {
             network: register(network, LANE_NAMES[Lane::Network as usize])?,
             process: register(process, LANE_NAMES[Lane::Process as usize])?,
         };
-        if config.kernel_log {
+        if settings.probes.kernel_log {
             match probes.take_logger() {
                 Ok(logger) => spawn_kernel_logger(logger),
                 Err(e) => warn!("kernel log requested but unavailable: {e}"),
@@ -281,27 +303,23 @@ impl Monitor {
         let mut table = ProcessTable::new(DEFAULT_CAPACITY);
         let seeded = table.seed();
         info!("process table seeded with {seeded} processes");
-        let has_pod_source = config.identity.pods.source != crate::config::PodSourceKind::None;
         let mut enricher = Enricher {
             table,
             identity: Identity::new(
-                config.identity.settings(),
+                settings.identity.clone(),
                 cgroup_root,
                 pods,
-                has_pod_source,
+                settings.has_pod_source,
             ),
             clock: Clock::new(),
             seq: 0,
             lost_reported: [0; LANE_COUNT as usize],
             decode_errors: 0,
-            pending: PendingQueue::new(
-                Duration::from_millis(config.identity.pending.max_wait_ms),
-                config.identity.pending.max_events,
-            ),
+            pending: PendingQueue::new(settings.pending_wait, settings.pending_max),
             watching: Watching::new(
-                &config.identity.kubelet_root,
-                &config.watch.prefixes,
-                config.kernel_maps.inventory_files as usize,
+                &settings.identity.kubelet_root,
+                &settings.watch_prefixes,
+                settings.probes.inventory_files as usize,
             ),
             cache_size: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             heartbeat: Heartbeat::new(),
@@ -322,7 +340,7 @@ impl Monitor {
         let identity_cache_size = enricher.cache_size.clone();
         let heartbeat = enricher.heartbeat.clone();
         let (stop, stop_rx) = watch::channel(false);
-        let poll = Duration::from_millis(config.poll_interval_ms);
+        let poll = settings.poll_interval;
         let task = tokio::spawn(consume(probes, fds, enricher, out, stop_rx, poll));
         Ok(Self {
             stop,

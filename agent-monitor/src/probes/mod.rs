@@ -148,7 +148,7 @@ fn read_format(events: &std::path::Path, tracepoint: &str) -> Result<String, Pro
 }
 
 /// What the probes are loaded with: the kernel-side part of the config, converted by the
-/// wiring (`Config::probe_settings`).
+/// wiring (`app::settings::probes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeSettings {
     /// Ring size in bytes of each lane, indexed by [`Lane`].

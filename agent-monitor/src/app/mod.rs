@@ -2,6 +2,8 @@
 //! drain every lane, flush the output and detach the probes. SIGHUP reopens the output
 //! files (log rotation).
 
+pub mod settings;
+
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::{
@@ -13,16 +15,16 @@ use tracing::{error, info};
 use crate::{
     config::listen_addr,
     config::{Config, PodSourceKind},
-    detect::{Anomaly, DetectConfig, Engine},
+    detect::{Anomaly, Engine},
     events::Record,
     identity::pods::{self, PodStore},
     monitor::{Monitor, MonitorError},
     outputs::{
         falco,
-        falcosidekick::{self, SidekickConfig},
+        falcosidekick::{self, SidekickSettings},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
-        grpc::{GrpcConfig, GrpcServer, Hub, Origin, RunningGrpc, TlsConfig},
-        journal::{Journal, JournalConfig, JOURNAL_QUEUE},
+        grpc::{GrpcServer, GrpcSettings, Hub, Origin, RunningGrpc, TlsSettings},
+        journal::{Journal, JournalSettings, JOURNAL_QUEUE},
         jsonl,
         listen::{self, LimitedListener},
         metrics::{self, Health, Heartbeat, Metrics},
@@ -316,20 +318,17 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         None
     };
     let policies: Arc<RwLock<PolicySet>> = sources.combined();
-    let engine = Engine::new(
-        DetectConfig::from_settings(&config.detect, config.alerts.rate_limit_per_minute),
-        policies,
-    );
+    let engine = Engine::new(settings::detect(&config), policies);
 
     // Falcosidekick.
     let mut sidekick_task = None;
     let mut sidekick_counters = None;
     if let Some(url) = &config.falcosidekick.url {
-        let cfg = SidekickConfig {
+        let cfg = SidekickSettings {
             url: url.clone(),
             queue: config.falcosidekick.queue,
             ca: config.falcosidekick.ca.clone(),
-            ..SidekickConfig::default()
+            ..SidekickSettings::default()
         };
         let (sink, task, counters) =
             falcosidekick::spawn(cfg, hostname.clone()).map_err(|e| AppError::Output {
@@ -362,9 +361,9 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let journal = match &config.journal.dir {
         Some(dir) => {
             let journal = Journal::open(
-                JournalConfig {
+                JournalSettings {
                     dir: dir.clone(),
-                    options: config.journal.options(),
+                    options: settings::journal(&config.journal),
                     sync_interval: config.journal.sync_interval(),
                     origin: origin.clone(),
                     queue: JOURNAL_QUEUE,
@@ -416,7 +415,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         config.identity.tier_label.clone(),
     ]));
     let _pod_source = start_pod_source(&config, &pods).await?;
-    let monitor = Monitor::start(&config, pods.clone(), tx)?;
+    let monitor = Monitor::start(settings::monitor(&config), pods.clone(), tx)?;
     health.watch_loop("lane consumer", monitor.heartbeat());
     metrics.set_probes_attached(monitor.attached().len() as i64);
     {
@@ -468,16 +467,16 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let stopped_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let grpc_cfg = GrpcConfig {
+    let grpc_cfg = GrpcSettings {
         tcp: listen_addr(&config.grpc.listen),
         unix: config.grpc.unix_socket.clone(),
-        tls: config.grpc.tls.as_ref().map(|t| TlsConfig {
+        tls: config.grpc.tls.as_ref().map(|t| TlsSettings {
             cert: t.cert.clone(),
             key: t.key.clone(),
             client_ca: t.client_ca.clone(),
         }),
         queue_per_client: config.grpc.queue_per_client,
-        limits: config.grpc.limits(),
+        limits: settings::grpc_limits(&config.grpc),
         keepalive_interval: std::time::Duration::from_millis(config.grpc.keepalive_interval_ms),
         keepalive_timeout: std::time::Duration::from_millis(config.grpc.keepalive_timeout_ms),
     };
@@ -528,7 +527,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             let listener = LimitedListener::new(
                 listener,
                 "admin listener",
-                config.admin.limits(),
+                settings::admin_limits(&config.admin),
                 metrics.connection_metrics("admin"),
             );
             Some(tokio::spawn(metrics::serve_admin_limited(
@@ -733,7 +732,7 @@ mod tests {
     async fn records_become_alerts_and_silence_is_reported_once() {
         let got = Arc::new(Mutex::new(Vec::new()));
         let engine = Engine::new(
-            DetectConfig::default(),
+            crate::detect::DetectSettings::default(),
             Arc::new(RwLock::new(PolicySet::default())),
         );
         let (tx, rx) = mpsc::channel(16);
@@ -840,7 +839,7 @@ mod tests {
         };
         let reopen = control.reopen.clone();
         let engine = Engine::new(
-            DetectConfig::default(),
+            crate::detect::DetectSettings::default(),
             Arc::new(RwLock::new(PolicySet::default())),
         );
         let (tx, rx) = mpsc::channel(16);
