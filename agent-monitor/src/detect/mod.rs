@@ -4,14 +4,17 @@
 //! engine sees records in order, keeps bounded state ([`state`]), and returns anomalies;
 //! it never reads files or the network, so a journal replay decides exactly as live.
 
+mod credential;
 pub mod destinations;
+mod fields;
+mod health;
+mod network;
 pub mod state;
 #[cfg(test)]
 mod tests;
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -19,14 +22,15 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub use self::health::lost_priority;
 use self::{
     destinations::Destinations,
-    state::{Baselines, Limit, Parents, RateLimiter, Read, Reads},
+    state::{Baselines, Limit, Parents, RateLimiter, Reads},
 };
 use crate::{
-    events::{ConnectRecord, LostRecord, OpenRecord, Record, Task},
-    identity::{credentials::CredentialClass, Workload},
-    policy::{matching::CompiledPolicy, DestinationClass, PolicySet, Priority, Tier},
+    events::Record,
+    identity::Workload,
+    policy::{matching::CompiledPolicy, PolicySet, Priority},
 };
 
 pub use crate::policy::rules::{
@@ -87,67 +91,6 @@ impl Default for DetectSettings {
 }
 
 const MINUTE_NS: u64 = 60_000_000_000;
-
-/// Credential classes that hold secrets.
-fn is_secret(class: CredentialClass) -> bool {
-    !matches!(class, CredentialClass::NonSecret | CredentialClass::Other)
-}
-
-fn opt(s: &Option<String>) -> Value {
-    s.as_ref().map_or(Value::Null, |v| Value::String(v.clone()))
-}
-
-fn or_dash(s: &Option<String>) -> &str {
-    s.as_deref().unwrap_or("-")
-}
-
-/// Who, in words: `agent researcher (pod agents/agent-a, sa sa-agent-a, exe /usr/bin/cat)`.
-fn who(task: &Task) -> String {
-    let w = &task.workload;
-    if w.host {
-        return format!(
-            "host process {} (pid {}, exe {})",
-            task.comm,
-            task.tgid,
-            or_dash(&task.exe)
-        );
-    }
-    format!(
-        "agent {} (pod {}/{}, sa {}, exe {}, pid {})",
-        or_dash(&w.agent),
-        or_dash(&w.namespace),
-        w.pod.as_deref().or(w.pod_uid.as_deref()).unwrap_or("-"),
-        or_dash(&w.service_account),
-        or_dash(&task.exe),
-        task.tgid
-    )
-}
-
-/// Falco output fields of a task.
-fn task_fields(task: &Task) -> BTreeMap<String, Value> {
-    let w = &task.workload;
-    let mut f = BTreeMap::new();
-    f.insert("k8s.ns.name".into(), opt(&w.namespace));
-    f.insert("k8s.pod.name".into(), opt(&w.pod));
-    f.insert("k8s.pod.uid".into(), opt(&w.pod_uid));
-    f.insert("k8s.sa.name".into(), opt(&w.service_account));
-    f.insert("container.id".into(), opt(&w.container_id));
-    f.insert("container.name".into(), opt(&w.container));
-    f.insert("agent.name".into(), opt(&w.agent));
-    f.insert("agent.tier".into(), opt(&w.tier));
-    f.insert("agent.host".into(), json!(w.host));
-    f.insert("proc.pid".into(), json!(task.tgid));
-    f.insert("proc.tid".into(), json!(task.pid));
-    f.insert("proc.ppid".into(), json!(task.ppid));
-    f.insert("proc.name".into(), json!(task.comm));
-    f.insert("proc.exepath".into(), opt(&task.exe));
-    f.insert("user.uid".into(), json!(task.uid));
-    f
-}
-
-fn basename(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
-}
 
 /// The detection engine. One owner; records in order.
 pub struct Engine {
@@ -261,30 +204,6 @@ impl Engine {
         out
     }
 
-    /// A health alert when the kernel side has been silent for `silent` (the caller
-    /// measures it on the wall clock and calls this once per silent spell).
-    pub fn kernel_silent(&mut self, silent: Duration) -> Anomaly {
-        let info = rule(KERNEL_SILENT).unwrap_or(&RULES[0]);
-        self.seq += 1;
-        let mut fields = BTreeMap::new();
-        fields.insert("agent.rule".into(), json!(KERNEL_SILENT));
-        fields.insert("agent.silent_seconds".into(), json!(silent.as_secs()));
-        Anomaly {
-            seq: self.seq,
-            time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
-            rule: KERNEL_SILENT.to_owned(),
-            priority: info.priority,
-            output: format!(
-                "Kernel side silent: no record for {} s (normal on an idle node or with a narrow cgroup filter)",
-                silent.as_secs()
-            ),
-            tags: info.tags.iter().map(|t| (*t).to_owned()).collect(),
-            workload: Workload::default(),
-            fields,
-            events: Vec::new(),
-        }
-    }
-
     /// Applies overrides and rate limiting, and builds the anomaly.
     fn finish(
         &mut self,
@@ -331,372 +250,5 @@ impl Engine {
             fields,
             events: hit.events,
         })
-    }
-
-    fn on_open(&mut self, o: &OpenRecord, policy: Option<&CompiledPolicy>, hits: &mut Vec<Hit>) {
-        let t = &o.task;
-        let w = &t.workload;
-        // A missing file reveals nothing and reads nothing.
-        if o.result == -i64::from(libc::ENOENT) || !is_secret(o.class) {
-            return;
-        }
-        let mut fields = task_fields(t);
-        fields.insert("fd.name".into(), json!(o.path));
-        fields.insert("agent.path_as_passed".into(), json!(o.raw_path));
-        fields.insert("agent.credential.class".into(), json!(o.class));
-        fields.insert(
-            "agent.owner.pod_uid".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)),
-        );
-        fields.insert(
-            "agent.owner.ns".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)),
-        );
-        fields.insert(
-            "agent.owner.pod".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)),
-        );
-        fields.insert("evt.res".into(), json!(o.result));
-        let class = serde_json::to_value(o.class)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        if o.result >= 0 {
-            self.reads.record(Read {
-                ts: t.ts_boot_ns,
-                seq: o.seq,
-                path: o.path.clone(),
-                class: o.class,
-                tgid: t.tgid,
-            });
-        }
-        let own_uid = w.pod_uid.as_deref();
-        let exe = t.exe.as_deref().unwrap_or("");
-        let exe_name = if exe.is_empty() {
-            t.comm.as_str()
-        } else {
-            basename(exe)
-        };
-
-        // 1. Another pod's credential (the kubelet, a host process, reads every pod's).
-        if let Some(owner) = o.owner.as_ref().and_then(|x| x.pod_uid.as_deref()) {
-            if !w.host && own_uid.is_some_and(|u| u != owner) {
-                let on = o.owner.as_ref();
-                hits.push(Hit {
-                    priority: None,
-                    rule: FOREIGN_CREDENTIAL_READ,
-                    output: format!(
-                        "Foreign credential read: {} read {class} of pod {}/{} at {}",
-                        who(t),
-                        on.and_then(|x| x.namespace.as_deref()).unwrap_or("-"),
-                        on.and_then(|x| x.name.as_deref()).unwrap_or(owner),
-                        o.path
-                    ),
-                    fields: fields.clone(),
-                    events: vec![o.seq],
-                });
-            }
-        }
-        // 6. Node credentials; another process's environment. Host processes too: on a
-        // node these are how a node compromise shows, and on a dev box they are the rules a
-        // newcomer sees fire first. The node's own agents read node credentials as their
-        // job and are left out.
-        let node_agent = w.host && self.config.node_agents.iter().any(|a| a == exe_name);
-        match o.class {
-            CredentialClass::NodeKubeconfig
-            | CredentialClass::NodePki
-            | CredentialClass::CloudCredentials
-                if !node_agent =>
-            {
-                let from = if w.host {
-                    "by a host process"
-                } else {
-                    "from a container"
-                };
-                hits.push(Hit {
-                    priority: None,
-                    rule: NODE_CREDENTIAL_READ,
-                    output: format!(
-                        "Node credential read {from}: {} read {class} at {}",
-                        who(t),
-                        o.path
-                    ),
-                    fields: fields.clone(),
-                    events: vec![o.seq],
-                });
-            }
-            CredentialClass::ProcEnviron => {
-                let target = o.owner.as_ref().and_then(|x| x.pid);
-                if target.is_some_and(|pid| pid != t.tgid) {
-                    hits.push(Hit {
-                        priority: None,
-                        rule: PROC_ENVIRON_READ,
-                        output: format!(
-                            "Environment of another process read: {} read {}",
-                            who(t),
-                            o.path
-                        ),
-                        fields: fields.clone(),
-                        events: vec![o.seq],
-                    });
-                }
-            }
-            _ => {}
-        }
-        // The other rules judge pods: their readers, their policies, their baselines.
-        if w.host {
-            return;
-        }
-        // 2. The reader itself.
-        let suspicious = self.config.suspicious_readers.iter().any(|s| s == exe_name);
-        let off_policy = policy.is_some_and(|p| !p.allows_executable(exe));
-        if suspicious || off_policy {
-            let why = if suspicious {
-                "a shell or file utility"
-            } else {
-                "an executable its policy does not name"
-            };
-            hits.push(Hit {
-                priority: None,
-                rule: UNEXPECTED_EXECUTABLE,
-                output: format!(
-                    "Credential read by {why}: {} read {class} at {}",
-                    who(t),
-                    o.path
-                ),
-                fields: fields.clone(),
-                events: vec![o.seq],
-            });
-        }
-        // 2b. What was read: the policy's grants, when it lists any. Files that hold
-        // nothing secret (`ca.crt`, `namespace`) are not credentials to grant.
-        if o.class != CredentialClass::NonSecret
-            && policy.and_then(|p| p.allows_credential(o.class, &[&o.path, &o.raw_path]))
-                == Some(false)
-        {
-            hits.push(Hit {
-                priority: None,
-                rule: CREDENTIAL_NOT_ALLOWED,
-                output: format!(
-                    "Credential read its policy does not grant: {} read {class} at {}",
-                    who(t),
-                    o.path
-                ),
-                fields: fields.clone(),
-                events: vec![o.seq],
-            });
-        }
-        // 7. Baseline: credential classes and the executables reading them.
-        if let Some(window) = policy.and_then(CompiledPolicy::learning_window) {
-            if let Some(agent) = w.agent.clone() {
-                let win = window.as_nanos() as u64;
-                for (kind, item) in [
-                    ("credential class", class.clone()),
-                    ("credential reader", exe.to_owned()),
-                ] {
-                    if self
-                        .baselines
-                        .observe(&agent, win, t.ts_boot_ns, kind, item.clone())
-                    {
-                        hits.push(Hit {
-                            priority: None,
-                            rule: BASELINE_DEVIATION,
-                            output: format!(
-                                "Baseline deviation: {} shows a new {kind} {item}",
-                                who(t)
-                            ),
-                            fields: fields.clone(),
-                            events: vec![o.seq],
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    /// The destination classes allowed when a policy does not list any.
-    fn default_allows(tier: Option<Tier>, class: DestinationClass, has_policy: bool) -> bool {
-        match class {
-            DestinationClass::Dns | DestinationClass::Cluster | DestinationClass::Loopback => true,
-            // Without a policy nothing says the workload may not talk to the API server.
-            DestinationClass::ApiServer => {
-                tier == Some(Tier::Proxy) || (!has_policy && tier != Some(Tier::Worker))
-            }
-            DestinationClass::Metadata | DestinationClass::External => false,
-        }
-    }
-
-    fn tier_of(policy: Option<&CompiledPolicy>, w: &Workload) -> Option<Tier> {
-        policy
-            .and_then(CompiledPolicy::tier)
-            .or(match w.tier.as_deref() {
-                Some("proxy") => Some(Tier::Proxy),
-                Some("worker") => Some(Tier::Worker),
-                _ => None,
-            })
-    }
-
-    fn egress_allowed(
-        policy: Option<&CompiledPolicy>,
-        w: &Workload,
-        class: DestinationClass,
-        ip: IpAddr,
-        port: u16,
-    ) -> bool {
-        let tier = Self::tier_of(policy, w);
-        match policy.and_then(|p| p.egress_allows(class, ip, port)) {
-            Some(allowed) => allowed,
-            None => Self::default_allows(tier, class, policy.is_some()),
-        }
-    }
-
-    fn on_connect(
-        &mut self,
-        c: &ConnectRecord,
-        policy: Option<&CompiledPolicy>,
-        hits: &mut Vec<Hit>,
-    ) {
-        let t = &c.task;
-        let w = &t.workload;
-        if !c.attempted || w.host {
-            return;
-        }
-        let Ok(ip) = c.dst_addr.parse::<IpAddr>() else {
-            return;
-        };
-        let class = self.config.destinations.classify(ip, c.dst_port);
-        let class_name = serde_json::to_value(class)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let mut fields = task_fields(t);
-        fields.insert("fd.sip".into(), json!(c.dst_addr));
-        fields.insert("fd.sport".into(), json!(c.dst_port));
-        fields.insert("agent.destination.class".into(), json!(class_name));
-        fields.insert("evt.type".into(), json!(c.syscall));
-        let dest = format!("{}:{} ({class_name})", c.dst_addr, c.dst_port);
-        let allowed = Self::egress_allowed(policy, w, class, ip, c.dst_port);
-
-        // Data sent on a socket connected earlier: the connection was judged when it was
-        // made; the send matters only for the read-then-send correlation below.
-        let new_destination = c.syscall != "send";
-        if new_destination && class == DestinationClass::Metadata && !allowed {
-            hits.push(Hit {
-                priority: None,
-                rule: CLOUD_METADATA,
-                output: format!("Cloud metadata contact: {} connected to {dest}", who(t)),
-                fields: fields.clone(),
-                events: vec![c.seq],
-            });
-        }
-        if new_destination && class == DestinationClass::ApiServer && !allowed {
-            hits.push(Hit {
-                priority: None,
-                rule: API_SERVER_NOT_ALLOWED,
-                output: format!(
-                    "API server contact not allowed for tier {}: {} connected to {dest}",
-                    Self::tier_of(policy, w).map_or("-", |t| if t == Tier::Proxy {
-                        "proxy"
-                    } else {
-                        "worker"
-                    }),
-                    who(t)
-                ),
-                fields: fields.clone(),
-                events: vec![c.seq],
-            });
-        }
-        if new_destination
-            && policy.is_some()
-            && !allowed
-            && !matches!(
-                class,
-                DestinationClass::Metadata | DestinationClass::ApiServer
-            )
-        {
-            hits.push(Hit {
-                priority: None,
-                rule: EGRESS_OUTSIDE_ALLOWLIST,
-                output: format!(
-                    "Egress outside the allowlist: {} connected to {dest}",
-                    who(t)
-                ),
-                fields: fields.clone(),
-                events: vec![c.seq],
-            });
-        }
-        // 3. A credential read shortly before, anywhere up the process tree.
-        if !allowed {
-            let window = self.config.exfil_window.as_nanos() as u64;
-            let ancestry = self.parents.ancestry(t.tgid);
-            if let Some(read) = self.reads.recent(&ancestry, t.ts_boot_ns, window).cloned() {
-                let mut f = fields.clone();
-                f.insert("fd.name".into(), json!(read.path));
-                f.insert("agent.credential.class".into(), json!(read.class));
-                f.insert("agent.reader.pid".into(), json!(read.tgid));
-                f.insert(
-                    "agent.read_to_connect_ms".into(),
-                    json!((t.ts_boot_ns - read.ts) / 1_000_000),
-                );
-                hits.push(Hit {
-                    priority: None,
-                    rule: EXFILTRATION,
-                    output: format!(
-                        "Credential read then egress outside the allowlist: {} connected to {dest} {} ms after pid {} read {}",
-                        who(t),
-                        (t.ts_boot_ns - read.ts) / 1_000_000,
-                        read.tgid,
-                        read.path
-                    ),
-                    fields: f,
-                    events: vec![read.seq, c.seq],
-                });
-            }
-        }
-        if let Some(window) = policy.and_then(CompiledPolicy::learning_window) {
-            if let Some(agent) = w.agent.clone() {
-                if self.baselines.observe(
-                    &agent,
-                    window.as_nanos() as u64,
-                    t.ts_boot_ns,
-                    "destination class",
-                    class_name.clone(),
-                ) {
-                    hits.push(Hit {
-                        priority: None,
-                        rule: BASELINE_DEVIATION,
-                        output: format!("Baseline deviation: {} shows a new destination class {class_name} ({dest})", who(t)),
-                        fields,
-                        events: vec![c.seq],
-                    });
-                }
-            }
-        }
-    }
-
-    fn on_lost(&mut self, l: &LostRecord, hits: &mut Vec<Hit>) {
-        let mut fields = BTreeMap::new();
-        fields.insert("agent.lane".into(), json!(l.lane));
-        fields.insert("agent.lost".into(), json!(l.count));
-        fields.insert("agent.lost_total".into(), json!(l.total));
-        hits.push(Hit {
-            rule: EVENTS_LOST,
-            priority: Some(lost_priority(&l.lane)),
-            output: format!(
-                "Events lost: the kernel dropped {} {} records ({} since start); raise lanes.{}.ring_bytes",
-                l.count, l.lane, l.total, l.lane
-            ),
-            fields,
-            events: vec![l.seq],
-        });
-    }
-}
-
-/// Lost process records do not hide credential use: they are reported lower.
-pub fn lost_priority(lane: &str) -> Priority {
-    if lane == "process" {
-        Priority::Warning
-    } else {
-        Priority::Critical
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use super::*;
 use crate::{
     events::{ConnectRecord, ExecRecord, LostRecord, OpenRecord, Record, Task},
-    identity::credentials::Owner,
+    identity::credentials::{CredentialClass, Owner},
     policy::{parse_policies, PolicySet},
 };
 

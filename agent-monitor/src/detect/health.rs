@@ -1,0 +1,60 @@
+//! Monitor health: records lost in a lane, the kernel side silent.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde_json::json;
+
+use super::{rule, Anomaly, Engine, Hit, EVENTS_LOST, KERNEL_SILENT, RULES};
+use crate::{events::LostRecord, identity::Workload, policy::Priority};
+
+impl Engine {
+    /// A health alert when the kernel side has been silent for `silent` (the caller
+    /// measures it on the wall clock and calls this once per silent spell).
+    pub fn kernel_silent(&mut self, silent: Duration) -> Anomaly {
+        let info = rule(KERNEL_SILENT).unwrap_or(&RULES[0]);
+        self.seq += 1;
+        let mut fields = BTreeMap::new();
+        fields.insert("agent.rule".into(), json!(KERNEL_SILENT));
+        fields.insert("agent.silent_seconds".into(), json!(silent.as_secs()));
+        Anomaly {
+            seq: self.seq,
+            time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+            rule: KERNEL_SILENT.to_owned(),
+            priority: info.priority,
+            output: format!(
+                "Kernel side silent: no record for {} s (normal on an idle node or with a narrow cgroup filter)",
+                silent.as_secs()
+            ),
+            tags: info.tags.iter().map(|t| (*t).to_owned()).collect(),
+            workload: Workload::default(),
+            fields,
+            events: Vec::new(),
+        }
+    }
+
+    pub(super) fn on_lost(&mut self, l: &LostRecord, hits: &mut Vec<Hit>) {
+        let mut fields = BTreeMap::new();
+        fields.insert("agent.lane".into(), json!(l.lane));
+        fields.insert("agent.lost".into(), json!(l.count));
+        fields.insert("agent.lost_total".into(), json!(l.total));
+        hits.push(Hit {
+            rule: EVENTS_LOST,
+            priority: Some(lost_priority(&l.lane)),
+            output: format!(
+                "Events lost: the kernel dropped {} {} records ({} since start); raise lanes.{}.ring_bytes",
+                l.count, l.lane, l.total, l.lane
+            ),
+            fields,
+            events: vec![l.seq],
+        });
+    }
+}
+
+/// Lost process records do not hide credential use: they are reported lower.
+pub fn lost_priority(lane: &str) -> Priority {
+    if lane == "process" {
+        Priority::Warning
+    } else {
+        Priority::Critical
+    }
+}
