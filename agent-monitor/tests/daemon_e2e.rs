@@ -63,7 +63,8 @@ from agent_monitor.v1 import agent_monitor_pb2 as pb, agent_monitor_pb2_grpc as 
 stub = rpc.AgentMonitorStub(grpc.insecure_channel(addr))
 status = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
 print(json.dumps({"probes": len(status.probes_attached), "cache": status.identity_cache_size,
-                  "watched_filesystems": status.watched_filesystems}), flush=True)
+                  "watched_filesystems": status.watched_filesystems,
+                  "policy_files": status.policy_files, "cluster_policies": status.cluster_policies}), flush=True)
 request = pb.StreamAnomaliesRequest(filter=pb.Filter(allow=pb.Selector(namespaces=["agents"])))
 for resp in stub.StreamAnomalies(request, timeout=60):
     if resp.HasField("anomaly"):
@@ -136,17 +137,28 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
         ),
     )
     .expect("pods file");
+    // A policy for another namespace: in force (counted in GetStatus and the metrics)
+    // without changing what this test's pod may do.
+    let policy = dir.path().join("tools.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: agent-monitor.dev/v1alpha1\nkind: AgentPolicy\nmetadata: {name: tools}\n\
+         spec:\n  selector: {namespaces: [tools]}\n  tier: worker\n",
+    )
+    .expect("policy");
     let sock = dir.path().join("am.sock");
     let config = dir.path().join("config.yaml");
     std::fs::write(
         &config,
         format!(
             "identity:\n  kubelet_root: \"{}\"\n  pods: {{source: file, file: \"{}\"}}\ncgroups: [\"{}\"]\n\
-             output: none\nalerts: {{output: none}}\ngrpc: {{listen: \"127.0.0.1:0\", unix_socket: \"{}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+             output: none\nalerts: {{output: none}}\ngrpc: {{listen: \"127.0.0.1:0\", unix_socket: \"{}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
+             detect: {{policies: [\"{}\"]}}\n",
             kroot.display(),
             pods.display(),
             top.display(),
-            sock.display()
+            sock.display(),
+            policy.display()
         ),
     )
     .expect("config");
@@ -230,6 +242,8 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
             );
             // The pod's one projected volume is watched by its filesystem.
             assert_eq!(status["watched_filesystems"], 1, "{target}: {status}");
+            assert_eq!(status["policy_files"], 1, "{target}: {status}");
+            assert_eq!(status["cluster_policies"], 0, "{target}: {status}");
             // Processes, cgroups and pods known: at least the processes seeded from /proc.
             assert!(
                 status["cache"].as_u64().is_some_and(|n| n >= 1),
@@ -313,6 +327,15 @@ fn a_python_grpc_client_receives_an_anomaly_from_a_real_read_and_metrics_count_i
             .any(|l| l == "agent_monitor_watched{kind=\"filesystems\"} 1"),
         "{metrics}"
     );
+    for policies in [
+        "agent_monitor_policies{source=\"file\",state=\"in_force\"} 1",
+        "agent_monitor_policies{source=\"cluster\",state=\"rejected\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == policies),
+            "{policies}: {metrics}"
+        );
+    }
     assert!(
         metrics.contains("agent_monitor_kernel_map_refusals_total 0"),
         "{metrics}"

@@ -322,6 +322,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
 
     // Falcosidekick.
     let mut sidekick_task = None;
+    let metrics = Arc::new(Metrics::new());
     let mut sidekick_counters = None;
     if let Some(url) = &config.falcosidekick.url {
         let cfg = SidekickSettings {
@@ -336,12 +337,12 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
                 source: std::io::Error::other(e.to_string()),
             })?;
         alerts.push(Box::new(sink));
+        metrics.declare_sink("falcosidekick");
         sidekick_task = Some(task);
         sidekick_counters = Some(counters);
     }
 
     // Metrics and health.
-    let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(std::time::Duration::from_millis(
         config.health.loop_stall_ms,
     )));
@@ -370,6 +371,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
                 },
                 Some(metrics.clone()),
             )?;
+            metrics.declare_sink("journal");
             events.push(Box::new(journal.sink()));
             alerts.push(Box::new(journal.sink()));
             Some(journal)
@@ -420,11 +422,12 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     metrics.set_probes_attached(monitor.attached().len() as i64);
     {
         // Values owned by other tasks, copied into the metrics once a second.
-        let (metrics, watch, cache, sidekick) = (
+        let (metrics, watch, cache, sidekick, sources) = (
             metrics.clone(),
             monitor.watch_status(),
             monitor.identity_cache_size(),
             sidekick_counters.clone(),
+            sources.clone(),
         );
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         tokio::spawn(async move {
@@ -432,6 +435,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             loop {
                 tick.tick().await;
                 metrics.set_watch(&watch);
+                metrics.set_policies(&sources);
                 metrics.set_identity_cache_size(gauge(
                     cache.load(std::sync::atomic::Ordering::Relaxed),
                 ));
@@ -492,6 +496,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             sidekick: sidekick_counters.clone(),
             identity_cache: monitor.identity_cache_size(),
             watch: monitor.watch_status(),
+            policies: sources.clone(),
             queue_depth: Arc::new(move || {
                 depth_tx
                     .upgrade()

@@ -13,7 +13,9 @@ use super::{
     metrics::{Health, Metrics},
     Sink,
 };
-use crate::{detect::Anomaly, events::Record, outputs::grpc::priority_name};
+use crate::{
+    detect::Anomaly, events::Record, outputs::grpc::priority_name, policy::sources::PolicySources,
+};
 
 /// The lane a record came through.
 pub fn lane_of(record: &Record) -> &str {
@@ -121,6 +123,8 @@ pub struct DaemonStatus {
     pub identity_cache: Arc<std::sync::atomic::AtomicU64>,
     /// What the kernel watches by file identity.
     pub watch: Arc<crate::identity::watched::WatchStatus>,
+    /// The policies in force and the cluster objects rejected.
+    pub policies: Arc<PolicySources>,
 }
 
 impl StatusSource for DaemonStatus {
@@ -132,6 +136,14 @@ impl StatusSource for DaemonStatus {
             watched_inventory: self.watch.inventory.load(Ordering::Relaxed),
             kernel_map_refusals: self.watch.map_full.load(Ordering::Relaxed),
             kernel_map_pending: self.watch.pending.load(Ordering::Relaxed),
+            policy_files: self.policies.file_count() as u64,
+            cluster_policies: self.policies.cluster_count() as u64,
+            cluster_policy_rejections: self
+                .policies
+                .cluster_rejections()
+                .into_iter()
+                .map(|(k, reason)| (k.to_string(), reason))
+                .collect(),
             ..Default::default()
         };
         if let Ok(c) = self.counters.lock() {

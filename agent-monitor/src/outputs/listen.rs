@@ -247,11 +247,6 @@ impl<L: RawListener> LimitedListener<L> {
         self.gate.limits
     }
 
-    /// Connections admitted now.
-    pub fn open_connections(&self) -> usize {
-        self.gate.conns().len()
-    }
-
     /// The next admitted connection. Connections over the limit are closed here, and
     /// accept errors (out of descriptors, aborted handshakes) are logged and retried, so
     /// this only returns a connection.

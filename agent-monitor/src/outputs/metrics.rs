@@ -82,6 +82,7 @@ pub struct Metrics {
     connections: Family<Labels<1>, Gauge>,
     connections_closed: Family<Labels<2>, Counter>,
     sink_failures: Family<Labels<1>, Counter>,
+    policies: Family<Labels<2>, Gauge>,
     watched: Family<Labels<1>, Gauge>,
     kernel_map_refusals: Counter,
     kernel_silence: Gauge<f64, AtomicU64>,
@@ -96,6 +97,13 @@ pub struct Metrics {
 /// Upper bounds (seconds) of the journal's fsync latency histogram: 100 µs to 10 s.
 pub const SYNC_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 10.0,
+];
+
+/// The `source` and `state` labels of `agent_monitor_policies`.
+const POLICY_SERIES: [(&str, &str); 3] = [
+    ("file", "in_force"),
+    ("cluster", "in_force"),
+    ("cluster", "rejected"),
 ];
 
 /// How the newest segment ended when the journal was opened, as the `tail` label.
@@ -122,6 +130,7 @@ impl Metrics {
         let connections = Family::<Labels<1>, Gauge>::default();
         let connections_closed = Family::<Labels<2>, Counter>::default();
         let sink_failures = Family::<Labels<1>, Counter>::default();
+        let policies = Family::<Labels<2>, Gauge>::default();
         let watched = Family::<Labels<1>, Gauge>::default();
         let kernel_map_refusals = Counter::default();
         let kernel_silence = Gauge::<f64, AtomicU64>::default();
@@ -240,10 +249,27 @@ impl Metrics {
             sink_failures.clone(),
         );
 
+        registry.register(
+            "agent_monitor_policies",
+            "AgentPolicies by source and state: file in_force (detect.policies), cluster in_force and cluster rejected (AgentPolicy objects whose current version was refused; the reasons are in GetStatus and the log)",
+            policies.clone(),
+        );
+
         for lane in LANES {
             let key = [("lane", Cow::Borrowed(lane))];
             drop(events.get_or_create(&key));
             drop(lost.get_or_create(&key));
+        }
+        // The sinks every daemon has; the journal and Falcosidekick are declared when
+        // configured (`declare_sink`).
+        for sink in ["events", "alerts"] {
+            drop(sink_failures.get_or_create(&[("sink", Cow::Borrowed(sink))]));
+        }
+        for (source, state) in POLICY_SERIES {
+            drop(policies.get_or_create(&[
+                ("source", Cow::Borrowed(source)),
+                ("state", Cow::Borrowed(state)),
+            ]));
         }
 
         Self {
@@ -259,6 +285,7 @@ impl Metrics {
             connections,
             connections_closed,
             sink_failures,
+            policies,
             watched,
             kernel_map_refusals,
             kernel_silence,
@@ -388,6 +415,28 @@ impl Metrics {
             evicted: closed("evicted"),
             handshake_timeouts: closed("handshake_timeout"),
             idle_timeouts: closed("idle_timeout"),
+        }
+    }
+
+    /// Makes the named sink's failure counter visible at 0 before its first failure.
+    pub fn declare_sink(&self, sink: &str) {
+        drop(self.sink_failures.get_or_create(&[("sink", owned(sink))]));
+    }
+
+    /// Copies the number of policies in force and of rejected cluster objects.
+    pub fn set_policies(&self, sources: &crate::policy::sources::PolicySources) {
+        let counts = [
+            sources.file_count(),
+            sources.cluster_count(),
+            sources.cluster_rejections().len(),
+        ];
+        for ((source, state), n) in POLICY_SERIES.into_iter().zip(counts) {
+            self.policies
+                .get_or_create(&[
+                    ("source", Cow::Borrowed(source)),
+                    ("state", Cow::Borrowed(state)),
+                ])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -795,5 +844,54 @@ mod tests {
         let text = m.render();
         assert!(text.contains("agent_monitor_sink_failures_total{sink=\"falcosidekick\"} 3\n"));
         assert!(text.contains("agent_monitor_sink_failures_total{sink=\"events\"} 1\n"));
+    }
+
+    #[test]
+    fn policy_counts_and_sink_failures_have_series_from_the_start() {
+        use kube::{api::DynamicObject, runtime::watcher};
+
+        use crate::policy::{set::PolicySet, sources::PolicySources};
+
+        let m = Metrics::new();
+        let text = m.render();
+        for zero in [
+            "agent_monitor_sink_failures_total{sink=\"events\"} 0\n",
+            "agent_monitor_sink_failures_total{sink=\"alerts\"} 0\n",
+            "agent_monitor_policies{source=\"cluster\",state=\"rejected\"} 0\n",
+        ] {
+            assert!(text.contains(zero), "no {zero:?} in {text}");
+        }
+        assert!(!text.contains("sink=\"journal\""));
+        m.declare_sink("journal");
+        assert!(m
+            .render()
+            .contains("agent_monitor_sink_failures_total{sink=\"journal\"} 0\n"));
+
+        let object = |name: &str, spec: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "agent-monitor.dev/v1alpha1", "kind": "AgentPolicy",
+                "metadata": {"namespace": "agents", "name": name, "resourceVersion": "1"},
+                "spec": spec,
+            }))
+            .expect("a DynamicObject")
+        };
+        let sources = PolicySources::new(PolicySet::default());
+        sources.apply_cluster_event(watcher::Event::Apply(object(
+            "workers",
+            serde_json::json!({"selector": {"serviceAccounts": ["agent-*"]}}),
+        )));
+        sources.apply_cluster_event(watcher::Event::Apply(object(
+            "typo",
+            serde_json::json!({"egress": {"allow": [{"cidr": "10.0.0.0/99"}]}}),
+        )));
+        m.set_policies(&sources);
+        let text = m.render();
+        for want in [
+            "agent_monitor_policies{source=\"file\",state=\"in_force\"} 0\n",
+            "agent_monitor_policies{source=\"cluster\",state=\"in_force\"} 1\n",
+            "agent_monitor_policies{source=\"cluster\",state=\"rejected\"} 1\n",
+        ] {
+            assert!(text.contains(want), "no {want:?} in {text}");
+        }
     }
 }

@@ -391,6 +391,11 @@ fn every_other_message_prints_as_prost_reflect_printed_it() {
         kernel_map_pending: 10,
         run_id: "run-1".into(),
         node: "node-a".into(),
+        policy_files: 11,
+        cluster_policies: 12,
+        cluster_policy_rejections: [("agents/p".to_owned(), "bad cidr".to_owned())]
+            .into_iter()
+            .collect(),
     };
     assert_same(&status, "agent_monitor.v1.GetStatusResponse");
     let mut many = status.clone();
