@@ -1,45 +1,15 @@
 //! Names of the errno values open and connect return.
 
-/// The symbolic name of `errno` (positive), such as `ENOENT`, or `E<n>` for others.
+use nix::errno::Errno;
+
+/// The symbolic name of `errno` (positive), such as `ENOENT`, or `E<n>` for a value this
+/// platform does not define.
 pub fn name(errno: i64) -> String {
-    let known = match errno as i32 {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::EINTR => "EINTR",
-        libc::EIO => "EIO",
-        libc::ENXIO => "ENXIO",
-        libc::EBADF => "EBADF",
-        libc::EAGAIN => "EAGAIN",
-        libc::ENOMEM => "ENOMEM",
-        libc::EACCES => "EACCES",
-        libc::EFAULT => "EFAULT",
-        libc::EBUSY => "EBUSY",
-        libc::EEXIST => "EEXIST",
-        libc::ENOTDIR => "ENOTDIR",
-        libc::EISDIR => "EISDIR",
-        libc::EINVAL => "EINVAL",
-        libc::ENFILE => "ENFILE",
-        libc::EMFILE => "EMFILE",
-        libc::ETXTBSY => "ETXTBSY",
-        libc::EROFS => "EROFS",
-        libc::ENAMETOOLONG => "ENAMETOOLONG",
-        libc::ELOOP => "ELOOP",
-        libc::ENOTSOCK => "ENOTSOCK",
-        libc::EMSGSIZE => "EMSGSIZE",
-        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
-        libc::EADDRINUSE => "EADDRINUSE",
-        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::EISCONN => "EISCONN",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::EALREADY => "EALREADY",
-        libc::EINPROGRESS => "EINPROGRESS",
-        _ => return format!("E{errno}"),
-    };
-    known.to_owned()
+    match i32::try_from(errno).map(Errno::from_raw) {
+        // Errno's Debug is the constant's name.
+        Ok(e) if e != Errno::UnknownErrno => format!("{e:?}"),
+        _ => format!("E{errno}"),
+    }
 }
 
 /// `Some(name)` when a syscall result is `-errno`.
@@ -55,7 +25,16 @@ mod tests {
     fn names() {
         assert_eq!(of_result(-2).as_deref(), Some("ENOENT"));
         assert_eq!(of_result(-115).as_deref(), Some("EINPROGRESS"));
+        assert_eq!(
+            of_result(-i64::from(libc::EACCES)).as_deref(),
+            Some("EACCES")
+        );
+        assert_eq!(
+            of_result(-i64::from(libc::ECONNREFUSED)).as_deref(),
+            Some("ECONNREFUSED")
+        );
         assert_eq!(of_result(3), None);
         assert_eq!(name(4095), "E4095");
+        assert_eq!(name(1 << 40), format!("E{}", 1u64 << 40));
     }
 }
