@@ -4,202 +4,26 @@
 //! line; pod metadata over the limits is cut and marked; a flood of identical warnings is
 //! one line and a count; loss reports are numbered. Needs root and BPF.
 
+#[path = "support/daemon.rs"]
+mod support_daemon;
 #[path = "support/privileged.rs"]
 mod support_privileged;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpStream,
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
+use support_daemon::{Cgroup, Daemon};
 use support_privileged::privileged;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_agent-monitor");
 /// Longest any one expected thing may take (BPF load, a record reaching a file).
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A cgroup2 directory for one test (parents included), emptied and removed on drop.
-struct Cgroup {
-    path: PathBuf,
-    top: PathBuf,
-}
-
-impl Cgroup {
-    /// `<cgroup2>/<top>/<rest>`; `top` is what the daemon's cgroup filter names.
-    fn create(top: &str, rest: &str) -> Self {
-        let root = agent_monitor::identity::cgroup::cgroup2_mount().expect("cgroup2");
-        let top = root.join(top);
-        let path = if rest.is_empty() {
-            top.clone()
-        } else {
-            top.join(rest)
-        };
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Self { path, top }
-    }
-
-    /// Runs `script` with `sh` inside this cgroup and waits for it.
-    fn run(&self, script: &str) {
-        let sh = format!("echo $$ > {}/cgroup.procs && {script}", self.path.display());
-        let out = Command::new("sh").args(["-c", &sh]).output().expect("sh");
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let mut dir = self.path.clone();
-        loop {
-            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
-                    // SAFETY: plain kill(2) of a test child.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while std::fs::remove_dir(&dir).is_err() && dir.exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if dir == self.top {
-                break;
-            }
-            match dir.parent() {
-                Some(p) => dir = p.to_owned(),
-                None => break,
-            }
-        }
-    }
-}
-
-/// The daemon, its log (stderr) as it comes, and its admin address. Killed on drop.
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-    admin: String,
-}
-
-impl Daemon {
-    /// Starts `agent-monitor run --config config` (under umask 000 with `open_umask`) and
-    /// waits until it runs.
-    fn start(config: &Path, open_umask: bool) -> Self {
-        let mut cmd = if open_umask {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg("umask 000 && exec \"$0\" run --config \"$1\"")
-                .arg(BIN)
-                .arg(config);
-            c
-        } else {
-            let mut c = Command::new(BIN);
-            c.args(["run", "--config"]).arg(config);
-            c
-        };
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start daemon");
-        let stderr = BufReader::new(child.stderr.take().expect("stderr"));
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut d = Self {
-            child,
-            lines,
-            log: Vec::new(),
-            admin: String::new(),
-        };
-        let line = d.wait_log(&["/readyz on http://"]);
-        d.admin = line
-            .split("/readyz on http://")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .expect("admin address")
-            .to_owned();
-        d.wait_log(&["agent-monitor running"]);
-        d
-    }
-
-    /// Waits for a log line holding every needle (seen before or arriving) and returns it.
-    fn wait_log(&mut self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        let found = |l: &String| needles.iter().all(|n| l.contains(n));
-        if let Some(l) = self.log.iter().find(|l| found(l)) {
-            return l.clone();
-        }
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| {
-                    panic!("no log line with {needles:?}:\n{}", self.log.join("\n"))
-                });
-            self.log.push(line.clone());
-            if found(&line) {
-                return line;
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: plain kill(2) of our child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill {sig}");
-    }
-
-    /// SIGTERM, then the whole log once it has exited.
-    fn stop(mut self) -> Vec<String> {
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + WAIT;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.log.push(line);
-        }
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "{status}:\n{}", self.log.join("\n"));
-        std::mem::take(&mut self.log)
-    }
-
-    fn get(&self, path: &str) -> String {
-        let mut s = TcpStream::connect(&self.admin).expect("connect admin");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.admin
-        )
-        .expect("request");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("response");
-        body
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Every line of a JSON-lines file, parsed; panics naming the first that does not parse.
 fn json_lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
@@ -264,7 +88,7 @@ fn a_quiet_node_stays_healthy_and_reports_its_silence() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     // A cgroup nothing runs in: the kernel reports nothing at all.
-    let cg = Cgroup::create(&format!("am-ops-quiet-{}", std::process::id()), "");
+    let cg = Cgroup::nested(&format!("am-ops-quiet-{}", std::process::id()), "");
     let (events, alerts) = (
         dir.path().join("events.jsonl"),
         dir.path().join("alerts.jsonl"),
@@ -282,7 +106,7 @@ fn a_quiet_node_stays_healthy_and_reports_its_silence() {
         ),
     )
     .expect("config");
-    let d = Daemon::start(&config, false);
+    let d = Daemon::start(&config);
     // The silence window passes: one notice, at Notice priority.
     let notices = wait_lines(&alerts, |a| a.iter().any(is_silence_notice));
     let notice = notices
@@ -315,7 +139,7 @@ fn sighup_reopens_outputs_and_files_are_owner_only_under_umask_000() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let cg = Cgroup::create(&format!("am-ops-hup-{}", std::process::id()), "");
+    let cg = Cgroup::nested(&format!("am-ops-hup-{}", std::process::id()), "");
     let (events, alerts) = (
         dir.path().join("events.jsonl"),
         dir.path().join("alerts.jsonl"),
@@ -333,7 +157,7 @@ fn sighup_reopens_outputs_and_files_are_owner_only_under_umask_000() {
         ),
     )
     .expect("config");
-    let mut d = Daemon::start(&config, true);
+    let mut d = Daemon::start_under_open_umask(&config);
     assert_eq!(mode(&events), 0o600, "event file under umask 000");
     assert_eq!(mode(&alerts), 0o600, "alert file under umask 000");
 
@@ -384,7 +208,7 @@ fn a_restart_after_sigkill_never_appends_onto_a_torn_line() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let cg = Cgroup::create(&format!("am-ops-torn-{}", std::process::id()), "");
+    let cg = Cgroup::nested(&format!("am-ops-torn-{}", std::process::id()), "");
     let (events, alerts) = (
         dir.path().join("events.jsonl"),
         dir.path().join("alerts.jsonl"),
@@ -412,7 +236,7 @@ fn a_restart_after_sigkill_never_appends_onto_a_torn_line() {
     )
     .expect("config");
 
-    let mut d = Daemon::start(&config, false);
+    let mut d = Daemon::start(&config);
     d.wait_log(&[
         &events.display().to_string(),
         &format!("dropped the {}-byte torn last line", torn.len()),
@@ -442,7 +266,7 @@ fn a_restart_after_sigkill_never_appends_onto_a_torn_line() {
     drop(d);
 
     // Whatever the kill left, the restart leaves only whole lines and appends after them.
-    let d = Daemon::start(&config, false);
+    let d = Daemon::start(&config);
     cg.run("exec /bin/true");
     let count = json_lines(&events).len();
     wait_lines(&events, |e| e.len() > count);
@@ -463,7 +287,7 @@ fn pod_metadata_over_the_limits_is_cut_and_marked_in_events() {
     const CID: &str = "5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e";
     let dir = tempfile::tempdir().expect("tempdir");
     let top = format!("am-ops-meta-{}", std::process::id());
-    let cg = Cgroup::create(
+    let cg = Cgroup::nested(
         &top,
         &format!(
             "kubepods-besteffort-pod{}.slice/cri-containerd-{CID}.scope",
@@ -502,7 +326,7 @@ fn pod_metadata_over_the_limits_is_cut_and_marked_in_events() {
         ),
     )
     .expect("config");
-    let mut d = Daemon::start(&config, false);
+    let mut d = Daemon::start(&config);
     d.wait_log(&["pod agents/nnn", "metadata over the limits is cut"]);
     cg.run("exec /bin/true");
     let lines = wait_lines(&events, |e| {
@@ -543,7 +367,7 @@ fn ten_thousand_unknown_pod_records_make_one_warning_and_a_count() {
     const CID: &str = "6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f";
     let dir = tempfile::tempdir().expect("tempdir");
     let top = format!("am-ops-flood-{}", std::process::id());
-    let cg = Cgroup::create(
+    let cg = Cgroup::nested(
         &top,
         &format!(
             "kubepods-besteffort-pod{}.slice/cri-containerd-{CID}.scope",
@@ -572,7 +396,7 @@ fn ten_thousand_unknown_pod_records_make_one_warning_and_a_count() {
         ),
     )
     .expect("config");
-    let d = Daemon::start(&config, false);
+    let d = Daemon::start(&config);
     // 10,000 failed opens of a watched path, from the shell itself (no fork per open).
     cg.run(&format!(
         "i=0; while [ $i -lt 10000 ]; do true < {}/missing 2>/dev/null; i=$((i+1)); done",
@@ -606,7 +430,7 @@ fn loss_reports_are_numbered_in_the_stream() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let cg = Cgroup::create(&format!("am-ops-lost-{}", std::process::id()), "");
+    let cg = Cgroup::nested(&format!("am-ops-lost-{}", std::process::id()), "");
     let watched = dir.path().join("secrets");
     std::fs::create_dir(&watched).expect("mkdir");
     let events = dir.path().join("events.jsonl");
@@ -625,7 +449,7 @@ fn loss_reports_are_numbered_in_the_stream() {
         ),
     )
     .expect("config");
-    let d = Daemon::start(&config, false);
+    let d = Daemon::start(&config);
     cg.run(&format!(
         "i=0; while [ $i -lt 5000 ]; do true < {}/missing 2>/dev/null; i=$((i+1)); done",
         watched.display()

@@ -17,17 +17,29 @@ const BIN: &str = env!("CARGO_BIN_EXE_agent-monitor");
 /// Longest any one expected thing may take (BPF load, a log line).
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A cgroup2 directory for one test, emptied and removed on drop.
+/// A cgroup2 directory for one test (`<cgroup2>/<top>/<rest>`, parents included), emptied
+/// and removed on drop. `top` is what a daemon's cgroup filter names.
 pub struct Cgroup {
     pub path: PathBuf,
+    pub top: PathBuf,
 }
 
 impl Cgroup {
     pub fn create(name: &str) -> Self {
+        Self::nested(name, "")
+    }
+
+    /// `<cgroup2>/<top>/<rest>` (`rest` may be empty or several levels).
+    pub fn nested(top: &str, rest: &str) -> Self {
         let root = agent_monitor::identity::cgroup::cgroup2_mount().expect("cgroup2");
-        let path = root.join(name);
+        let top = root.join(top);
+        let path = if rest.is_empty() {
+            top.clone()
+        } else {
+            top.join(rest)
+        };
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Self { path }
+        Self { path, top }
     }
 
     /// Starts `script` with `sh` inside this cgroup, without waiting.
@@ -44,26 +56,47 @@ impl Cgroup {
             .expect("sh")
     }
 
+    /// Runs `script` with `sh` inside this cgroup and waits for it to succeed.
+    pub fn run(&self, script: &str) {
+        let sh = format!("echo $$ > {}/cgroup.procs && {script}", self.path.display());
+        let out = Command::new("sh").args(["-c", &sh]).output().expect("sh");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn kill_all(&self) {
-        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
-                // SAFETY: plain kill(2) of a test child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        kill_all(&self.path);
+    }
+}
+
+fn kill_all(dir: &Path) {
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+            // SAFETY: plain kill(2) of a test child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        self.kill_all();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.path).is_err()
-            && self.path.exists()
-            && Instant::now() < deadline
-        {
-            self.kill_all();
-            std::thread::sleep(Duration::from_millis(20));
+        let mut dir = self.path.clone();
+        loop {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(&dir).is_err() && dir.exists() && Instant::now() < deadline {
+                kill_all(&dir);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if dir == self.top {
+                break;
+            }
+            match dir.parent() {
+                Some(p) => dir = p.to_owned(),
+                None => break,
+            }
         }
     }
 }
@@ -77,10 +110,26 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts `agent-monitor run --config config` and waits until it runs.
     pub fn start(config: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"]).arg(config);
+        Self::spawn(cmd)
+    }
+
+    /// As [`Daemon::start`], under umask 000 (files the daemon creates must still be
+    /// owner-only).
+    pub fn start_under_open_umask(config: &Path) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("umask 000 && exec \"$0\" run --config \"$1\"")
+            .arg(BIN)
+            .arg(config);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -173,10 +222,15 @@ impl Daemon {
     }
 
     pub fn metrics(&self) -> String {
+        self.get("/metrics")
+    }
+
+    /// The whole HTTP response (head and body) to `GET path` on the admin listener.
+    pub fn get(&self, path: &str) -> String {
         let mut s = TcpStream::connect(&self.admin).expect("connect admin");
         write!(
             s,
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
             self.admin
         )
         .expect("request");
