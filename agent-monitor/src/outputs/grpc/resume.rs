@@ -371,7 +371,14 @@ pub fn resumed<T: Resumable>(
             return;
         };
         let mut live = live;
-        while let Some(delivery) = live.next().await {
+        loop {
+            // A client that hangs up ends its subscription now, not at the next item a
+            // quiet stream may not get for hours (it would count as a client till then).
+            let delivery = tokio::select! {
+                d = live.next() => d,
+                () = tx.closed() => None,
+            };
+            let Some(delivery) = delivery else { return };
             let out = match delivery {
                 Delivery::Item(item) => {
                     let own_run = item.run_id() == &*current_run;
@@ -543,5 +550,38 @@ mod tests {
         }
         assert!(s.contains(3), "older than the kept window: served");
         assert!(!s.contains(100 + SEEN_MIN as u64 + 5), "newer: not served");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_client_that_hangs_up_leaves_at_once_on_a_quiet_stream() {
+        use Rec::{Anomaly as A, Start as S};
+        let (_tmp, j) = journal(&[S("a"), A("a", 1), A("a", 2)]);
+        let hub = super::super::Hub::new(16, super::super::Origin::new_run("node-a"));
+        let live = hub.subscribe_anomalies(Matcher::default());
+        assert_eq!(hub.clients(), 1);
+        let mut stream = Box::pin(resumed(
+            Arc::new(j),
+            live,
+            pb::Cursor {
+                run_id: "a".into(),
+                seq: 1,
+            },
+            Matcher::default(),
+            Arc::from("a"),
+        ));
+        // The journal part arrives; then the client hangs up while nothing is published.
+        match stream.next().await {
+            Some(Out::Item(a)) => assert_eq!(a.seq, 2),
+            _ => panic!("expected a:2 from the journal"),
+        }
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hub.clients() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the subscription outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
