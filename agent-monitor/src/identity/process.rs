@@ -6,14 +6,17 @@
 
 use std::{
     collections::HashMap,
+    num::NonZeroUsize,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+use lru::LruCache;
+
 use agent_monitor_common::AT_FDCWD;
 
-/// Upper bound of the table; past it, dead entries are pruned and then new ones are not
-/// kept (lookups fall back to /proc).
+/// Upper bound of the table; past it, dead entries are pruned, then the least recently
+/// used entry makes room (a later lookup of it reads /proc again).
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
 /// How long an exited process stays in the table. Its exit record can be read before
@@ -28,12 +31,11 @@ pub struct ProcInfo {
     pub exe: Option<String>,
 }
 
-/// Process id to [`ProcInfo`], bounded.
+/// Process id to [`ProcInfo`], bounded, least recently used first out.
 pub struct ProcessTable {
-    procs: HashMap<u32, ProcInfo>,
+    procs: LruCache<u32, ProcInfo>,
     /// Processes that exited, with when we learned it; removed after [`EXIT_GRACE`].
     exited: HashMap<u32, Instant>,
-    capacity: usize,
     proc_root: PathBuf,
 }
 
@@ -54,9 +56,8 @@ impl ProcessTable {
     /// An empty table reading another procfs mount (a host's /proc mounted in a container).
     pub fn with_proc_root(capacity: usize, proc_root: PathBuf) -> Self {
         Self {
-            procs: HashMap::new(),
+            procs: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
             exited: HashMap::new(),
-            capacity,
             proc_root,
         }
     }
@@ -103,13 +104,14 @@ impl ProcessTable {
     }
 
     fn insert(&mut self, pid: u32, info: ProcInfo) {
-        if self.procs.len() >= self.capacity && !self.procs.contains_key(&pid) {
+        if self.procs.len() >= self.procs.cap().get() && !self.procs.contains(&pid) {
             self.prune();
-            if self.procs.len() >= self.capacity {
-                return;
+        }
+        if let Some((gone, _)) = self.procs.push(pid, info) {
+            if gone != pid {
+                self.exited.remove(&gone);
             }
         }
-        self.procs.insert(pid, info);
     }
 
     /// Drops entries of processes that exited more than [`EXIT_GRACE`] ago, or that no
@@ -120,8 +122,15 @@ impl ProcessTable {
         let root = self.proc_root.clone();
         let exited = &mut self.exited;
         exited.retain(|_, at| now.duration_since(*at) < EXIT_GRACE);
-        self.procs
-            .retain(|pid, _| exited.contains_key(pid) || root.join(pid.to_string()).exists());
+        let gone: Vec<u32> = self
+            .procs
+            .iter()
+            .map(|(pid, _)| *pid)
+            .filter(|pid| !exited.contains_key(pid) && !root.join(pid.to_string()).exists())
+            .collect();
+        for pid in gone {
+            self.procs.pop(&pid);
+        }
         before - self.procs.len()
     }
 
@@ -199,7 +208,7 @@ impl ProcessTable {
 
     /// A process ended. Its entry stays for [`EXIT_GRACE`] (see there).
     pub fn on_exit(&mut self, tgid: u32) {
-        if self.procs.contains_key(&tgid) {
+        if self.procs.contains(&tgid) {
             self.exited.insert(tgid, Instant::now());
         }
     }
@@ -209,7 +218,7 @@ impl ProcessTable {
     #[cfg(test)]
     fn expire_exited(&mut self) {
         for pid in std::mem::take(&mut self.exited).into_keys() {
-            self.procs.remove(&pid);
+            self.procs.pop(&pid);
         }
     }
 
@@ -296,6 +305,43 @@ mod tests {
         assert_eq!(info.ppid, Some(std::os::unix::process::parent_id()));
         let exe = std::env::current_exe().expect("current exe");
         assert_eq!(info.exe.as_deref(), exe.to_str());
+    }
+
+    #[test]
+    fn a_full_table_drops_the_least_recently_used_entry() {
+        // Three live children: prune keeps them all, so room comes from recency. A kept
+        // entry has the executable inherited at fork (ours); an evicted one, read from
+        // /proc again, has its own (sleep).
+        let mut kids: Vec<_> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .expect("sleep")
+            })
+            .collect();
+        let [c1, c2, c3] = [0, 1, 2].map(|i| kids[i].id());
+        let me = std::process::id();
+        let mut t = ProcessTable::new(3);
+        t.on_fork(me, c1);
+        t.on_fork(me, c2);
+        let ours = t.get(me).exe;
+        assert!(ours.is_some());
+        // Used again: c2 is now the least recently used (me is used by every fork).
+        assert_eq!(t.get(c1).exe, ours);
+        t.on_fork(me, c3);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.get(c1).exe, ours, "kept");
+        assert_eq!(t.get(c3).exe, ours, "kept");
+        let reread = t.get(c2).exe.expect("a live process");
+        assert!(
+            reread.ends_with("/sleep"),
+            "evicted, then read from /proc: {reread}"
+        );
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
     }
 
     #[test]
