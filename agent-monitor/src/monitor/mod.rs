@@ -11,6 +11,7 @@ mod translate;
 use pending::PendingQueue;
 
 use std::{
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -128,8 +129,11 @@ fn attribute(identity: &mut Identity, record: &mut Record) -> bool {
     !attribution.incomplete
 }
 
-/// Enrichment state: owned by the consumer task alone.
-struct Enricher {
+/// The enrichment stage between the rings and the outputs: kernel records in, numbered
+/// and attributed [`Record`]s out, with the process table, identity and the pending queue
+/// it keeps. The lane consumer owns one; [`Enricher::feed`] is the same path for records
+/// that come from elsewhere (a recording, a benchmark).
+pub struct Enricher {
     table: ProcessTable,
     identity: Identity,
     clock: Clock,
@@ -147,21 +151,73 @@ struct Enricher {
 }
 
 impl Enricher {
-    fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
+    /// An enricher for `config`, over the pod store `pods` and the cgroup2 hierarchy at
+    /// `cgroup_root` (see [`crate::identity::cgroup::cgroup2_root`]). Its process table
+    /// starts empty and no volume is known until [`Enricher::sync_volumes`] (or the
+    /// monitor's sync with the kernel maps).
+    pub fn new(config: &Config, pods: Arc<PodStore>, cgroup_root: Option<PathBuf>) -> Self {
+        let has_pod_source = config.identity.pods.source != crate::config::PodSourceKind::None;
+        Self {
+            table: ProcessTable::new(DEFAULT_CAPACITY),
+            identity: Identity::new(
+                config.identity.settings(),
+                cgroup_root,
+                pods,
+                has_pod_source,
+            ),
+            clock: Clock::new(),
+            seq: 0,
+            lost_reported: [0; LANE_COUNT as usize],
+            decode_errors: 0,
+            pending: PendingQueue::new(
+                Duration::from_millis(config.identity.pending.max_wait_ms),
+                config.identity.pending.max_events,
+            ),
+            watching: Watching::new(
+                &config.identity.kubelet_root,
+                &config.watch.prefixes,
+                config.kernel_maps.inventory_files as usize,
+            ),
+            cache_size: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            heartbeat: Heartbeat::new(),
+        }
     }
 
-    /// Fills in the workload (and, for opens, the credential class and owner). Returns
-    /// false while the pod may still become known.
-    fn attribute(&mut self, record: &mut Record) -> bool {
-        attribute(&mut self.identity, record)
+    /// Reads the mount table and learns the pod volume filesystems on it, without touching
+    /// any kernel map: opens the kernel matched by volume are then classified and owned.
+    pub fn sync_volumes(&mut self) {
+        self.watching.sync_volumes();
     }
 
-    /// Attributes a record and sends it, or parks it until its pod is known.
-    async fn emit(&mut self, mut record: Record, out: &mpsc::Sender<Record>) -> bool {
+    /// Ring records that did not decode (skipped).
+    pub fn decode_errors(&self) -> u64 {
+        self.decode_errors
+    }
+
+    /// One ring record as the kernel wrote it: decoded (a record that does not decode is
+    /// counted and skipped), translated, attributed, and appended to `out` with its
+    /// sequence number, or parked until its pod is known (see [`Enricher::release`]).
+    /// A full pending queue may push out an older record first.
+    pub fn feed(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<Record>) {
+        match decode(bytes) {
+            Ok(raw) => self.ingest(raw, now, out),
+            Err(e) => self.undecodable(&e),
+        }
+    }
+
+    fn undecodable(&mut self, e: &crate::events::decode::DecodeError) {
+        self.decode_errors += 1;
+        crate::warn_limited!("undecodable-record", "undecodable ring record skipped: {e}");
+    }
+
+    /// A decoded record: see [`Enricher::feed`].
+    fn ingest(&mut self, raw: RawEvent, now: Instant, out: &mut Vec<Record>) {
+        self.heartbeat.beat();
+        let Some(mut record) = self.enrich(raw) else {
+            return;
+        };
         let complete = self.attribute(&mut record);
-        let offer = self.pending.offer(record, complete, Instant::now());
+        let offer = self.pending.offer(record, complete, now);
         if let Some(oldest) = offer.evicted {
             // One line per interval with the count: one unknown pod can push out every
             // record it makes.
@@ -170,34 +226,53 @@ impl Enricher {
                 "pending queue full ({} records, identity.pending.max_events): a record leaves without its pod's metadata",
                 self.pending.capacity()
             );
-            if !self.send(oldest, out).await {
-                return false;
-            }
+            self.number(oldest, out);
         }
-        match offer.send {
-            Some(record) => self.send(record, out).await,
-            None => true,
+        if let Some(record) = offer.send {
+            self.number(record, out);
         }
     }
 
-    /// Sends parked records whose pod became known or whose wait is over, in order.
-    async fn release_pending(&mut self, out: &mpsc::Sender<Record>) -> bool {
+    /// Appends to `out` the parked records whose pod became known or whose wait is over
+    /// at `now`, in order.
+    pub fn release(&mut self, now: Instant, out: &mut Vec<Record>) {
         let identity = &mut self.identity;
-        let ready = self
-            .pending
-            .release(Instant::now(), |r| attribute(identity, r));
+        let ready = self.pending.release(now, |r| attribute(identity, r));
         for record in ready {
-            if !self.send(record, out).await {
-                return false;
-            }
+            self.number(record, out);
         }
-        true
     }
 
-    async fn send(&mut self, mut record: Record, out: &mpsc::Sender<Record>) -> bool {
-        record.set_seq(self.next_seq());
-        out.send(record).await.is_ok()
+    /// Appends every parked record to `out` as it is: nothing more will arrive.
+    pub fn finish(&mut self, out: &mut Vec<Record>) {
+        for record in self.pending.drain() {
+            self.number(record, out);
+        }
     }
+
+    fn number(&mut self, mut record: Record, out: &mut Vec<Record>) {
+        self.seq += 1;
+        record.set_seq(self.seq);
+        out.push(record);
+    }
+
+    /// Fills in the workload (and, for opens, the credential class and owner). Returns
+    /// false while the pod may still become known.
+    fn attribute(&mut self, record: &mut Record) -> bool {
+        attribute(&mut self.identity, record)
+    }
+}
+
+/// Sends what the enricher made ready, in order, leaving `ready` empty. False when the
+/// output channel is closed.
+async fn send_all(ready: &mut Vec<Record>, out: &mpsc::Sender<Record>) -> bool {
+    for record in ready.drain(..) {
+        // Dropping the rest of the drain empties `ready`.
+        if out.send(record).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Lane rings registered with the runtime.
@@ -222,15 +297,12 @@ fn register(
 }
 
 /// Decodes the next record of a ring, skipping (and counting) records that do not decode.
-fn next_raw(ring: &mut RingBuf<MapData>, errors: &mut u64) -> Option<RawEvent> {
+fn next_raw(ring: &mut RingBuf<MapData>, st: &mut Enricher) -> Option<RawEvent> {
     loop {
         let item = ring.next()?;
         match decode(&item) {
             Ok(raw) => return Some(raw),
-            Err(e) => {
-                *errors += 1;
-                crate::warn_limited!("undecodable-record", "undecodable ring record skipped: {e}");
-            }
+            Err(e) => st.undecodable(&e),
         }
     }
 }
@@ -278,34 +350,9 @@ impl Monitor {
                 Err(e) => warn!("kernel log requested but unavailable: {e}"),
             }
         }
-        let mut table = ProcessTable::new(DEFAULT_CAPACITY);
-        let seeded = table.seed();
+        let mut enricher = Enricher::new(config, pods, cgroup_root);
+        let seeded = enricher.table.seed();
         info!("process table seeded with {seeded} processes");
-        let has_pod_source = config.identity.pods.source != crate::config::PodSourceKind::None;
-        let mut enricher = Enricher {
-            table,
-            identity: Identity::new(
-                config.identity.settings(),
-                cgroup_root,
-                pods,
-                has_pod_source,
-            ),
-            clock: Clock::new(),
-            seq: 0,
-            lost_reported: [0; LANE_COUNT as usize],
-            decode_errors: 0,
-            pending: PendingQueue::new(
-                Duration::from_millis(config.identity.pending.max_wait_ms),
-                config.identity.pending.max_events,
-            ),
-            watching: Watching::new(
-                &config.identity.kubelet_root,
-                &config.watch.prefixes,
-                config.kernel_maps.inventory_files as usize,
-            ),
-            cache_size: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            heartbeat: Heartbeat::new(),
-        };
         // Before the first record is read, so that volumes and node credentials present at
         // start are matched from the first open on.
         enricher.watching.sync(&mut probes, true);
@@ -422,6 +469,8 @@ async fn consume(
     if let Some(w) = dirwatch.as_mut() {
         w.get_mut().set(st.watching.inventory_dirs());
     }
+    // Records the enricher made ready, reused from drain to drain.
+    let mut ready: Vec<Record> = Vec::new();
     loop {
         st.heartbeat.beat();
         let stopping = tokio::select! {
@@ -461,20 +510,20 @@ async fn consume(
         let size = st.table.len() + st.identity.cgroup_cache_len() + st.identity.pods().len();
         st.cache_size
             .store(size as u64, std::sync::atomic::Ordering::Relaxed);
-        if !drain(&mut fds, &mut st, &out).await
+        if !drain(&mut fds, &mut st, &out, &mut ready).await
             || !report_drops(&probes, &mut st, &out).await
-            || !st.release_pending(&out).await
+            || !{
+                st.release(Instant::now(), &mut ready);
+                send_all(&mut ready, &out).await
+            }
         {
             info!("output closed; lane consumer stopping");
             return Ok(());
         }
         if stopping {
             // Nothing more will arrive: what still waits for its pod leaves as it is.
-            for record in st.pending.drain() {
-                if !st.send(record, &out).await {
-                    break;
-                }
-            }
+            st.finish(&mut ready);
+            send_all(&mut ready, &out).await;
             info!(
                 "lane consumer stopped after {} records ({} undecodable)",
                 st.seq, st.decode_errors
@@ -536,7 +585,12 @@ async fn dir_changed(fd: Option<&mut AsyncFd<DirWatch>>) -> std::io::Result<()> 
 /// connects that came before it and before those that came after (an open made just
 /// before an exec keeps the executable the process had when it made it). Returns false
 /// when the output channel is closed.
-async fn drain(fds: &mut LaneFds, st: &mut Enricher, out: &mpsc::Sender<Record>) -> bool {
+async fn drain(
+    fds: &mut LaneFds,
+    st: &mut Enricher,
+    out: &mpsc::Sender<Record>,
+    ready: &mut Vec<Record>,
+) -> bool {
     let mut heads: [Option<RawEvent>; LANE_COUNT as usize] = [None, None, None];
     loop {
         for (i, head) in heads.iter_mut().enumerate() {
@@ -546,7 +600,7 @@ async fn drain(fds: &mut LaneFds, st: &mut Enricher, out: &mpsc::Sender<Record>)
                     1 => fds.network.get_mut(),
                     _ => fds.process.get_mut(),
                 };
-                *head = next_raw(ring, &mut st.decode_errors);
+                *head = next_raw(ring, st);
             }
         }
         let next = heads
@@ -560,11 +614,9 @@ async fn drain(fds: &mut LaneFds, st: &mut Enricher, out: &mpsc::Sender<Record>)
         let Some(raw) = heads[i].take() else {
             return true;
         };
-        st.heartbeat.beat();
-        if let Some(rec) = st.enrich(raw) {
-            if !st.emit(rec, out).await {
-                return false;
-            }
+        st.ingest(raw, Instant::now(), ready);
+        if !send_all(ready, out).await {
+            return false;
         }
     }
 }
@@ -606,9 +658,195 @@ async fn report_drops(probes: &Probes, st: &mut Enricher, out: &mpsc::Sender<Rec
         );
         // Numbered from the same sequence as every other record, so a reader can tell
         // where in the stream the loss was noticed.
-        if !st.send(rec, out).await {
+        let mut ready = Vec::with_capacity(1);
+        st.number(rec, &mut ready);
+        if !send_all(&mut ready, out).await {
             return false;
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use agent_monitor_common::{EventHeader, EventKind, MatchKind, OpenEvent, ProcEvent};
+
+    use super::*;
+    use crate::identity::pods::{ContainerMeta, PodMeta};
+
+    const UID: &str = "0b6a3c1e-1111-4222-8333-444455556666";
+    const CID: &str = "aaaabbbbccccddddeeeeffff00001111aaaabbbbccccddddeeeeffff00001111";
+
+    fn bytes<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: T is a repr(C) plain-old-data record from agent-monitor-common, read
+        // as the bytes the kernel writes.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    fn header(kind: EventKind, ts_ns: u64, tgid: u32, cgroup_id: u64) -> EventHeader {
+        // SAFETY: every field of the header is an integer or a byte array: all zeroes is a
+        // valid value.
+        let mut h: EventHeader = unsafe { std::mem::zeroed() };
+        h.kind = kind as u16;
+        h.ts_ns = ts_ns;
+        h.pid = tgid;
+        h.tgid = tgid;
+        h.cgroup_id = cgroup_id;
+        h.comm[..4].copy_from_slice(b"curl");
+        h
+    }
+
+    fn exec(ts_ns: u64, tgid: u32, cgroup_id: u64, file: &str) -> Vec<u8> {
+        // SAFETY: integers and byte arrays only: all zeroes is valid.
+        let mut e: ProcEvent = unsafe { std::mem::zeroed() };
+        e.header = header(EventKind::Exec, ts_ns, tgid, cgroup_id);
+        e.filename[..file.len()].copy_from_slice(file.as_bytes());
+        e.filename_len = file.len() as u16;
+        e.child_pid = tgid;
+        bytes(&e)
+    }
+
+    fn open(ts_ns: u64, tgid: u32, cgroup_id: u64, path: &str) -> Vec<u8> {
+        // SAFETY: integers and byte arrays only: all zeroes is valid.
+        let mut e: OpenEvent = unsafe { std::mem::zeroed() };
+        e.header = header(EventKind::Open, ts_ns, tgid, cgroup_id);
+        e.path[..path.len()].copy_from_slice(path.as_bytes());
+        e.path_len = path.len() as u16;
+        e.matched = MatchKind::Prefix as u8;
+        e.dirfd = agent_monitor_common::AT_FDCWD;
+        e.ret = 3;
+        bytes(&e)
+    }
+
+    fn pod() -> PodMeta {
+        PodMeta {
+            uid: UID.into(),
+            namespace: "agents".into(),
+            name: "coder-0".into(),
+            labels: [("agent-monitor.dev/agent".to_owned(), "coder".to_owned())].into(),
+            service_account: "coder".into(),
+            node_name: None,
+            containers: vec![ContainerMeta {
+                name: "main".into(),
+                image: "python:3.12".into(),
+                container_id: Some(CID.into()),
+                mounts: Vec::new(),
+            }],
+            pod_ips: Vec::new(),
+            truncated: false,
+            labels_truncated: 0,
+        }
+    }
+
+    /// A cgroup tree named as the kubelet's systemd driver names it; the pod's cgroup id
+    /// is its directory's inode, as `bpf_get_current_cgroup_id` reports it.
+    fn tree() -> (tempfile::TempDir, u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID}.scope",
+            UID.replace('-', "_")
+        ));
+        std::fs::create_dir_all(&path).expect("mkdir");
+        let id = std::fs::metadata(&path).expect("stat").ino();
+        (dir, id)
+    }
+
+    fn config(max_wait_ms: u64) -> Config {
+        let mut c = Config::default();
+        c.identity.pods.source = crate::config::PodSourceKind::File;
+        c.identity.pending.max_wait_ms = max_wait_ms;
+        c
+    }
+
+    #[test]
+    fn fed_bytes_become_numbered_attributed_records_with_the_exec_applied() {
+        let (dir, cgroup) = tree();
+        let pods = PodStore::new();
+        pods.upsert(pod());
+        let mut st = Enricher::new(&config(500), pods, Some(dir.path().to_owned()));
+        let mut out = Vec::new();
+        let now = Instant::now();
+        st.feed(&exec(10, 4242, cgroup, "/usr/bin/curl"), now, &mut out);
+        st.feed(
+            &open(
+                20,
+                4242,
+                cgroup,
+                "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            ),
+            now,
+            &mut out,
+        );
+        // Not one of ours: counted, skipped, not numbered.
+        st.feed(&[1, 2, 3], now, &mut out);
+        assert_eq!(st.decode_errors(), 1);
+        assert_eq!(out.len(), 2, "{out:?}");
+        let Record::Open(o) = &out[1] else {
+            panic!("second record is not the open: {:?}", out[1]);
+        };
+        assert_eq!(o.seq, 2);
+        assert_eq!(o.task.exe.as_deref(), Some("/usr/bin/curl"));
+        assert_eq!(o.task.comm, "curl");
+        assert_eq!(o.matched_by, "prefix");
+        assert_eq!(o.task.workload.pod.as_deref(), Some("coder-0"));
+        assert_eq!(o.task.workload.container.as_deref(), Some("main"));
+        assert_eq!(o.task.workload.service_account.as_deref(), Some("coder"));
+        assert_eq!(o.task.workload.agent.as_deref(), Some("coder"));
+        assert_eq!(
+            o.class,
+            crate::identity::credentials::CredentialClass::ServiceAccountToken
+        );
+        assert_eq!(
+            o.owner.as_ref().and_then(|w| w.pod_uid.as_deref()),
+            Some(UID)
+        );
+    }
+
+    #[test]
+    fn records_of_an_unknown_pod_wait_for_it_and_leave_in_order() {
+        let (dir, cgroup) = tree();
+        let pods = PodStore::new();
+        let mut st = Enricher::new(&config(60_000), pods.clone(), Some(dir.path().to_owned()));
+        let mut out = Vec::new();
+        let now = Instant::now();
+        st.feed(&exec(10, 7, cgroup, "/bin/sh"), now, &mut out);
+        st.feed(
+            &open(20, 7, cgroup, "/etc/kubernetes/admin.conf"),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty(), "parked while the pod is unknown: {out:?}");
+        st.release(now, &mut out);
+        assert!(out.is_empty(), "still waiting: {out:?}");
+        pods.upsert(pod());
+        st.release(now, &mut out);
+        let got: Vec<(u64, Option<&str>)> = out
+            .iter()
+            .map(|r| {
+                let t = r.task().expect("task");
+                (r.seq(), t.workload.pod.as_deref())
+            })
+            .collect();
+        assert_eq!(got, [(1, Some("coder-0")), (2, Some("coder-0"))]);
+    }
+
+    #[test]
+    fn what_still_waits_at_the_end_leaves_as_it_is() {
+        let (dir, cgroup) = tree();
+        let mut st = Enricher::new(
+            &config(60_000),
+            PodStore::new(),
+            Some(dir.path().to_owned()),
+        );
+        let mut out = Vec::new();
+        st.feed(&exec(10, 7, cgroup, "/bin/sh"), Instant::now(), &mut out);
+        assert!(out.is_empty());
+        st.finish(&mut out);
+        assert_eq!(out.len(), 1);
+        let w = &out[0].task().expect("task").workload;
+        assert_eq!(w.pod_uid.as_deref(), Some(UID));
+        assert_eq!(w.pod, None);
+    }
 }
