@@ -11,9 +11,9 @@ use super::{
     falcosidekick::SidekickCounters,
     grpc::{pb, Hub, StatusSource},
     metrics::{Health, Metrics},
-    Sink,
+    AlertItem, EventItem, Sink,
 };
-use crate::{detect::Anomaly, events::Record, outputs::grpc::priority_name};
+use crate::{events::Record, outputs::grpc::priority_name};
 
 /// The lane a record came through.
 pub fn lane_of(record: &Record) -> &str {
@@ -28,9 +28,9 @@ pub fn lane_of(record: &Record) -> &str {
 /// Publishes to gRPC subscribers; never blocks (slow clients get gap notices).
 pub struct HubSink(pub Hub);
 
-impl Sink<Record> for HubSink {
-    fn write(&mut self, r: &Record) -> std::io::Result<()> {
-        self.0.publish_event(r);
+impl Sink<EventItem> for HubSink {
+    fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
+        self.0.publish_event_item(e);
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -38,9 +38,9 @@ impl Sink<Record> for HubSink {
     }
 }
 
-impl Sink<Anomaly> for HubSink {
-    fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
-        self.0.publish_anomaly(a);
+impl Sink<AlertItem> for HubSink {
+    fn write(&mut self, a: &AlertItem) -> std::io::Result<()> {
+        self.0.publish_anomaly_item(a);
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -67,8 +67,9 @@ fn bump(map: &mut BTreeMap<String, u64>, key: &str, by: u64) {
     *map.entry(key.to_owned()).or_default() += by;
 }
 
-impl Sink<Record> for Observer {
-    fn write(&mut self, r: &Record) -> std::io::Result<()> {
+impl Sink<EventItem> for Observer {
+    fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
+        let r = &e.item;
         let lane = lane_of(r);
         self.health.mark_kernel_activity();
         if let Ok(mut c) = self.counters.lock() {
@@ -96,8 +97,9 @@ impl Sink<Record> for Observer {
     }
 }
 
-impl Sink<Anomaly> for Observer {
-    fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
+impl Sink<AlertItem> for Observer {
+    fn write(&mut self, a: &AlertItem) -> std::io::Result<()> {
+        let a = &a.item;
         self.metrics
             .record_alert(&a.rule, priority_name(a.priority));
         if let Ok(mut c) = self.counters.lock() {

@@ -46,8 +46,8 @@ use std::{
 use agent_monitor::{
     app::{pipeline, PipelineControl},
     config::{Config, PodSourceKind},
-    detect::{Anomaly, DetectConfig, Engine},
-    events::{decode::decode, Record},
+    detect::{DetectConfig, Engine},
+    events::decode::decode,
     identity::{pods::PodStore, watched::kernel_dev_of_st_dev},
     monitor::Enricher,
     outputs::{
@@ -57,7 +57,7 @@ use agent_monitor::{
         jsonl::open_writer,
         metrics::{Health, Metrics},
         protojson::EventLines,
-        Sink,
+        AlertItem, EventItem, Plain, Sink,
     },
     policy::PolicySet,
 };
@@ -403,8 +403,8 @@ impl Stage {
 /// Counts alerts on their way to the other sinks.
 struct CountAlerts(Arc<std::sync::atomic::AtomicU64>);
 
-impl Sink<Anomaly> for CountAlerts {
-    fn write(&mut self, _: &Anomaly) -> std::io::Result<()> {
+impl Sink<AlertItem> for CountAlerts {
+    fn write(&mut self, _: &AlertItem) -> std::io::Result<()> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -452,20 +452,17 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
     }
     let origin = Origin::new_run("bench-node-1");
     let alerts_seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut events: Vec<Box<dyn Sink<Record> + Send>> = Vec::new();
-    let mut alerts: Vec<Box<dyn Sink<Anomaly> + Send>> =
+    let mut events: Vec<Box<dyn Sink<EventItem> + Send>> = Vec::new();
+    let mut alerts: Vec<Box<dyn Sink<AlertItem> + Send>> =
         vec![Box::new(CountAlerts(alerts_seen.clone()))];
     if stage >= Stage::Json {
-        events.push(Box::new(EventLines::new(
-            open_writer("/dev/null")?,
-            origin.clone(),
-        )));
+        events.push(Box::new(EventLines::new(open_writer("/dev/null")?)));
     }
     if stage >= Stage::Falco {
-        alerts.push(Box::new(FalcoLines::new(
+        alerts.push(Box::new(Plain(FalcoLines::new(
             open_writer("/dev/null")?,
             "bench-node-1".to_owned(),
-        )));
+        ))));
     }
     let mut clients = None;
     if stage >= Stage::Hub {
@@ -508,7 +505,10 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
                 events,
                 alerts,
                 engine,
-                PipelineControl::default(),
+                PipelineControl {
+                    origin,
+                    ..PipelineControl::default()
+                },
             ))
     });
     let now = Instant::now();

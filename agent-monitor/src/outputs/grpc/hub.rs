@@ -19,7 +19,11 @@ use futures::Stream;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::{convert::Origin, filter::Matcher, pb, resume::JournalSource};
-use crate::{detect::Anomaly, events::Record};
+use crate::{
+    detect::Anomaly,
+    events::Record,
+    outputs::{AlertItem, EventItem},
+};
 
 /// What a client's queue carries.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,9 +163,19 @@ impl Hub {
         self.inner.shut_down.load(Ordering::SeqCst)
     }
 
-    /// Offers a record to every event client whose filter matches. Never blocks on a
-    /// client and never awaits.
+    /// Offers a record to every event client whose filter matches, converted here (with
+    /// the hub's origin) only if one does. Never blocks on a client and never awaits.
     pub fn publish_event(&self, record: &Record) {
+        self.publish_event_with(record, || Arc::new(self.inner.origin.event(record)));
+    }
+
+    /// Offers a record whose wire event the pipeline already made (shared, not copied)
+    /// to every event client whose filter matches.
+    pub fn publish_event_item(&self, e: &EventItem) {
+        self.publish_event_with(&e.item, || e.api.clone());
+    }
+
+    fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<pb::Event>) {
         self.inner
             .counters
             .events_published
@@ -171,13 +185,22 @@ impl Hub {
             &mut subs,
             &self.inner.counters,
             |m| m.record(record),
-            || self.inner.origin.event(record),
+            convert,
         );
     }
 
-    /// Offers an anomaly to every anomaly client whose filter matches. Never blocks on a
-    /// client and never awaits.
+    /// Offers an anomaly to every anomaly client whose filter matches, converted here
+    /// only if one does. Never blocks on a client and never awaits.
     pub fn publish_anomaly(&self, anomaly: &Anomaly) {
+        self.publish_anomaly_with(anomaly, || Arc::new(self.inner.origin.anomaly(anomaly)));
+    }
+
+    /// Offers an anomaly whose wire form the pipeline already made.
+    pub fn publish_anomaly_item(&self, a: &AlertItem) {
+        self.publish_anomaly_with(&a.item, || a.api.clone());
+    }
+
+    fn publish_anomaly_with(&self, anomaly: &Anomaly, convert: impl FnOnce() -> Arc<pb::Anomaly>) {
         self.inner
             .counters
             .anomalies_published
@@ -187,7 +210,7 @@ impl Hub {
             &mut subs,
             &self.inner.counters,
             |m| m.anomaly(anomaly),
-            || self.inner.origin.anomaly(anomaly),
+            convert,
         );
     }
 
@@ -290,7 +313,7 @@ fn publish<T>(
     subs: &mut Vec<Subscriber<T>>,
     counters: &Counters,
     matches: impl Fn(&Matcher) -> bool,
-    convert: impl FnOnce() -> T,
+    convert: impl FnOnce() -> Arc<T>,
 ) {
     let mut convert = Some(convert);
     let mut item: Option<Arc<T>> = None;
@@ -307,7 +330,7 @@ fn publish<T>(
                 let Some(f) = convert.take() else {
                     return true;
                 };
-                item.insert(Arc::new(f())).clone()
+                item.insert(f()).clone()
             }
         };
         offer(sub, item, counters)
