@@ -21,7 +21,7 @@ use crate::{
         falco,
         falcosidekick::{self, SidekickConfig},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
-        grpc::{GrpcConfig, GrpcServer, Hub, Origin, RunningGrpc, TlsConfig},
+        grpc::{pb, GrpcConfig, GrpcServer, Hub, Origin, RunningGrpc, TlsConfig},
         journal::{Journal, JournalConfig, JOURNAL_QUEUE},
         jsonl,
         listen::{self, LimitedListener},
@@ -399,8 +399,8 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             metrics.set_grpc_clients(i64::try_from(n).unwrap_or(i64::MAX));
         });
     }
-    events.push(Box::new(HubSink(hub.clone())));
-    alerts.push(Box::new(HubSink(hub.clone())));
+    events.push(Box::new(HubSink::<pb::Event>::new(hub.clone())));
+    alerts.push(Box::new(HubSink::<pb::Anomaly>::new(hub.clone())));
 
     let mut term =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signal)?;

@@ -43,6 +43,11 @@ use crate::{
     watching::{DirWatch, WatchStatus, Watching, MOUNTINFO},
 };
 
+/// Records a drain enriches before it hands them to the output channel together: the
+/// output thread, woken by the first, finds the rest queued, instead of being woken (a
+/// futex wake and two context switches) for every record. At most this many records'
+/// enrichment (a few hundred microseconds) is added to their latency.
+pub const SEND_BATCH: usize = 64;
 /// How often dead processes are pruned from the process table.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the node credential inventory is walked again (rewritten kubeconfigs and
@@ -101,12 +106,11 @@ fn now_rfc3339() -> String {
 /// Fills in the workload (and, for opens, the credential class and owner). Returns
 /// false while the pod may still become known.
 fn attribute(identity: &mut Identity, record: &mut Record) -> bool {
-    let Some(task) = record.task_mut() else {
+    let Some(cgroup_id) = record.task().map(|t| t.cgroup_id) else {
         return true;
     };
-    let attribution = identity.attribute(task.cgroup_id);
-    task.workload = attribution.workload.clone();
-    if let Record::Open(open) = record {
+    let attribution = identity.attribute(cgroup_id);
+    if let Record::Open(open) = &mut *record {
         if by_identity(&open.matched_by) {
             // Class and owner came from the file itself; only the owner's name is
             // looked up (it may arrive later than the record).
@@ -126,7 +130,12 @@ fn attribute(identity: &mut Identity, record: &mut Record) -> bool {
             open.owner = owner;
         }
     }
-    !attribution.incomplete
+    let complete = !attribution.incomplete;
+    // Moved, not copied: the workload (labels and all) is built once per record.
+    if let Some(task) = record.task_mut() {
+        task.workload = attribution.workload;
+    }
+    complete
 }
 
 /// The enrichment stage between the rings and the outputs: kernel records in, numbered
@@ -609,13 +618,13 @@ async fn drain(
             .filter_map(|(i, h)| h.as_ref().map(|r| (raw_ts(r), i)))
             .min();
         let Some((_, i)) = next else {
-            return true;
+            return send_all(ready, out).await;
         };
         let Some(raw) = heads[i].take() else {
-            return true;
+            return send_all(ready, out).await;
         };
         st.ingest(raw, Instant::now(), ready);
-        if !send_all(ready, out).await {
+        if ready.len() >= SEND_BATCH && !send_all(ready, out).await {
             return false;
         }
     }

@@ -25,25 +25,53 @@ pub fn lane_of(record: &Record) -> &str {
     }
 }
 
-/// Publishes to gRPC subscribers; never blocks (slow clients get gap notices).
-pub struct HubSink(pub Hub);
+/// Items held by a [`HubSink`] before they are published together.
+const HUB_BATCH: usize = 256;
 
-impl Sink<EventItem> for HubSink {
+/// Publishes to gRPC subscribers; never blocks (slow clients get gap notices). Items are
+/// published in batches, at every flush (the pipeline flushes whenever its queue is
+/// empty) or every [`HUB_BATCH`] items: a client is then woken once per batch, not once
+/// per item, which under load costs more than the item itself.
+pub struct HubSink<P> {
+    hub: Hub,
+    held: Vec<Arc<P>>,
+}
+
+impl<P> HubSink<P> {
+    pub fn new(hub: Hub) -> Self {
+        Self {
+            hub,
+            held: Vec::with_capacity(HUB_BATCH),
+        }
+    }
+}
+
+impl Sink<EventItem> for HubSink<pb::Event> {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
-        self.0.publish_event_item(e);
+        self.held.push(e.api.clone());
+        if self.held.len() >= HUB_BATCH {
+            self.flush()?;
+        }
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        self.hub.publish_events(&self.held);
+        self.held.clear();
         Ok(())
     }
 }
 
-impl Sink<AlertItem> for HubSink {
+impl Sink<AlertItem> for HubSink<pb::Anomaly> {
     fn write(&mut self, a: &AlertItem) -> std::io::Result<()> {
-        self.0.publish_anomaly_item(a);
+        self.held.push(a.api.clone());
+        if self.held.len() >= HUB_BATCH {
+            self.flush()?;
+        }
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        self.hub.publish_anomalies(&self.held);
+        self.held.clear();
         Ok(())
     }
 }

@@ -49,11 +49,11 @@ use agent_monitor::{
     detect::{DetectConfig, Engine},
     events::decode::decode,
     identity::{pods::PodStore, watched::kernel_dev_of_st_dev},
-    monitor::Enricher,
+    monitor::{Enricher, SEND_BATCH},
     outputs::{
         falco::FalcoLines,
         fanout::{Counters, HubSink, Observer},
-        grpc::{Delivery, Hub, Matcher, Origin},
+        grpc::{pb, Delivery, Hub, Matcher, Origin},
         jsonl::open_writer,
         metrics::{Health, Metrics},
         protojson::EventLines,
@@ -69,7 +69,7 @@ use agent_monitor_tests::sim::{pods_file, SimPod};
 use anyhow::{bail, Context as _, Result};
 use futures::StreamExt as _;
 
-const USAGE: &str = "usage: am-pipeline [--events N] [--rounds R]";
+const USAGE: &str = "usage: am-pipeline [--events N] [--rounds R] [--stages K]";
 /// Simulated pods.
 const PODS: u32 = 12;
 /// Records per pod and round of the stream (see the module comment).
@@ -86,6 +86,8 @@ const CLIENT_QUEUE: usize = 4096;
 struct Args {
     events: usize,
     rounds: usize,
+    /// Only the first this many stages (for profiling one of them).
+    stages: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -93,6 +95,7 @@ fn parse_args() -> Result<Args> {
     let mut a = Args {
         events: 400_000,
         rounds: 3,
+        stages: Stage::ALL.len(),
     };
     while let Some(flag) = it.next() {
         let value = it
@@ -101,6 +104,7 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--events" => a.events = value.parse().context("--events")?,
             "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--stages" => a.stages = value.parse().context("--stages")?,
             _ => bail!("unknown argument {flag}; {USAGE}"),
         }
     }
@@ -271,12 +275,21 @@ const TOOLS: [(&str, &[u8]); 3] = [
     ("/usr/bin/cat", b"cat"),
 ];
 
-/// The recorded stream: `n` records in kernel time order.
+/// The recorded stream: the agents' execs, then `n` records, in kernel time order.
 fn stream(node: &Node, n: usize) -> Vec<Vec<u8>> {
     let token = "/var/run/secrets/kubernetes.io/serviceaccount/token";
     let pods = &node.pods;
-    (0..n)
-        .map(|i| {
+    // First each agent's own exec, as the process table knows a running process (the
+    // daemon seeds it from /proc at start).
+    let execs = pods.iter().map(|pod| {
+        proc_event(
+            header(EventKind::Exec, 0, pod.tgid, pod.tgid, pod, b"python3"),
+            pod.tgid,
+            "/usr/bin/python3.12",
+        )
+    });
+    execs
+        .chain((0..n).map(|i| {
             let block = i / PER_ROUND;
             let pod = &pods[block % pods.len()];
             let round = block / pods.len();
@@ -333,7 +346,7 @@ fn stream(node: &Node, n: usize) -> Vec<Vec<u8>> {
                 ),
                 _ => proc_event(tool_h(EventKind::Exit), 0, ""),
             }
-        })
+        }))
         .collect()
 }
 
@@ -469,8 +482,8 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
         let hub = Hub::new(CLIENT_QUEUE, origin.clone());
         let ev = hub.subscribe_events(Matcher::new(None).map_err(anyhow::Error::msg)?);
         let an = hub.subscribe_anomalies(Matcher::new(None).map_err(anyhow::Error::msg)?);
-        events.push(Box::new(HubSink(hub.clone())));
-        alerts.push(Box::new(HubSink(hub.clone())));
+        events.push(Box::new(HubSink::<pb::Event>::new(hub.clone())));
+        alerts.push(Box::new(HubSink::<pb::Anomaly>::new(hub.clone())));
         clients = Some((hub, spawn_clients(ev, an)));
     }
     if stage >= Stage::Metrics {
@@ -514,9 +527,12 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
     let now = Instant::now();
     for r in records {
         enricher.feed(r, now, &mut ready);
-        for rec in ready.drain(..) {
-            out += 1;
-            tx.blocking_send(rec).context("output thread gone")?;
+        // Handed over in batches, as the lane consumer's drain does.
+        if ready.len() >= SEND_BATCH {
+            for rec in ready.drain(..) {
+                out += 1;
+                tx.blocking_send(rec).context("output thread gone")?;
+            }
         }
     }
     enricher.finish(&mut ready);
@@ -603,7 +619,7 @@ fn run(a: &Args) -> Result<()> {
     );
     let mut previous: Option<f64> = None;
     let mut first = None;
-    for stage in Stage::ALL {
+    for stage in Stage::ALL.into_iter().take(a.stages) {
         let mut rates = Vec::new();
         let mut walls = Vec::new();
         let mut last = None;

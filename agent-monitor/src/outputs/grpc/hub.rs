@@ -19,11 +19,7 @@ use futures::Stream;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::{convert::Origin, filter::Matcher, pb, resume::JournalSource};
-use crate::{
-    detect::Anomaly,
-    events::Record,
-    outputs::{AlertItem, EventItem},
-};
+use crate::{detect::Anomaly, events::Record};
 
 /// What a client's queue carries.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,10 +165,23 @@ impl Hub {
         self.publish_event_with(record, || Arc::new(self.inner.origin.event(record)));
     }
 
-    /// Offers a record whose wire event the pipeline already made (shared, not copied)
-    /// to every event client whose filter matches.
-    pub fn publish_event_item(&self, e: &EventItem) {
-        self.publish_event_with(&e.item, || e.api.clone());
+    /// Offers wire events the pipeline already made (shared, not copied), in order, to
+    /// every event client whose filter matches, taking the client list once for all of
+    /// them: a client woken by the first finds the others queued.
+    pub fn publish_events(&self, events: &[Arc<pb::Event>]) {
+        self.inner
+            .counters
+            .events_published
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut subs = lock(&self.inner.events);
+        for e in events {
+            publish(
+                &mut subs,
+                &self.inner.counters,
+                |m| m.pb_event(e),
+                || e.clone(),
+            );
+        }
     }
 
     fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<pb::Event>) {
@@ -195,9 +204,22 @@ impl Hub {
         self.publish_anomaly_with(anomaly, || Arc::new(self.inner.origin.anomaly(anomaly)));
     }
 
-    /// Offers an anomaly whose wire form the pipeline already made.
-    pub fn publish_anomaly_item(&self, a: &AlertItem) {
-        self.publish_anomaly_with(&a.item, || a.api.clone());
+    /// Offers wire anomalies the pipeline already made, in order (see
+    /// [`Hub::publish_events`]).
+    pub fn publish_anomalies(&self, anomalies: &[Arc<pb::Anomaly>]) {
+        self.inner
+            .counters
+            .anomalies_published
+            .fetch_add(anomalies.len() as u64, Ordering::Relaxed);
+        let mut subs = lock(&self.inner.anomalies);
+        for a in anomalies {
+            publish(
+                &mut subs,
+                &self.inner.counters,
+                |m| m.pb_anomaly(a),
+                || a.clone(),
+            );
+        }
     }
 
     fn publish_anomaly_with(&self, anomaly: &Anomaly, convert: impl FnOnce() -> Arc<pb::Anomaly>) {
