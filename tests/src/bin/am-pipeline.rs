@@ -46,7 +46,7 @@ use std::{
 use agent_monitor::{
     app::{pipeline, PipelineControl},
     config::{Config, PodSourceKind},
-    detect::{DetectConfig, Engine},
+    detect::{DetectSettings, Engine},
     events::decode::decode,
     identity::{pods::PodStore, watched::kernel_dev_of_st_dev},
     monitor::{Enricher, SEND_BATCH},
@@ -505,7 +505,7 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
     }
     let c = config.clone();
     let engine = Engine::new(
-        DetectConfig::from_settings(&c.detect, c.alerts.rate_limit_per_minute),
+        DetectSettings::from_settings(&c.detect, c.alerts.rate_limit_per_minute),
         Arc::new(RwLock::new(PolicySet::default())),
     );
     let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
