@@ -122,9 +122,10 @@ impl Watching {
         host_path(&self.mounts, dev, within_fs)
     }
 
-    /// Re-reads the mount table and brings the volume map up to date; with `inventory`,
-    /// also walks the node credential directories again.
-    pub fn sync(&mut self, probes: &mut Probes, inventory: bool) {
+    /// Re-reads the mount table and learns which filesystems are pod volumes (those
+    /// unmounted are kept a grace period). No kernel map is touched: [`Watching::sync`]
+    /// installs what this learned.
+    pub fn sync_volumes(&mut self) {
         match std::fs::read_to_string(MOUNTINFO) {
             Ok(text) => self.mounts = parse_mountinfo(&text),
             Err(e) => crate::warn_limited!(
@@ -163,7 +164,12 @@ impl Watching {
         let now = Instant::now();
         self.retired
             .retain(|_, (_, at)| now.duration_since(*at) < RETIRED_GRACE);
+    }
 
+    /// Re-reads the mount table and brings the volume map up to date; with `inventory`,
+    /// also walks the node credential directories again.
+    pub fn sync(&mut self, probes: &mut Probes, inventory: bool) {
+        self.sync_volumes();
         let mut refused = 0;
         if inventory {
             refused += self.sync_inventory(probes);

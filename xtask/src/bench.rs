@@ -20,6 +20,13 @@
 //! writes and to each other, disk bytes per event and per anomaly next to their JSON lines,
 //! and `agent-monitor replay` (with and without `--policy`) next to the storage reader
 //! alone and `cat`. `replay` records a journal and runs the last part only.
+//!
+//! # `cargo xtask bench pipeline`
+//!
+//! The userspace pipeline on a recorded stream of kernel records (`am-pipeline`, see its
+//! module comment): events per CPU-second of decode alone, then with enrichment,
+//! detection, the JSON-lines and Falco outputs, the gRPC hub with draining clients and the
+//! metrics, each next to the stage before.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -394,6 +401,33 @@ pub fn journal(root: &Path, env: &Env, name: &str, events: u64) -> Result<()> {
     drop((tmpfs, disk));
     if !status.success() {
         bail!("am-bench {name} failed: {status}");
+    }
+    Ok(())
+}
+
+/// `pipeline`: `am-pipeline` (`tests/src/bin/am-pipeline.rs`, which links the library)
+/// runs a recorded stream of `events` kernel records through decode, enrichment,
+/// detection and the outputs, stage by stage, and prints events per CPU-second.
+pub fn pipeline(root: &Path, env: &Env, events: u64) -> Result<()> {
+    cargo(
+        root,
+        env,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "agent-monitor-tests",
+            "--bin",
+            "am-pipeline",
+        ],
+    )?;
+    let bin = target_dir(root, env)?.join("release").join("am-pipeline");
+    let status = Command::new(bin)
+        .args(["--events", &events.to_string()])
+        .status()
+        .context("running am-pipeline")?;
+    if !status.success() {
+        bail!("am-pipeline failed: {status}");
     }
     Ok(())
 }

@@ -75,12 +75,14 @@ enum Task {
     /// Set up and run a benchmark: `overhead` (cost the probes add to open+close, a
     /// connect and getppid), `journal` (the forensic journal: pipeline cost, write
     /// throughput on tmpfs and disk, bytes per event, replay throughput) or `replay` (replay
-    /// throughput only).
+    /// throughput only), `pipeline` (the userspace pipeline's events per CPU-second on a
+    /// recorded stream, stage by stage).
     Bench {
         #[arg(default_value = "overhead")]
         name: String,
         /// Loop iterations per measurement (overhead: opens or getppid calls, default
-        /// 200000; journal and replay: events per run, default 1000000).
+        /// 200000; journal and replay: events per run, default 1000000; pipeline: records
+        /// in the recorded stream, default 400000).
         #[arg(long)]
         iterations: Option<u64>,
     },
@@ -157,7 +159,10 @@ fn main() -> Result<()> {
                 "journal" | "replay" => {
                     bench::journal(&root, &env, &name, iterations.unwrap_or(1_000_000))?
                 }
-                other => bail!("unknown benchmark {other:?}; available: overhead, journal, replay"),
+                "pipeline" => bench::pipeline(&root, &env, iterations.unwrap_or(400_000))?,
+                other => bail!(
+                    "unknown benchmark {other:?}; available: overhead, journal, replay, pipeline"
+                ),
             }
         }
     }

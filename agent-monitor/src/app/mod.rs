@@ -15,7 +15,7 @@ use tracing::{error, info};
 use crate::{
     config::listen_addr,
     config::{Config, PodSourceKind},
-    detect::{Anomaly, Engine},
+    detect::Engine,
     events::Record,
     identity::pods::{self, PodStore},
     monitor::{Monitor, MonitorError},
@@ -23,12 +23,12 @@ use crate::{
         falco,
         falcosidekick::{self, SidekickSettings},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
-        grpc::{GrpcServer, GrpcSettings, Hub, Origin, RunningGrpc, TlsSettings},
+        grpc::{pb, GrpcServer, GrpcSettings, Hub, Origin, RunningGrpc, TlsSettings},
         journal::{Journal, JournalSettings, JOURNAL_QUEUE},
         jsonl,
         listen::{self, LimitedListener},
         metrics::{self, Health, Heartbeat, Metrics},
-        protojson, Sink,
+        protojson, AlertItem, EventItem, Plain, Sink,
     },
     policy::{PolicySet, PolicySources},
 };
@@ -78,8 +78,8 @@ pub enum AppError {
 /// How often rate-limit summaries are flushed.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-type EventSink = Box<dyn Sink<Record> + Send>;
-type AlertSink = Box<dyn Sink<Anomaly> + Send>;
+type EventSink = Box<dyn Sink<EventItem> + Send>;
+type AlertSink = Box<dyn Sink<AlertItem> + Send>;
 
 /// What the pipeline reports about itself and listens to, besides its records.
 #[derive(Clone, Default)]
@@ -94,6 +94,9 @@ pub struct PipelineControl {
     /// Where failed writes are counted (`agent_monitor_sink_failures_total`, sinks
     /// `events` and `alerts`).
     pub metrics: Option<Arc<Metrics>>,
+    /// The run every record and anomaly is stamped with when it is converted to its wire
+    /// form, once, for every sink.
+    pub origin: Origin,
 }
 
 impl PipelineControl {
@@ -166,9 +169,10 @@ pub async fn pipeline(
                 let Some(rec) = rec else { break };
                 last_record = std::time::Instant::now();
                 silence_reported = false;
-                write_all(&mut events, &rec, "events", &control)?;
-                for a in engine.process(&rec) {
-                    write_all(&mut alerts, &a, "alerts", &control)?;
+                let found = engine.process(&rec);
+                write_all(&mut events, &control.origin.event_item(rec), "events", &control)?;
+                for a in found {
+                    write_all(&mut alerts, &control.origin.alert_item(a), "alerts", &control)?;
                 }
                 if rx.is_empty() {
                     flush_all(&mut events, "events", &control)?;
@@ -188,8 +192,8 @@ pub async fn pipeline(
                     silence_reported = true;
                     summaries.push(engine.kernel_silent(silent));
                 }
-                for a in &summaries {
-                    write_all(&mut alerts, a, "alerts", &control)?;
+                for a in summaries {
+                    write_all(&mut alerts, &control.origin.alert_item(a), "alerts", &control)?;
                 }
                 flush_all(&mut alerts, "alerts", &control)?;
                 crate::ratelog::flush(false);
@@ -197,7 +201,12 @@ pub async fn pipeline(
         }
     }
     for a in engine.flush() {
-        write_all(&mut alerts, &a, "alerts", &control)?;
+        write_all(
+            &mut alerts,
+            &control.origin.alert_item(a),
+            "alerts",
+            &control,
+        )?;
     }
     flush_all(&mut events, "events", &control)?;
     flush_all(&mut alerts, "alerts", &control)?;
@@ -291,10 +300,10 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let mut events: Vec<EventSink> = Vec::new();
     let mut alerts: Vec<AlertSink> = Vec::new();
     if let Some(w) = open_output(&config.output)? {
-        events.push(Box::new(protojson::EventLines::new(w, origin.clone())));
+        events.push(Box::new(protojson::EventLines::new(w)));
     }
     if let Some(w) = open_output(&config.alerts.output)? {
-        alerts.push(Box::new(falco::FalcoLines::new(w, hostname.clone())));
+        alerts.push(Box::new(Plain(falco::FalcoLines::new(w, hostname.clone()))));
     }
     let policy_count = policies.policies().len();
     // Files and cluster objects feed one owner, which recomputes the set the engine reads
@@ -336,7 +345,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
                 output: url.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-        alerts.push(Box::new(sink));
+        alerts.push(Box::new(Plain(sink)));
         metrics.declare_sink("falcosidekick");
         sidekick_task = Some(task);
         sidekick_counters = Some(counters);
@@ -391,8 +400,8 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             metrics.set_grpc_clients(i64::try_from(n).unwrap_or(i64::MAX));
         });
     }
-    events.push(Box::new(HubSink(hub.clone())));
-    alerts.push(Box::new(HubSink(hub.clone())));
+    events.push(Box::new(HubSink::<pb::Event>::new(hub.clone())));
+    alerts.push(Box::new(HubSink::<pb::Anomaly>::new(hub.clone())));
 
     let mut term =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signal)?;
@@ -407,6 +416,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         reopen: Arc::new(Notify::new()),
         heartbeat: Heartbeat::new(),
         metrics: Some(metrics.clone()),
+        origin: origin.clone(),
     };
     health.watch_loop("pipeline", control.heartbeat.clone());
     let reopen = control.reopen.clone();
@@ -715,17 +725,20 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::{detect::KERNEL_SILENT, events::LostRecord};
+    use crate::{
+        detect::{Anomaly, KERNEL_SILENT},
+        events::LostRecord,
+    };
 
     /// Collects alerts in memory.
     struct Collect(Arc<Mutex<Vec<Anomaly>>>);
 
-    impl Sink<Anomaly> for Collect {
-        fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
+    impl Sink<AlertItem> for Collect {
+        fn write(&mut self, a: &AlertItem) -> std::io::Result<()> {
             self.0
                 .lock()
                 .map_err(|_| std::io::Error::other("poisoned"))?
-                .push(a.clone());
+                .push(a.item.clone());
             Ok(())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -806,8 +819,8 @@ mod tests {
         fail_after: u64,
     }
 
-    impl Sink<Record> for Flaky {
-        fn write(&mut self, _: &Record) -> std::io::Result<()> {
+    impl Sink<EventItem> for Flaky {
+        fn write(&mut self, _: &EventItem) -> std::io::Result<()> {
             self.writes += 1;
             if self.writes > self.fail_after {
                 return Err(std::io::Error::other("disk full"));

@@ -11,11 +11,9 @@ use super::{
     falcosidekick::SidekickCounters,
     grpc::{pb, Hub, StatusSource},
     metrics::{Health, Metrics},
-    Sink,
+    AlertItem, EventItem, Sink,
 };
-use crate::{
-    detect::Anomaly, events::Record, outputs::grpc::priority_name, policy::sources::PolicySources,
-};
+use crate::{events::Record, outputs::grpc::priority_name, policy::sources::PolicySources};
 
 /// The lane a record came through.
 pub fn lane_of(record: &Record) -> &str {
@@ -27,25 +25,52 @@ pub fn lane_of(record: &Record) -> &str {
     }
 }
 
-/// Publishes to gRPC subscribers; never blocks (slow clients get gap notices).
-pub struct HubSink(pub Hub);
+/// Items held by a [`HubSink`] before they are published together.
+const HUB_BATCH: usize = 256;
 
-impl Sink<Record> for HubSink {
-    fn write(&mut self, r: &Record) -> std::io::Result<()> {
-        self.0.publish_event(r);
+/// Publishes to gRPC subscribers; never blocks (slow clients get gap notices). Events are
+/// published in batches, at every flush (the pipeline flushes whenever its queue is
+/// empty) or every [`HUB_BATCH`] events: a client is then woken once per batch, not once
+/// per event, which under load costs more than the event itself. Anomalies go at once.
+pub struct HubSink<P> {
+    hub: Hub,
+    held: Vec<Arc<P>>,
+}
+
+impl<P> HubSink<P> {
+    pub fn new(hub: Hub) -> Self {
+        Self {
+            hub,
+            held: Vec::with_capacity(HUB_BATCH),
+        }
+    }
+}
+
+impl Sink<EventItem> for HubSink<pb::Event> {
+    fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
+        self.held.push(e.api.clone());
+        if self.held.len() >= HUB_BATCH {
+            self.flush()?;
+        }
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        self.hub.publish_events(&self.held);
+        self.held.clear();
         Ok(())
     }
 }
 
-impl Sink<Anomaly> for HubSink {
-    fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
-        self.0.publish_anomaly(a);
-        Ok(())
+impl Sink<AlertItem> for HubSink<pb::Anomaly> {
+    /// Published at once: anomalies are few, and one must not wait behind a busy queue
+    /// (the pipeline flushes only when its queue runs empty) to reach a client.
+    fn write(&mut self, a: &AlertItem) -> std::io::Result<()> {
+        self.held.push(a.api.clone());
+        self.flush()
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        self.hub.publish_anomalies(&self.held);
+        self.held.clear();
         Ok(())
     }
 }
@@ -69,8 +94,9 @@ fn bump(map: &mut BTreeMap<String, u64>, key: &str, by: u64) {
     *map.entry(key.to_owned()).or_default() += by;
 }
 
-impl Sink<Record> for Observer {
-    fn write(&mut self, r: &Record) -> std::io::Result<()> {
+impl Sink<EventItem> for Observer {
+    fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
+        let r = &e.item;
         let lane = lane_of(r);
         self.health.mark_kernel_activity();
         if let Ok(mut c) = self.counters.lock() {
@@ -98,8 +124,9 @@ impl Sink<Record> for Observer {
     }
 }
 
-impl Sink<Anomaly> for Observer {
-    fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
+impl Sink<AlertItem> for Observer {
+    fn write(&mut self, a: &AlertItem) -> std::io::Result<()> {
+        let a = &a.item;
         self.metrics
             .record_alert(&a.rule, priority_name(a.priority));
         if let Ok(mut c) = self.counters.lock() {
@@ -160,5 +187,68 @@ impl StatusSource for DaemonStatus {
                 .insert("falcosidekick".into(), format!("{snap:?}"));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    use super::*;
+    use crate::{
+        detect::Anomaly,
+        events::LostRecord,
+        outputs::grpc::{Delivery, Matcher, Origin},
+    };
+
+    fn lost(seq: u64) -> Record {
+        Record::Lost(LostRecord {
+            seq,
+            time: "2026-11-23T07:00:00.000000001Z".into(),
+            lane: "network".into(),
+            count: 1,
+            total: seq,
+        })
+    }
+
+    #[tokio::test]
+    async fn events_reach_clients_at_a_flush_or_a_full_batch_and_anomalies_at_once() {
+        let hub = Hub::new(2 * HUB_BATCH, Origin::default());
+        let mut sub = hub.subscribe_events(Matcher::new(None).expect("no filter"));
+        let mut events = HubSink::<pb::Event>::new(hub.clone());
+        let origin = Origin::default();
+        events.write(&origin.event_item(lost(1))).expect("write");
+        assert_eq!(hub.events_published(), 0, "held until the flush");
+        events.flush().expect("flush");
+        assert_eq!(hub.events_published(), 1);
+        match sub.next().await {
+            Some(Delivery::Item(e)) => assert_eq!(e.seq, 1),
+            other => panic!("expected the event, got {other:?}"),
+        }
+        // A busy pipeline that never runs empty still publishes every batch.
+        for seq in 2..2 + HUB_BATCH as u64 {
+            events.write(&origin.event_item(lost(seq))).expect("write");
+        }
+        assert_eq!(hub.events_published(), 1 + HUB_BATCH as u64);
+        for want in 2..2 + HUB_BATCH as u64 {
+            match sub.next().await {
+                Some(Delivery::Item(e)) => assert_eq!(e.seq, want),
+                other => panic!("expected event {want}, got {other:?}"),
+            }
+        }
+        let mut alerts = HubSink::<pb::Anomaly>::new(hub.clone());
+        let anomaly = Anomaly {
+            seq: 9,
+            time: "2026-11-23T07:00:00.000000001Z".into(),
+            rule: "events-lost".into(),
+            priority: crate::policy::Priority::Error,
+            output: "lost".into(),
+            tags: Vec::new(),
+            workload: Default::default(),
+            fields: Default::default(),
+            events: vec![1],
+        };
+        alerts.write(&origin.alert_item(anomaly)).expect("write");
+        assert_eq!(hub.anomalies_published(), 1, "an anomaly is not held");
     }
 }

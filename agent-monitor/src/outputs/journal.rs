@@ -30,16 +30,14 @@ use std::{
 use tracing::{error, info, warn};
 
 use crate::{
-    detect::Anomaly,
-    events::Record,
     journal::{
         journal_record::Body, JournalError, JournalRecord, Options, Recovery, RunMarker, TailState,
         Writer, WriterStats,
     },
     outputs::{
-        grpc::{JournalSource, Origin},
+        grpc::{pb, JournalSource, Origin},
         metrics::Metrics,
-        Sink,
+        AlertItem, EventItem, Sink,
     },
 };
 
@@ -379,10 +377,12 @@ impl JournalSink {
     }
 }
 
-impl Sink<Record> for JournalSink {
-    fn write(&mut self, record: &Record) -> std::io::Result<()> {
+impl Sink<EventItem> for JournalSink {
+    fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
         // The converted event carries the workload as it was when the event was seen.
-        self.send(Body::Event(self.run.origin.event(record)));
+        // The journal record owns its body: a copy of the shared message, not a second
+        // conversion.
+        self.send(Body::Event(pb::Event::clone(&e.api)));
         Ok(())
     }
 
@@ -393,9 +393,9 @@ impl Sink<Record> for JournalSink {
     }
 }
 
-impl Sink<Anomaly> for JournalSink {
-    fn write(&mut self, anomaly: &Anomaly) -> std::io::Result<()> {
-        self.send(Body::Anomaly(self.run.origin.anomaly(anomaly)));
+impl Sink<AlertItem> for JournalSink {
+    fn write(&mut self, a: &AlertItem) -> std::io::Result<()> {
+        self.send(Body::Anomaly(pb::Anomaly::clone(&a.api)));
         Ok(())
     }
 
@@ -408,7 +408,8 @@ impl Sink<Anomaly> for JournalSink {
 mod tests {
     use super::*;
     use crate::{
-        events::LostRecord,
+        detect::Anomaly,
+        events::{LostRecord, Record},
         journal::{Item, Reader},
     };
 
@@ -450,7 +451,8 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let j = Journal::open(config(&dir, 64), Some(metrics.clone())).expect("open");
         let (mut events, mut alerts) = (j.sink(), j.sink());
-        Sink::<Record>::write(&mut events, &lost(7)).expect("write");
+        Sink::<EventItem>::write(&mut events, &Origin::default().event_item(lost(7)))
+            .expect("write");
         let anomaly = Anomaly {
             seq: 1,
             time: "2026-11-23T07:00:00.000000001Z".into(),
@@ -462,8 +464,10 @@ mod tests {
             fields: Default::default(),
             events: vec![7],
         };
-        Sink::<Anomaly>::write(&mut alerts, &anomaly).expect("write");
-        Sink::<Record>::write(&mut events, &lost(8)).expect("write");
+        Sink::<AlertItem>::write(&mut alerts, &Origin::default().alert_item(anomaly))
+            .expect("write");
+        Sink::<EventItem>::write(&mut events, &Origin::default().event_item(lost(8)))
+            .expect("write");
         let run = j.run_id().to_owned();
         let stats = j.stop("signal SIGTERM").expect("stop");
         assert_eq!(stats.records, 5);
@@ -537,7 +541,8 @@ mod tests {
             run: j.run.clone(),
         };
         for i in 0..10 {
-            Sink::<Record>::write(&mut sink, &lost(i)).expect("never fails");
+            Sink::<EventItem>::write(&mut sink, &Origin::default().event_item(lost(i)))
+                .expect("never fails");
         }
         assert!(
             metrics

@@ -10,6 +10,44 @@ pub mod listen;
 pub mod metrics;
 pub mod protojson;
 
+use std::sync::Arc;
+
+use crate::{detect::Anomaly, events::Record, outputs::grpc::pb};
+
+/// An item together with its API form, converted once (by the pipeline) and shared by
+/// every sink: the JSON output prints it, the journal stores it, the hub hands it to its
+/// clients.
+#[derive(Debug, Clone)]
+pub struct Converted<T, P> {
+    /// The daemon's own form, for the sinks that read it (metrics, Falco, filters).
+    pub item: T,
+    /// The wire form, stamped with the run's [`grpc::Origin`].
+    pub api: Arc<P>,
+}
+
+/// A record and its `agent_monitor.v1.Event`.
+pub type EventItem = Converted<Record, pb::Event>;
+/// An anomaly and its `agent_monitor.v1.Anomaly`.
+pub type AlertItem = Converted<Anomaly, pb::Anomaly>;
+
+impl grpc::Origin {
+    /// `r` with its wire event of this run.
+    pub fn event_item(&self, r: Record) -> EventItem {
+        Converted {
+            api: Arc::new(self.event(&r)),
+            item: r,
+        }
+    }
+
+    /// `a` with its wire anomaly of this run.
+    pub fn alert_item(&self, a: Anomaly) -> AlertItem {
+        Converted {
+            api: Arc::new(self.anomaly(&a)),
+            item: a,
+        }
+    }
+}
+
 /// A destination for records or alerts. Implementations may buffer; `flush` pushes
 /// buffered items out.
 pub trait Sink<T> {
@@ -22,5 +60,21 @@ pub trait Sink<T> {
     /// at the configured path. Sinks that write no file have nothing to do.
     fn reopen(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A sink of the daemon's own form (Falco lines, Falcosidekick) fed with converted items:
+/// it reads the item and leaves the wire form to the others.
+pub struct Plain<S>(pub S);
+
+impl<T, P, S: Sink<T>> Sink<Converted<T, P>> for Plain<S> {
+    fn write(&mut self, c: &Converted<T, P>) -> std::io::Result<()> {
+        self.0.write(&c.item)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.0.reopen()
     }
 }

@@ -12,11 +12,10 @@ use std::io::Write;
 use serde::Serialize;
 
 use super::{
-    grpc::{pb, Origin},
+    grpc::pb,
     jsonl::{JsonLines, Reopen},
-    Sink,
+    EventItem, Sink,
 };
-use crate::events::Record;
 
 /// A message as a proto3 JSON value (its object's keys sorted, as `serde_json` keeps them).
 pub fn to_value<M: Serialize>(msg: &M) -> std::io::Result<serde_json::Value> {
@@ -33,29 +32,25 @@ pub fn anomaly(a: &pb::Anomaly) -> std::io::Result<serde_json::Value> {
     to_value(a)
 }
 
-/// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`,
-/// serialized straight into the buffered writer (no intermediate JSON value), its fields
-/// in the schema's order.
+/// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`
+/// (the wire event the pipeline converted once), serialized straight into the buffered
+/// writer (no intermediate JSON value), its fields in the schema's order.
 pub struct EventLines<W: Write> {
     lines: JsonLines<W>,
-    origin: Origin,
 }
 
 impl<W: Write> EventLines<W> {
-    /// Never fails; the `Result` is kept for the callers.
-    pub fn new(out: W, origin: Origin) -> Self {
+    pub fn new(out: W) -> Self {
         Self {
             lines: JsonLines::new(out),
-            origin,
         }
     }
 }
 
-impl<W: Write + Reopen> Sink<Record> for EventLines<W> {
-    fn write(&mut self, r: &Record) -> std::io::Result<()> {
-        let event = self.origin.event(r);
+impl<W: Write + Reopen> Sink<EventItem> for EventLines<W> {
+    fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
         self.lines
-            .line(|s| event.serialize(s).map_err(std::io::Error::other))
+            .line(|s| e.api.serialize(s).map_err(std::io::Error::other))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

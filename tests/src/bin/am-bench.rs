@@ -130,11 +130,12 @@ mod am {
         journal::{Item, JournalRecord, Options, Reader, Writer},
         outputs::{
             falco::FalcoLines,
+            grpc::Origin,
             journal::{Journal, JournalSettings, JOURNAL_QUEUE},
             jsonl::{open_writer, Output, Reopen},
             metrics::Metrics,
             protojson::EventLines,
-            Sink,
+            AlertItem, EventItem, Sink,
         },
         policy::PolicySet,
     };
@@ -180,7 +181,44 @@ mod am {
 
     /// Sinks for events and anomalies, as the daemon pushes them.
     pub fn journal_sinks(j: &Journal) -> (Box<dyn Sink<Record>>, Box<dyn Sink<Anomaly>>) {
-        (Box::new(j.sink()), Box::new(j.sink()))
+        (
+            Box::new(Convert::new(j.sink())),
+            Box::new(Convert::new(j.sink())),
+        )
+    }
+
+    /// What the pipeline does before its sinks: each item converted to its wire form
+    /// once (here with a copy of the pooled item, which the pipeline gets by value).
+    pub struct Convert<S> {
+        origin: Origin,
+        inner: S,
+    }
+
+    impl<S> Convert<S> {
+        pub fn new(inner: S) -> Self {
+            Self {
+                origin: Origin::new_run("bench-node-1"),
+                inner,
+            }
+        }
+    }
+
+    impl<S: Sink<EventItem>> Sink<Record> for Convert<S> {
+        fn write(&mut self, r: &Record) -> std::io::Result<()> {
+            self.inner.write(&self.origin.event_item(r.clone()))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    impl<S: Sink<AlertItem>> Sink<Anomaly> for Convert<S> {
+        fn write(&mut self, a: &Anomaly) -> std::io::Result<()> {
+            self.inner.write(&self.origin.alert_item(a.clone()))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
     }
 
     /// Writes the stop marker, syncs, and returns the records written to disk (markers
@@ -210,10 +248,7 @@ mod am {
     pub fn event_lines<W: std::io::Write + Reopen + 'static>(
         w: W,
     ) -> Result<Box<dyn Sink<Record>>> {
-        Ok(Box::new(EventLines::new(
-            w,
-            agent_monitor::outputs::grpc::Origin::new_run("bench-node-1"),
-        )))
+        Ok(Box::new(Convert::new(EventLines::new(w))))
     }
 
     /// The daemon's Falco alert output.

@@ -159,9 +159,32 @@ impl Hub {
         self.inner.shut_down.load(Ordering::SeqCst)
     }
 
-    /// Offers a record to every event client whose filter matches. Never blocks on a
-    /// client and never awaits.
+    /// Offers a record to every event client whose filter matches, converted here (with
+    /// the hub's origin) only if one does. Never blocks on a client and never awaits.
     pub fn publish_event(&self, record: &Record) {
+        self.publish_event_with(record, || Arc::new(self.inner.origin.event(record)));
+    }
+
+    /// Offers wire events the pipeline already made (shared, not copied), in order, to
+    /// every event client whose filter matches, taking the client list once for all of
+    /// them: a client woken by the first finds the others queued.
+    pub fn publish_events(&self, events: &[Arc<pb::Event>]) {
+        self.inner
+            .counters
+            .events_published
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut subs = lock(&self.inner.events);
+        for e in events {
+            publish(
+                &mut subs,
+                &self.inner.counters,
+                |m| m.pb_event(e),
+                || e.clone(),
+            );
+        }
+    }
+
+    fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<pb::Event>) {
         self.inner
             .counters
             .events_published
@@ -171,13 +194,35 @@ impl Hub {
             &mut subs,
             &self.inner.counters,
             |m| m.record(record),
-            || self.inner.origin.event(record),
+            convert,
         );
     }
 
-    /// Offers an anomaly to every anomaly client whose filter matches. Never blocks on a
-    /// client and never awaits.
+    /// Offers an anomaly to every anomaly client whose filter matches, converted here
+    /// only if one does. Never blocks on a client and never awaits.
     pub fn publish_anomaly(&self, anomaly: &Anomaly) {
+        self.publish_anomaly_with(anomaly, || Arc::new(self.inner.origin.anomaly(anomaly)));
+    }
+
+    /// Offers wire anomalies the pipeline already made, in order (see
+    /// [`Hub::publish_events`]).
+    pub fn publish_anomalies(&self, anomalies: &[Arc<pb::Anomaly>]) {
+        self.inner
+            .counters
+            .anomalies_published
+            .fetch_add(anomalies.len() as u64, Ordering::Relaxed);
+        let mut subs = lock(&self.inner.anomalies);
+        for a in anomalies {
+            publish(
+                &mut subs,
+                &self.inner.counters,
+                |m| m.pb_anomaly(a),
+                || a.clone(),
+            );
+        }
+    }
+
+    fn publish_anomaly_with(&self, anomaly: &Anomaly, convert: impl FnOnce() -> Arc<pb::Anomaly>) {
         self.inner
             .counters
             .anomalies_published
@@ -187,7 +232,7 @@ impl Hub {
             &mut subs,
             &self.inner.counters,
             |m| m.anomaly(anomaly),
-            || self.inner.origin.anomaly(anomaly),
+            convert,
         );
     }
 
@@ -290,7 +335,7 @@ fn publish<T>(
     subs: &mut Vec<Subscriber<T>>,
     counters: &Counters,
     matches: impl Fn(&Matcher) -> bool,
-    convert: impl FnOnce() -> T,
+    convert: impl FnOnce() -> Arc<T>,
 ) {
     let mut convert = Some(convert);
     let mut item: Option<Arc<T>> = None;
@@ -307,7 +352,7 @@ fn publish<T>(
                 let Some(f) = convert.take() else {
                     return true;
                 };
-                item.insert(Arc::new(f())).clone()
+                item.insert(f()).clone()
             }
         };
         offer(sub, item, counters)

@@ -9,9 +9,12 @@ use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde_json::json;
 
 use super::*;
+use crate::outputs::grpc::Origin;
 use crate::{
     detect::Anomaly,
-    events::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, LostRecord, OpenRecord, Task},
+    events::{
+        ConnectRecord, ExecRecord, ExitRecord, ForkRecord, LostRecord, OpenRecord, Record, Task,
+    },
     identity::{
         credentials::{CredentialClass, Owner},
         Workload,
@@ -578,9 +581,9 @@ fn event_lines_print_every_kind_of_record_as_before() {
     };
     let mut buf = Vec::new();
     {
-        let mut lines = EventLines::new(&mut buf, origin.clone());
+        let mut lines = EventLines::new(&mut buf);
         for r in &records {
-            lines.write(r).expect("write");
+            lines.write(&origin.event_item(r.clone())).expect("write");
         }
         lines.flush().expect("flush");
     }
@@ -641,8 +644,10 @@ fn events_print_in_the_proto3_json_mapping() {
     // The line writer prints the same object.
     let mut buf = Vec::new();
     {
-        let mut lines = EventLines::new(&mut buf, Origin::default());
-        lines.write(&r).expect("write");
+        let mut lines = EventLines::new(&mut buf);
+        lines
+            .write(&Origin::default().event_item(r.clone()))
+            .expect("write");
         lines.flush().expect("flush");
     }
     let line: serde_json::Value = serde_json::from_slice(&buf).expect("one JSON line");
