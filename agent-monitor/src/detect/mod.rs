@@ -140,15 +140,17 @@ impl Engine {
     /// Runs every rule over one record.
     pub fn process(&mut self, record: &Record) -> Vec<Anomaly> {
         let mut hits = Vec::new();
-        let task = record.task().cloned();
-        if let Some(t) = &task {
+        // Borrowed, not copied: most records raise nothing, and a task holds the whole
+        // workload (labels included).
+        let task = record.task();
+        if let Some(t) = task {
             self.last_ts = self.last_ts.max(t.ts_boot_ns);
             self.last_time.clone_from(&t.time);
             if let Some(ppid) = t.ppid {
                 self.parents.record(t.tgid, ppid, t.ts_boot_ns);
             }
         }
-        let policy = task.as_ref().and_then(|t| self.policy_for(&t.workload));
+        let policy = task.and_then(|t| self.policy_for(&t.workload));
         match record {
             Record::Open(o) => self.on_open(o, policy.as_deref(), &mut hits),
             Record::Connect(c) => self.on_connect(c, policy.as_deref(), &mut hits),
@@ -158,22 +160,19 @@ impl Engine {
             Record::Lost(l) => self.on_lost(l, &mut hits),
             Record::Exec(_) | Record::Exit(_) => {}
         }
-        let time = match record {
-            Record::Lost(l) => l.time.clone(),
-            _ => task.as_ref().map(|t| t.time.clone()).unwrap_or_default(),
-        };
-        let workload = task
-            .as_ref()
-            .map(|t| t.workload.clone())
-            .unwrap_or_default();
-        let ts = task.as_ref().map_or(self.last_ts, |t| t.ts_boot_ns);
-        let mut out = Vec::new();
-        for hit in hits {
-            if let Some(a) = self.finish(hit, policy.as_deref(), &workload, &time, ts) {
-                out.push(a);
-            }
+        if hits.is_empty() {
+            return Vec::new();
         }
-        out
+        let time = match record {
+            Record::Lost(l) => l.time.as_str(),
+            _ => task.map_or("", |t| t.time.as_str()),
+        };
+        let none = Workload::default();
+        let workload = task.map_or(&none, |t| &t.workload);
+        let ts = task.map_or(self.last_ts, |t| t.ts_boot_ns);
+        hits.into_iter()
+            .filter_map(|hit| self.finish(hit, policy.as_deref(), workload, time, ts))
+            .collect()
     }
 
     /// Rate-limit summaries of windows that ended: the count of alerts suppressed.

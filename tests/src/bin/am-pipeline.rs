@@ -67,6 +67,10 @@ use agent_monitor_common::{
 };
 use agent_monitor_tests::sim::{pods_file, SimPod};
 use anyhow::{bail, Context as _, Result};
+
+/// The daemon's allocator (agent-monitor/src/main.rs), so the figures are the daemon's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use futures::StreamExt as _;
 
 const USAGE: &str = "usage: am-pipeline [--events N] [--rounds R] [--stages K]";
