@@ -253,6 +253,18 @@ pub struct OpenEvent {
 }
 const _: () = assert!(size_of::<OpenEvent>() == 880);
 
+/// Bytes of an [`OpenEvent`] before its strings. On the ring an open record is only the
+/// bytes in use: these fixed bytes, then `path_len` bytes of `path` (no NUL), then
+/// `dpath_len` bytes of `dpath`. A typical record is a fifth of the full struct, so the
+/// kernel copies less, touches fewer cache lines the consumer reads, and the ring holds
+/// five times as many records.
+pub const OPEN_FIXED: usize = core::mem::offset_of!(OpenEvent, path);
+const _: () = assert!(OPEN_FIXED == 112);
+// The kernel writes each dentry name (up to NAME_CAP bytes) at an offset below
+// OPEN_FIXED + PATH_CAP + DPATH_CAP / 2 of its record buffer: it must stay inside.
+const _: () =
+    assert!(OPEN_FIXED + (PATH_CAP - 1) + (DPATH_CAP / 2 - 1) + NAME_CAP <= size_of::<OpenEvent>());
+
 /// Key of the file inventory: a file or directory by identity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -11,7 +11,8 @@ use agent_monitor_common::{
     KernelOffsets, Lane, MatchKind, OpenEvent, PathKey, ProcEvent, Syscall, AT_FDCWD, BASENAME_CAP,
     DPATH_CAP, GROUP_ALIVE, GROUP_DEAD, GROUP_UNKNOWN, INVENTORY_FILE, LANE_COUNT,
     MAX_CGROUP_DEPTH, MAX_DENTRY_DEPTH, MAX_INVENTORY, MAX_MONITORED_CGROUPS,
-    MAX_WATCHED_BASENAMES, MAX_WATCHED_FS, MAX_WATCHED_PREFIXES, NAME_CAP, NO_FIELD, PATH_CAP,
+    MAX_WATCHED_BASENAMES, MAX_WATCHED_FS, MAX_WATCHED_PREFIXES, NAME_CAP, NO_FIELD, OPEN_FIXED,
+    PATH_CAP,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -348,21 +349,27 @@ struct IoOpen {
     _pad: u16,
 }
 
-/// Per-CPU scratch for building a record before it is known to be wanted.
+/// Per-CPU scratch for deciding an open before it is known to be wanted.
 #[repr(C)]
 struct OpenScratch {
     key: PathKey,
-    /// Dentry walk state.
+    /// Dentry walk state: the next dentry, bytes of names written after the path in
+    /// [`OPEN_RECORD`], names written, and whether the chain was cut.
     dentry: u64,
+    path_len: u64,
     dpath_len: u64,
     depth: u64,
     truncated: u64,
-    dpath: [u8; DPATH_CAP],
     io: IoOpen,
 }
 
 #[map]
 static OPEN_SCRATCH: PerCpuArray<OpenScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU open record being built in its ring form ([`OPEN_FIXED`] bytes, the path, the
+/// dentry names), then copied to the ring with the bytes in use only.
+#[map]
+static OPEN_RECORD: PerCpuArray<OpenEvent> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static BASENAME_SCRATCH: PerCpuArray<[u8; BASENAME_CAP]> = PerCpuArray::with_max_entries(1, 0);
 
@@ -686,18 +693,20 @@ fn match_path(key: &mut PathKey, len: usize) -> u8 {
     }
 }
 
-/// `bpf_loop` callback: appends the name of the scratch dentry to the scratch dpath and
-/// steps to its parent; stops at the filesystem's root (its own parent).
+/// `bpf_loop` callback: appends the name of the scratch dentry to the record's names
+/// (after its path) and steps to its parent; stops at the filesystem's root (its own
+/// parent).
 #[inline(never)]
 extern "C" fn walk_dentry(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(s) = OPEN_SCRATCH.get_ptr_mut(0) else {
+    let (Some(s), Some(rec)) = (OPEN_SCRATCH.get_ptr_mut(0), OPEN_RECORD.get_ptr_mut(0)) else {
         return 1;
     };
     // SAFETY: per-CPU scratch slot, exclusively ours while this program runs.
     let s = unsafe { &mut *s };
     let o = OFFSETS.load();
     let d = s.dentry;
-    let parent = kread_u64(d, o.dentry_parent);
+    // `d_parent` and `d_name.name` lie 16 bytes apart: one read for both.
+    let (parent, name): (u64, u64) = kread_pair(d, o.dentry_parent, o.dentry_name);
     if d == 0 || parent == 0 || parent == d {
         return 1;
     }
@@ -705,12 +714,14 @@ extern "C" fn walk_dentry(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         s.truncated = 1;
         return 1;
     }
-    let name = kread_u64(d, o.dentry_name);
-    let off = (s.dpath_len as usize) & (DPATH_CAP / 2 - 1);
-    // SAFETY: off < DPATH_CAP / 2 and at most NAME_CAP bytes are written: inside dpath.
+    let off = OPEN_FIXED
+        + (s.path_len as usize & (PATH_CAP - 1))
+        + (s.dpath_len as usize & (DPATH_CAP / 2 - 1));
+    // SAFETY: off < OPEN_FIXED + PATH_CAP + DPATH_CAP / 2 and at most NAME_CAP bytes are
+    // written, so the write ends inside the record (size-asserted in the common crate).
     let n = unsafe {
         bpf_probe_read_kernel_str(
-            s.dpath.as_mut_ptr().add(off).cast(),
+            (rec as *mut u8).add(off).cast(),
             NAME_CAP as u32,
             name as *const _,
         )
@@ -739,7 +750,24 @@ fn emit_open(
     path_len: usize,
     pflags: u16,
 ) -> Result<u32, u32> {
+    let rec = OPEN_RECORD.get_ptr_mut(0).ok_or(0u32)?;
+    let bytes = rec as *mut u8;
     let mut pflags = pflags;
+    // The path first (the names follow it): only the bytes in use, no NUL.
+    let mut path_len = path_len & (PATH_CAP - 1);
+    // SAFETY: `OPEN_FIXED + path_len < OPEN_FIXED + PATH_CAP`, inside the record; the
+    // source is this CPU's scratch.
+    if unsafe {
+        bpf_probe_read_kernel(
+            bytes.add(OPEN_FIXED).cast(),
+            path_len as u32,
+            s.key.data.as_ptr().cast(),
+        )
+    } != 0
+    {
+        path_len = 0;
+    }
+    s.path_len = path_len as u64;
     s.dpath_len = 0;
     s.depth = 0;
     s.truncated = 0;
@@ -758,7 +786,46 @@ fn emit_open(
             pflags |= path_flags::DPATH_TRUNCATED;
         }
     }
-    let Some(mut entry) = CRED_EVENTS.reserve::<OpenEvent>(0) else {
+    let dpath_len = (s.dpath_len as usize).min(DPATH_CAP);
+    let (dirfd, flags, mode) = match syscall {
+        Syscall::Open => (AT_FDCWD, args[1] as u32, args[2] as u32),
+        Syscall::Creat => (
+            AT_FDCWD,
+            // creat(p, m) is open(p, O_CREAT|O_WRONLY|O_TRUNC, m).
+            0o1101,
+            args[1] as u32,
+        ),
+        Syscall::Openat => (args[0] as i32, args[2] as u32, 0),
+        Syscall::OpenByHandleAt => (args[0] as i32, args[2] as u32, 0),
+        _ => (AT_FDCWD, 0, 0),
+    };
+    // SAFETY: helper without memory arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: `rec` is this CPU's record buffer, exclusively ours while this program runs.
+    unsafe {
+        fill_header(addr_of_mut!((*rec).header), EventKind::Open, now);
+        (*rec).ret = ret;
+        (*rec).ino = id.map_or(0, |i| i.ino);
+        (*rec).dev = id.map_or(0, |i| i.dev);
+        (*rec).syscall = syscall as u16;
+        (*rec).path_flags = pflags;
+        (*rec).dirfd = dirfd;
+        (*rec).flags = flags;
+        (*rec).mode = mode;
+        (*rec).matched = matched;
+        (*rec).depth = s.depth as u8;
+        (*rec).path_len = path_len as u16;
+        (*rec).dpath_len = dpath_len as u16;
+        (*rec)._pad = [0; 6];
+    }
+    // A bound the verifier can follow; the names end inside the record (common crate).
+    let size = (OPEN_FIXED + path_len + dpath_len).min(size_of::<OpenEvent>());
+    // SAFETY: the first `size` bytes of the record buffer, all written above.
+    let record = unsafe { core::slice::from_raw_parts(bytes as *const u8, size) };
+    if CRED_EVENTS
+        .output::<[u8]>(record, wakeup_flag(&CRED_EVENTS, Lane::Credential))
+        .is_err()
+    {
         count_drop(Lane::Credential);
         warn!(
             ctx,
@@ -766,82 +833,18 @@ fn emit_open(
             bpf_get_current_pid_tgid() as u32
         );
         return Err(0);
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` is the reserved record; the sources are this CPU's scratch.
-    unsafe {
-        // SAFETY: helper without memory arguments.
-        fill_header(
-            addr_of_mut!((*ev).header),
-            EventKind::Open,
-            bpf_ktime_get_boot_ns(),
-        );
-        (*ev).ret = ret;
-        (*ev).ino = id.map_or(0, |i| i.ino);
-        (*ev).dev = id.map_or(0, |i| i.dev);
-        (*ev).syscall = syscall as u16;
-        (*ev).path_flags = pflags;
-        let (dirfd, flags, mode) = match syscall {
-            Syscall::Open => (AT_FDCWD, args[1] as u32, args[2] as u32),
-            Syscall::Creat => (
-                AT_FDCWD,
-                // creat(p, m) is open(p, O_CREAT|O_WRONLY|O_TRUNC, m).
-                0o1101,
-                args[1] as u32,
-            ),
-            Syscall::Openat => (args[0] as i32, args[2] as u32, 0),
-            Syscall::OpenByHandleAt => (args[0] as i32, args[2] as u32, 0),
-            _ => (AT_FDCWD, 0, 0),
-        };
-        (*ev).dirfd = dirfd;
-        (*ev).flags = flags;
-        (*ev).mode = mode;
-        (*ev).matched = matched;
-        (*ev).depth = s.depth as u8;
-        (*ev).path_len = path_len as u16;
-        (*ev).dpath_len = s.dpath_len as u16;
-        (*ev)._pad = [0; 6];
-        // Only the bytes in use are copied (the lengths say where they end).
-        let n = if path_len + 1 >= PATH_CAP {
-            PATH_CAP as u32
-        } else {
-            (path_len + 1) as u32
-        };
-        if bpf_probe_read_kernel(
-            addr_of_mut!((*ev).path) as *mut _,
-            n,
-            s.key.data.as_ptr() as *const _,
-        ) != 0
-        {
-            (*ev).path_len = 0;
-        }
-        let n = if s.dpath_len as usize >= DPATH_CAP {
-            DPATH_CAP as u32
-        } else {
-            s.dpath_len as u32
-        };
-        if bpf_probe_read_kernel(
-            addr_of_mut!((*ev).dpath) as *mut _,
-            n,
-            s.dpath.as_ptr() as *const _,
-        ) != 0
-        {
-            (*ev).dpath_len = 0;
-        }
     }
-    entry.submit(wakeup_flag(&CRED_EVENTS, Lane::Credential));
     if ret >= 0 {
-        remember_reader();
+        remember_reader(now);
     }
     Ok(0)
 }
 
-/// Notes that the current process read a watched file, for [`sock_send`].
+/// Notes that the current process read a watched file at `now` (boot ns), for
+/// [`sock_send`].
 #[inline(always)]
-fn remember_reader() {
+fn remember_reader(now: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: helper without memory arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     // An LRU insert takes the map's lock (~0.5 µs here); a process that read before only
     // gets its stamp refreshed in place.
     match CRED_READERS.get_ptr_mut(&tgid) {

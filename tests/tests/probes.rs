@@ -300,3 +300,46 @@ fn a_flood_over_a_tiny_ring_is_counted_exactly() {
         "delivered {delivered} + lost {lost_sum} must equal the opens made"
     );
 }
+
+/// The host path is the file's dentry chain as it is at the open: opening a file again
+/// names it the same, and renaming a directory above it between two opens (the file's
+/// own dentry untouched) gives the new names, not remembered ones.
+#[test]
+fn a_directory_renamed_above_a_watched_file_changes_its_host_path() {
+    if !privileged("a_directory_renamed_above_a_watched_file_changes_its_host_path") {
+        return;
+    }
+    let tree = TempTree::new("am-rename");
+    let before = tree.file("a/watched/token");
+    let cg = TestCgroup::create(&unique("am-test-rename"));
+    let mut c = Config::default();
+    c.watch.prefixes = vec![format!("{}/a/watched/", tree.root.display())];
+    c.cgroups = vec![cg.path.clone()];
+    let mut h = Harness::start(&c);
+
+    let open_before = format!("open:{}", s(&before));
+    let first = run_kid(&cg, 200, &[open_before.clone(), open_before]);
+    h.wait_until(WAIT, |r| opens_of(r, first.pid).len() >= 2);
+    std::fs::rename(tree.root.join("a"), tree.root.join("b")).expect("rename");
+    let after = tree.root.join("b/watched/token");
+    let second = run_kid(&cg, 200, &[format!("open:{}", s(&after))]);
+    h.wait_until(WAIT, |r| !opens_of(r, second.pid).is_empty());
+    h.settle(Duration::from_millis(200));
+
+    let firsts = opens_of(&h.records, first.pid);
+    assert_eq!(firsts.len(), 2, "{firsts:?}");
+    for o in firsts {
+        assert_eq!(o.host_path.as_deref(), Some(s(&before).as_str()), "{o:?}");
+        assert_eq!(o.matched_by, "inode", "{o:?}");
+    }
+    let seconds = opens_of(&h.records, second.pid);
+    assert_eq!(seconds.len(), 1, "{seconds:?}");
+    assert_eq!(
+        seconds[0].host_path.as_deref(),
+        Some(s(&after).as_str()),
+        "{:?}",
+        seconds[0]
+    );
+    assert_eq!(seconds[0].raw_path, s(&after));
+    assert_eq!(seconds[0].matched_by, "inode", "{:?}", seconds[0]);
+}

@@ -3,7 +3,9 @@
 //! Records come from our own programs, but they are still input from outside the process:
 //! every length and tag is checked, and a bad record is an error, not a panic.
 
-use agent_monitor_common::{ConnectEvent, EventHeader, EventKind, OpenEvent, ProcEvent};
+use agent_monitor_common::{
+    ConnectEvent, EventHeader, EventKind, OpenEvent, ProcEvent, DPATH_CAP, OPEN_FIXED, PATH_CAP,
+};
 
 /// A record as the kernel wrote it, checked for size and kind.
 #[derive(Clone, Copy)]
@@ -33,6 +35,15 @@ pub enum DecodeError {
         got: usize,
         expected: usize,
     },
+    /// An open record's string lengths exceed their capacity or disagree with its size.
+    #[error(
+        "open record of {got} bytes with a {path_len}-byte path and {dpath_len} bytes of names"
+    )]
+    OpenStrings {
+        got: usize,
+        path_len: u16,
+        dpath_len: u16,
+    },
 }
 
 /// Reads a `T` from the start of `bytes` if it is exactly `size_of::<T>()` long.
@@ -51,6 +62,43 @@ fn read_exact<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> 
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// Reads an open record in its ring form (see [`OPEN_FIXED`]) into the full struct, the
+/// unused string bytes zero.
+fn read_open(bytes: &[u8]) -> Result<OpenEvent, DecodeError> {
+    let Some(fixed) = bytes.get(..OPEN_FIXED) else {
+        return Err(DecodeError::Size {
+            kind: EventKind::Open,
+            got: bytes.len(),
+            expected: OPEN_FIXED,
+        });
+    };
+    // SAFETY: OpenEvent is a repr(C) plain-old-data type from agent-monitor-common for
+    // which every bit pattern, all zeros included, is valid.
+    let mut ev: OpenEvent = unsafe { std::mem::zeroed() };
+    // SAFETY: `fixed` is exactly the OPEN_FIXED bytes that precede `path` in the struct
+    // (an offset the common crate computes), written over the zeroed value.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            fixed.as_ptr(),
+            std::ptr::from_mut(&mut ev).cast::<u8>(),
+            OPEN_FIXED,
+        );
+    }
+    let (path_len, dpath_len) = (usize::from(ev.path_len), usize::from(ev.dpath_len));
+    let strings = &bytes[OPEN_FIXED..];
+    if path_len >= PATH_CAP || dpath_len > DPATH_CAP || strings.len() != path_len + dpath_len {
+        return Err(DecodeError::OpenStrings {
+            got: bytes.len(),
+            path_len: ev.path_len,
+            dpath_len: ev.dpath_len,
+        });
+    }
+    let (path, dpath) = strings.split_at(path_len);
+    ev.path[..path_len].copy_from_slice(path);
+    ev.dpath[..dpath_len].copy_from_slice(dpath);
+    Ok(ev)
+}
+
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     if bytes.len() < size_of::<EventHeader>() {
@@ -59,7 +107,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     let tag = u16::from_ne_bytes([bytes[0], bytes[1]]);
     let kind = EventKind::from_u16(tag).ok_or(DecodeError::UnknownKind(tag))?;
     Ok(match kind {
-        EventKind::Open => RawEvent::Open(read_exact(bytes, kind)?),
+        EventKind::Open => RawEvent::Open(read_open(bytes)?),
         EventKind::Connect => RawEvent::Connect(read_exact(bytes, kind)?),
         EventKind::Exec | EventKind::Fork | EventKind::Exit => {
             RawEvent::Proc(read_exact(bytes, kind)?)
@@ -96,16 +144,77 @@ mod tests {
             matches!(err, Some(DecodeError::Size { got: 64, .. })),
             "{err:?}"
         );
+        let err = decode(&header(EventKind::Connect as u16)).err();
+        assert!(
+            matches!(err, Some(DecodeError::Size { got: 64, .. })),
+            "{err:?}"
+        );
+    }
+
+    /// An open record in its ring form: the fixed part, then the path, then the names.
+    fn open_record(path: &[u8], dpath: &[u8]) -> Vec<u8> {
+        // SAFETY: plain-old-data, valid all zeros.
+        let mut ev: OpenEvent = unsafe { std::mem::zeroed() };
+        ev.header.kind = EventKind::Open as u16;
+        ev.ino = 42;
+        ev.path_len = u16::try_from(path.len()).expect("short");
+        ev.dpath_len = u16::try_from(dpath.len()).expect("short");
+        // SAFETY: reading the struct's own bytes.
+        let all = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&ev).cast::<u8>(), size_of::<OpenEvent>())
+        };
+        let mut v = all[..OPEN_FIXED].to_vec();
+        v.extend_from_slice(path);
+        v.extend_from_slice(dpath);
+        v
     }
 
     #[test]
-    fn decodes_an_open() {
-        let mut bytes = vec![0u8; size_of::<OpenEvent>()];
-        bytes[..2].copy_from_slice(&(EventKind::Open as u16).to_ne_bytes());
-        match decode(&bytes) {
-            Ok(RawEvent::Open(ev)) => assert_eq!(ev.header.kind, EventKind::Open as u16),
-            _ => panic!("not an open"),
-        }
+    fn decodes_an_open_of_only_the_bytes_in_use() {
+        let bytes = open_record(b"/etc/token", b"token\0etc\0");
+        assert_eq!(bytes.len(), OPEN_FIXED + 10 + 10);
+        let Ok(RawEvent::Open(ev)) = decode(&bytes) else {
+            panic!("not an open");
+        };
+        assert_eq!(ev.header.kind, EventKind::Open as u16);
+        assert_eq!(ev.ino, 42);
+        assert_eq!(c_string(&ev.path, usize::from(ev.path_len)), "/etc/token");
+        assert_eq!(
+            &ev.path[10..12],
+            &[0, 0],
+            "the path ends where its length says"
+        );
+        assert_eq!(&ev.dpath[..usize::from(ev.dpath_len)], b"token\0etc\0");
+        // Nothing but the fixed part: an open without path or names (open_by_handle_at).
+        let Ok(RawEvent::Open(ev)) = decode(&open_record(b"", b"")) else {
+            panic!("not an open");
+        };
+        assert_eq!((ev.path_len, ev.dpath_len), (0, 0));
+    }
+
+    #[test]
+    fn rejects_opens_whose_lengths_disagree_with_their_size() {
+        let mut bytes = open_record(b"/etc/token", b"token\0");
+        bytes.push(0);
+        assert_eq!(
+            decode(&bytes).err(),
+            Some(DecodeError::OpenStrings {
+                got: OPEN_FIXED + 17,
+                path_len: 10,
+                dpath_len: 6
+            })
+        );
+        bytes.truncate(OPEN_FIXED + 15);
+        assert!(matches!(
+            decode(&bytes),
+            Err(DecodeError::OpenStrings { got, .. }) if got == OPEN_FIXED + 15
+        ));
+        // Lengths past the capacity are refused even when the bytes are there.
+        let long = vec![b'a'; PATH_CAP];
+        assert!(matches!(
+            decode(&open_record(&long, b"")),
+            Err(DecodeError::OpenStrings { path_len, .. }) if usize::from(path_len) == PATH_CAP
+        ));
     }
 
     #[test]
