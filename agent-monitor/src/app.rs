@@ -753,6 +753,8 @@ mod tests {
             lane: "network".into(),
             count: 2,
             total: 2,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         }))
         .await
         .expect("send");
@@ -827,6 +829,8 @@ mod tests {
             lane: "process".into(),
             count: 1,
             total: seq,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         })
     }
 

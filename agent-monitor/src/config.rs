@@ -8,7 +8,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_monitor_common::{BASENAME_CAP, PATH_CAP};
+use agent_monitor_common::{Lane, BASENAME_CAP, PATH_CAP};
+
+use crate::probes::{Budget, DEFAULT_BUDGETS};
 use serde::Deserialize;
 
 /// Smallest ring buffer the kernel accepts: one page.
@@ -747,6 +749,35 @@ pub struct LanesConfig {
 pub struct LaneConfig {
     /// Ring buffer size in bytes: a power of two, at least one page.
     pub ring_bytes: u32,
+    /// Per-workload (per-cgroup) budget; fields left out take the lane's default.
+    #[serde(default)]
+    pub budget: BudgetConfig,
+}
+
+/// `lanes.<lane>.budget`: how many records of this lane one workload (one cgroup) may
+/// make, so that one pod's flood cannot cost another pod its events. What a budget
+/// refuses is counted per workload and alerted naming it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Sustained records per second per workload; 0 turns the budget off.
+    pub per_second: Option<u32>,
+    /// Records a workload may make at once above its sustained rate (at least 1).
+    pub burst: Option<u32>,
+    /// Enforced only while this percentage of the lane's ring is waiting to be read (0:
+    /// always; below 100).
+    pub pressure_percent: Option<u8>,
+}
+
+impl BudgetConfig {
+    /// The budget with the fields left out taken from `default`.
+    pub fn resolve(&self, default: Budget) -> Budget {
+        Budget {
+            per_second: self.per_second.unwrap_or(default.per_second),
+            burst: self.burst.unwrap_or(default.burst),
+            pressure_percent: self.pressure_percent.unwrap_or(default.pressure_percent),
+        }
+    }
 }
 
 impl Default for Config {
@@ -788,12 +819,15 @@ impl Default for LanesConfig {
         Self {
             credential: LaneConfig {
                 ring_bytes: 1 << 20,
+                budget: BudgetConfig::default(),
             },
             network: LaneConfig {
                 ring_bytes: 1 << 20,
+                budget: BudgetConfig::default(),
             },
             process: LaneConfig {
                 ring_bytes: 1 << 20,
+                budget: BudgetConfig::default(),
             },
         }
     }
@@ -958,6 +992,7 @@ impl Config {
                 self.lanes.network.ring_bytes,
                 self.lanes.process.ring_bytes,
             ],
+            budgets: self.budgets(),
             cgroups: self.cgroups.clone(),
             proc_environ: self.watch.proc_environ,
             kernel_log: self.kernel_log,
@@ -967,6 +1002,22 @@ impl Config {
             prefixes: self.effective_prefixes(),
             basenames: self.watch.basenames.clone(),
         }
+    }
+
+    /// Each lane's budget, defaults filled in, indexed by lane.
+    pub fn budgets(&self) -> [Budget; 3] {
+        let l = &self.lanes;
+        [
+            l.credential
+                .budget
+                .resolve(DEFAULT_BUDGETS[Lane::Credential as usize]),
+            l.network
+                .budget
+                .resolve(DEFAULT_BUDGETS[Lane::Network as usize]),
+            l.process
+                .budget
+                .resolve(DEFAULT_BUDGETS[Lane::Process as usize]),
+        ]
     }
 
     /// Checks what types alone cannot.
@@ -1022,6 +1073,21 @@ impl Config {
                     format!("lanes.{name}.ring_bytes"),
                     &format!("a power of two from {MIN_RING_BYTES} to {MAX_RING_BYTES}"),
                     n.to_string(),
+                ));
+            }
+            let b = lane.budget;
+            if b.burst == Some(0) {
+                return Err(invalid(
+                    format!("lanes.{name}.budget.burst"),
+                    "at least 1 record",
+                    "0".to_owned(),
+                ));
+            }
+            if let Some(p) = b.pressure_percent.filter(|p| *p >= 100) {
+                return Err(invalid(
+                    format!("lanes.{name}.budget.pressure_percent"),
+                    "0 (always) to 99",
+                    p.to_string(),
                 ));
             }
         }
@@ -1272,6 +1338,24 @@ mod tests {
     }
 
     #[test]
+    fn budget_fields_left_out_take_the_lanes_defaults() {
+        let c = parse(
+            "lanes:\n  credential:\n    ring_bytes: 4096\n    budget: {per_second: 7}\n  network:\n    ring_bytes: 4096\n    budget: {per_second: 0}\n",
+        )
+        .expect("valid");
+        let [cred, net, proc] = c.budgets();
+        assert_eq!(
+            cred,
+            Budget {
+                per_second: 7,
+                ..DEFAULT_BUDGETS[0]
+            }
+        );
+        assert_eq!(net.per_second, 0, "0 turns the budget off");
+        assert_eq!(proc, DEFAULT_BUDGETS[2]);
+    }
+
+    #[test]
     fn errors_name_file_field_and_expectation() {
         let cases: &[(&str, &[&str])] = &[
             (
@@ -1285,6 +1369,14 @@ mod tests {
             (
                 "lanes:\n  network:\n    ring_bytes: 5000\n",
                 &["lanes.network.ring_bytes", "power of two", "5000"],
+            ),
+            (
+                "lanes:\n  network:\n    ring_bytes: 4096\n    budget: {burst: 0}\n",
+                &["lanes.network.budget.burst", "at least 1"],
+            ),
+            (
+                "lanes:\n  credential:\n    ring_bytes: 4096\n    budget: {pressure_percent: 100}\n",
+                &["lanes.credential.budget.pressure_percent", "0 (always) to 99", "100"],
             ),
             (
                 "lanes:\n  network:\n    ring_bytes: big\n",

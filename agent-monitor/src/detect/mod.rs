@@ -24,7 +24,7 @@ use self::{
     state::{Baselines, Limit, Parents, RateLimiter, Read, Reads},
 };
 use crate::{
-    events::{ConnectRecord, LostRecord, OpenRecord, Record, Task},
+    events::{ConnectRecord, LostReason, LostRecord, OpenRecord, Record, Task},
     identity::{credentials::CredentialClass, Workload},
     policy::{matching::CompiledPolicy, DestinationClass, PolicySet, Priority, Tier},
 };
@@ -125,7 +125,18 @@ fn who(task: &Task) -> String {
 
 /// Falco output fields of a task.
 fn task_fields(task: &Task) -> BTreeMap<String, Value> {
-    let w = &task.workload;
+    let mut f = workload_fields(&task.workload);
+    f.insert("proc.pid".into(), json!(task.tgid));
+    f.insert("proc.tid".into(), json!(task.pid));
+    f.insert("proc.ppid".into(), json!(task.ppid));
+    f.insert("proc.name".into(), json!(task.comm));
+    f.insert("proc.exepath".into(), opt(&task.exe));
+    f.insert("user.uid".into(), json!(task.uid));
+    f
+}
+
+/// Falco output fields of a workload.
+fn workload_fields(w: &Workload) -> BTreeMap<String, Value> {
     let mut f = BTreeMap::new();
     f.insert("k8s.ns.name".into(), opt(&w.namespace));
     f.insert("k8s.pod.name".into(), opt(&w.pod));
@@ -136,12 +147,6 @@ fn task_fields(task: &Task) -> BTreeMap<String, Value> {
     f.insert("agent.name".into(), opt(&w.agent));
     f.insert("agent.tier".into(), opt(&w.tier));
     f.insert("agent.host".into(), json!(w.host));
-    f.insert("proc.pid".into(), json!(task.tgid));
-    f.insert("proc.tid".into(), json!(task.pid));
-    f.insert("proc.ppid".into(), json!(task.ppid));
-    f.insert("proc.name".into(), json!(task.comm));
-    f.insert("proc.exepath".into(), opt(&task.exe));
-    f.insert("user.uid".into(), json!(task.uid));
     f
 }
 
@@ -219,10 +224,12 @@ impl Engine {
             Record::Lost(l) => l.time.clone(),
             _ => task.as_ref().map(|t| t.time.clone()).unwrap_or_default(),
         };
-        let workload = task
-            .as_ref()
-            .map(|t| t.workload.clone())
-            .unwrap_or_default();
+        let workload = match record {
+            // A budget drop is one workload's: its alert names it.
+            Record::Lost(l) => l.workload.clone(),
+            _ => task.as_ref().map(|t| t.workload.clone()),
+        }
+        .unwrap_or_default();
         let ts = task.as_ref().map_or(self.last_ts, |t| t.ts_boot_ns);
         let mut out = Vec::new();
         for hit in hits {
@@ -679,13 +686,36 @@ impl Engine {
         fields.insert("agent.lane".into(), json!(l.lane));
         fields.insert("agent.lost".into(), json!(l.count));
         fields.insert("agent.lost_total".into(), json!(l.total));
-        hits.push(Hit {
-            rule: EVENTS_LOST,
-            priority: Some(lost_priority(&l.lane)),
-            output: format!(
+        fields.insert("agent.lost_reason".into(), json!(l.reason.name()));
+        let output = match (&l.reason, &l.workload) {
+            (LostReason::Budget, Some(w)) => {
+                fields.extend(workload_fields(w));
+                fields.insert("agent.cgroup".into(), opt(&w.cgroup));
+                let name = if w.host {
+                    format!("host cgroup {}", or_dash(&w.cgroup))
+                } else {
+                    format!(
+                        "pod {}/{} (container {}, agent {})",
+                        or_dash(&w.namespace),
+                        w.pod.as_deref().or(w.pod_uid.as_deref()).unwrap_or("-"),
+                        or_dash(&w.container),
+                        or_dash(&w.agent)
+                    )
+                };
+                format!(
+                    "Events dropped over budget: {name} flooded the {} lane; {} of its records dropped ({} since start); other workloads keep their share (lanes.{}.budget)",
+                    l.lane, l.count, l.total, l.lane
+                )
+            }
+            _ => format!(
                 "Events lost: the kernel dropped {} {} records ({} since start); raise lanes.{}.ring_bytes",
                 l.count, l.lane, l.total, l.lane
             ),
+        };
+        hits.push(Hit {
+            rule: EVENTS_LOST,
+            priority: Some(lost_priority(&l.lane)),
+            output,
             fields,
             events: vec![l.seq],
         });

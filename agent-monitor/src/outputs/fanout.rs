@@ -13,7 +13,11 @@ use super::{
     metrics::{Health, Metrics},
     Sink,
 };
-use crate::{detect::Anomaly, events::Record, outputs::grpc::priority_name};
+use crate::{
+    detect::Anomaly,
+    events::{LostReason, Record},
+    outputs::grpc::priority_name,
+};
 
 /// The lane a record came through.
 pub fn lane_of(record: &Record) -> &str {
@@ -78,7 +82,15 @@ impl Sink<Record> for Observer {
             }
         }
         match r {
-            Record::Lost(l) => self.metrics.record_lost(lane, l.count),
+            Record::Lost(l) => match (&l.reason, &l.workload) {
+                (LostReason::Budget, Some(w)) => self.metrics.record_budget_drop(
+                    lane,
+                    w.namespace.as_deref().unwrap_or(""),
+                    w.pod.as_deref().unwrap_or(""),
+                    l.count,
+                ),
+                _ => self.metrics.record_lost(lane, l.count),
+            },
             _ => self.metrics.record_event(lane),
         }
         if let Some(t) = r.task() {
