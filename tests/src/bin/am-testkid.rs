@@ -16,7 +16,7 @@
 //! - `paced-opens:PATH:N:GAP_US` N × (openat + close) with GAP_US µs between opens,
 //!   prints `ns_per_call <f64>` (the mean latency of one open)
 //! - `flood-mixed:PATH:IP:PORT:N:K` N rounds (0: until killed) of K × (openat + close) and
-//!   one TCP connect (IPv4) + close; prints `opens <n>` and `connects <n>`
+//!   one TCP connect (IPv4) + close; prints `opens <n>`, `connects <n>` and `elapsed_ns <n>`
 //! - `time-connects:IP:PORT:N` N × (TCP connect + close), prints `ns_per_call <f64>`
 //! - `time-getppid:N`          N × getppid(2), prints `ns_per_call <f64>`
 //! - `tcp4:PORT` `tcp6:PORT`   connect to 127.0.0.1 / ::1
@@ -294,6 +294,7 @@ fn main() {
                 let n: u64 = n.parse().unwrap_or_else(|_| die("bad N"));
                 let k: u64 = k.parse().unwrap_or_else(|_| die("bad K"));
                 let p = cstr(path);
+                let start = Instant::now();
                 let (mut opens, mut connects) = (0i64, 0i64);
                 let mut round = 0u64;
                 while n == 0 || round < n {
@@ -314,6 +315,7 @@ fn main() {
                 }
                 let _ = writeln!(out, "opens {opens}");
                 let _ = writeln!(out, "connects {connects}");
+                let _ = writeln!(out, "elapsed_ns {}", start.elapsed().as_nanos());
                 opens
             }
             "time-connects" => {
