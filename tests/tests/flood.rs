@@ -27,7 +27,7 @@ use agent_monitor_tests::{
 /// Reads the victim makes.
 const READS: usize = 1000;
 /// Microseconds between the victim's reads: a workload reading its token steadily.
-const READ_GAP_US: u64 = 200;
+const READ_GAP_US: u64 = 500;
 /// Opens per connect in the flooder's loop: a connect costs ten times an open, so this
 /// keeps both lanes busy.
 const OPENS_PER_CONNECT: u32 = 16;

@@ -159,15 +159,20 @@ pub struct Budget {
 }
 
 /// Default budgets, indexed by lane. Credential events are cut only when the ring is
-/// three quarters full (a workload's burst of reads goes through whole while there is
-/// room; the last quarter is kept for the workloads within their share). Network and
+/// three quarters full: while there is room a workload's reads all go through, however
+/// many; under pressure each workload's share is 1,000 a second above a burst of 2,000
+/// (a pod reading its token 1,000 times at once keeps every read), so the last quarter of
+/// the ring stays for the workloads within their share as long as the daemon drains more
+/// than those shares. A share must stay below what the daemon drains, or a flooder within
+/// its share fills the ring anyway (seen at 20,000 a second with a debug build on a busy
+/// machine). Network and
 /// process records are budgeted always: 20,000 connects or sends a second is far above
 /// what an agent makes, and the process budget only ever drops forks and exits (see the
 /// eBPF crate's `reserve_proc`).
 pub const DEFAULT_BUDGETS: [Budget; LANE_COUNT as usize] = [
     Budget {
-        per_second: 20_000,
-        burst: 20_000,
+        per_second: 1_000,
+        burst: 2_000,
         pressure_percent: 75,
     },
     Budget {
