@@ -138,6 +138,9 @@ impl Daemon {
     }
 }
 
+/// The credential lane in the proto3 JSON of a `lost` record (enum value names).
+const CREDENTIAL_LANE_JSON: &str = "LANE_CREDENTIAL";
+
 /// Counts delivered open records and lost credential records in a daemon output file
 /// (the proto3 JSON form of `agent_monitor.v1.Event`, one per line).
 fn count_output(path: &Path) -> Result<(u64, u64)> {
@@ -149,7 +152,7 @@ fn count_output(path: &Path) -> Result<(u64, u64)> {
             .with_context(|| format!("daemon output line is not JSON: {line}"))?;
         if v.get("open").is_some() {
             opens += 1;
-        } else if v["lost"]["lane"] == "credential" {
+        } else if v["lost"]["lane"] == CREDENTIAL_LANE_JSON {
             // uint64 fields are strings in proto3 JSON.
             lost += v["lost"]["count"]
                 .as_str()
@@ -475,7 +478,7 @@ fn count_flood_output(path: &Path, victim: &Path, flooder: &Path) -> Result<Floo
             } else if p == flooder {
                 c.flooder_opens += 1;
             }
-        } else if v["lost"]["lane"] == "credential" {
+        } else if v["lost"]["lane"] == CREDENTIAL_LANE_JSON {
             // uint64 fields are strings in proto3 JSON.
             let n = v["lost"]["count"]
                 .as_str()
