@@ -455,6 +455,11 @@ impl Drop for BenchCgroup {
     }
 }
 
+/// The flooder's cgroup directory (under the cgroup2 mount).
+fn flood_cgroup_name() -> String {
+    format!("am-bench-flooder-{}", std::process::id())
+}
+
 /// What the daemon's output file says about one path and the losses.
 #[derive(Default, Debug)]
 struct FloodCount {
@@ -464,7 +469,12 @@ struct FloodCount {
     budget: u64,
 }
 
-fn count_flood_output(path: &Path, victim: &Path, flooder: &Path) -> Result<FloodCount> {
+fn count_flood_output(
+    path: &Path,
+    victim: &Path,
+    flooder: &Path,
+    flood_cgroup: &str,
+) -> Result<FloodCount> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut c = FloodCount::default();
     let (victim, flooder) = (victim.display().to_string(), flooder.display().to_string());
@@ -485,7 +495,12 @@ fn count_flood_output(path: &Path, victim: &Path, flooder: &Path) -> Result<Floo
                 .and_then(|n| n.parse::<u64>().ok())
                 .unwrap_or(0);
             if v["lost"]["reason"] == "LOST_REASON_BUDGET" {
-                c.budget += n;
+                // Only the flooder's: the daemon watches the whole node, where other
+                // workloads may go over their own budgets.
+                let cgroup = v["workload"]["cgroup"].as_str().unwrap_or("");
+                if cgroup.ends_with(flood_cgroup) {
+                    c.budget += n;
+                }
             } else {
                 c.ring_full += n;
             }
@@ -566,7 +581,7 @@ fn flood_scenario(
         ),
     )?;
     let victim_cg = BenchCgroup::create(&format!("am-bench-victim-{}", std::process::id()))?;
-    let flood_cg = BenchCgroup::create(&format!("am-bench-flooder-{}", std::process::id()))?;
+    let flood_cg = BenchCgroup::create(&flood_cgroup_name())?;
     let daemon = Daemon::start(bin, &config)?;
     let flooder = if flood {
         let child = kid_in(
@@ -602,7 +617,7 @@ fn flood_scenario(
     // What is still in the rings and the last drop counters reach the output.
     std::thread::sleep(Duration::from_millis(500));
     daemon.stop()?;
-    let c = count_flood_output(&output, victim_file, flood_file)?;
+    let c = count_flood_output(&output, victim_file, flood_file, &flood_cgroup_name())?;
     let flood = match flood_out {
         Some(out) => {
             let secs = kid_value(&out, "elapsed_ns")? / 1e9;
@@ -671,7 +686,8 @@ pub fn flood(root: &Path, env: &Env, paced_opens: u64) -> Result<()> {
                 output.display()
             ),
         )?;
-        let cg = BenchCgroup::create(&format!("am-bench-paced-{}", std::process::id()))?;
+        let cg_name = format!("am-bench-paced-{}", std::process::id());
+        let cg = BenchCgroup::create(&cg_name)?;
         let daemon = Daemon::start(&bin, &config)?;
         let gap_us = 1_000_000u64.checked_div(rate).unwrap_or(0);
         let start = Instant::now();
@@ -688,7 +704,7 @@ pub fn flood(root: &Path, env: &Env, paced_opens: u64) -> Result<()> {
         kid_value(&out, "ns_per_call")?;
         std::thread::sleep(Duration::from_millis(500));
         daemon.stop()?;
-        let c = count_flood_output(&output, &victim_file, &flood_file)?;
+        let c = count_flood_output(&output, &victim_file, &flood_file, &cg_name)?;
         paced.push((rate, paced_opens as f64 / secs, c));
         eprintln!("bench flood: paced {rate}/s done");
     }
