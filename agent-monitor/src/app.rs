@@ -13,16 +13,16 @@ use tracing::{error, info};
 use crate::{
     config::listen_addr,
     config::{Config, PodSourceKind},
-    detect::{Anomaly, DetectConfig, Engine},
+    detect::{Anomaly, DetectSettings, Engine},
     events::Record,
     identity::pods::{self, PodStore},
     monitor::{Monitor, MonitorError},
     outputs::{
         falco,
-        falcosidekick::{self, SidekickConfig},
+        falcosidekick::{self, SidekickSettings},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
-        grpc::{GrpcConfig, GrpcServer, Hub, Origin, RunningGrpc, TlsConfig},
-        journal::{Journal, JournalConfig, JOURNAL_QUEUE},
+        grpc::{GrpcServer, GrpcSettings, Hub, Origin, RunningGrpc, TlsSettings},
+        journal::{Journal, JournalSettings, JOURNAL_QUEUE},
         jsonl,
         listen::{self, LimitedListener},
         metrics::{self, Health, Heartbeat, Metrics},
@@ -317,7 +317,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     };
     let policies: Arc<RwLock<PolicySet>> = sources.combined();
     let engine = Engine::new(
-        DetectConfig::from_settings(&config.detect, config.alerts.rate_limit_per_minute),
+        DetectSettings::from_settings(&config.detect, config.alerts.rate_limit_per_minute),
         policies,
     );
 
@@ -325,11 +325,11 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let mut sidekick_task = None;
     let mut sidekick_counters = None;
     if let Some(url) = &config.falcosidekick.url {
-        let cfg = SidekickConfig {
+        let cfg = SidekickSettings {
             url: url.clone(),
             queue: config.falcosidekick.queue,
             ca: config.falcosidekick.ca.clone(),
-            ..SidekickConfig::default()
+            ..SidekickSettings::default()
         };
         let (sink, task, counters) =
             falcosidekick::spawn(cfg, hostname.clone()).map_err(|e| AppError::Output {
@@ -362,7 +362,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let journal = match &config.journal.dir {
         Some(dir) => {
             let journal = Journal::open(
-                JournalConfig {
+                JournalSettings {
                     dir: dir.clone(),
                     options: config.journal.options(),
                     sync_interval: config.journal.sync_interval(),
@@ -468,10 +468,10 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let stopped_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let grpc_cfg = GrpcConfig {
+    let grpc_cfg = GrpcSettings {
         tcp: listen_addr(&config.grpc.listen),
         unix: config.grpc.unix_socket.clone(),
-        tls: config.grpc.tls.as_ref().map(|t| TlsConfig {
+        tls: config.grpc.tls.as_ref().map(|t| TlsSettings {
             cert: t.cert.clone(),
             key: t.key.clone(),
             client_ca: t.client_ca.clone(),
@@ -733,7 +733,7 @@ mod tests {
     async fn records_become_alerts_and_silence_is_reported_once() {
         let got = Arc::new(Mutex::new(Vec::new()));
         let engine = Engine::new(
-            DetectConfig::default(),
+            DetectSettings::default(),
             Arc::new(RwLock::new(PolicySet::default())),
         );
         let (tx, rx) = mpsc::channel(16);
@@ -844,7 +844,7 @@ mod tests {
         };
         let reopen = control.reopen.clone();
         let engine = Engine::new(
-            DetectConfig::default(),
+            DetectSettings::default(),
             Arc::new(RwLock::new(PolicySet::default())),
         );
         let (tx, rx) = mpsc::channel(16);

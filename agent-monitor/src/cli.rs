@@ -635,7 +635,7 @@ fn replay_options(args: &ReplayArgs) -> Result<crate::replay::Options, String> {
     Ok(replay::Options {
         journal: args.journal.clone(),
         policies,
-        detect: crate::detect::DetectConfig::from_settings(
+        detect: crate::detect::DetectSettings::from_settings(
             &config.detect,
             config.alerts.rate_limit_per_minute,
         ),

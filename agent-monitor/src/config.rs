@@ -102,31 +102,31 @@ pub struct Config {
     /// Who did it: pods, containers, ServiceAccounts, agents.
     pub identity: IdentityConfig,
     /// Rules and their inputs.
-    pub detect: DetectSettings,
+    pub detect: DetectConfig,
     /// Where alerts go.
     pub alerts: AlertsConfig,
     /// The gRPC API.
-    pub grpc: GrpcSettings,
+    pub grpc: GrpcConfig,
     /// Alerts to Falcosidekick.
-    pub falcosidekick: SidekickSettings,
+    pub falcosidekick: SidekickConfig,
     /// Prometheus metrics, `/healthz` and `/readyz`.
-    pub admin: AdminSettings,
+    pub admin: AdminConfig,
     /// What `/healthz` and the kernel-silence notice judge.
-    pub health: HealthSettings,
+    pub health: HealthConfig,
     /// Longest SIGTERM/SIGINT shutdown, in milliseconds: listeners close at once, lanes
     /// and outputs drain, stream clients are told; what is left at the bound is logged
     /// and abandoned. Well under Kubernetes' default 30 s grace period.
     pub shutdown_timeout_ms: u64,
     /// The forensic journal on local disk; off unless `journal.dir` is set.
-    pub journal: JournalSettings,
+    pub journal: JournalConfig,
     /// The daemon's own log on stderr.
-    pub log: LogSettings,
+    pub log: LogConfig,
 }
 
 /// The daemon's own log (stderr); its level comes from `--log-level` or RUST_LOG.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
+pub struct LogConfig {
     /// `text` (one human-readable line per record) or `json` (one JSON object per line,
     /// for log collectors).
     pub format: LogFormat,
@@ -162,7 +162,7 @@ pub const MAX_JOURNAL_BYTES: u64 = 1 << 40;
 /// files that outlive the daemon (see `crate::journal`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct JournalSettings {
+pub struct JournalConfig {
     /// Absolute directory of the journal (created 0700 if missing). Unset: no journal.
     pub dir: Option<PathBuf>,
     /// A segment file is closed at about this size and a new one started.
@@ -178,7 +178,7 @@ pub struct JournalSettings {
     pub sync_interval_ms: u64,
 }
 
-impl Default for JournalSettings {
+impl Default for JournalConfig {
     fn default() -> Self {
         let o = crate::journal::Options::default();
         Self {
@@ -194,7 +194,7 @@ impl Default for JournalSettings {
     }
 }
 
-impl JournalSettings {
+impl JournalConfig {
     /// `max_age` as a duration; None for `none` (and for text that validation refused).
     pub fn max_age(&self) -> Option<std::time::Duration> {
         if self.max_age == "none" {
@@ -283,7 +283,7 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 /// Liveness settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HealthSettings {
+pub struct HealthConfig {
     /// `/healthz` fails when the lane consumer or the pipeline loop has not turned for this
     /// long, in milliseconds.
     pub loop_stall_ms: u64,
@@ -293,7 +293,7 @@ pub struct HealthSettings {
     pub kernel_silence_ms: u64,
 }
 
-impl Default for HealthSettings {
+impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             loop_stall_ms: 30_000,
@@ -305,13 +305,13 @@ impl Default for HealthSettings {
 /// gRPC API settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct GrpcSettings {
+pub struct GrpcConfig {
     /// TCP address, or `none`.
     pub listen: String,
     /// Unix socket path (mode 0600), optional.
     pub unix_socket: Option<PathBuf>,
     /// Server certificate and key (PEM); with `client_ca`, mutual TLS.
-    pub tls: Option<TlsSettings>,
+    pub tls: Option<TlsConfig>,
     /// Messages queued per streaming client before it is sent a gap notice.
     pub queue_per_client: usize,
     /// Connections admitted at once, per listener (TCP and the Unix socket each). Over
@@ -335,13 +335,13 @@ pub struct GrpcSettings {
 /// TLS files.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsSettings {
+pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
 }
 
-impl Default for GrpcSettings {
+impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50051".to_owned(),
@@ -362,7 +362,7 @@ fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl GrpcSettings {
+impl GrpcConfig {
     /// The connection limits of each gRPC listener.
     pub fn limits(&self) -> crate::outputs::listen::ConnLimits {
         crate::outputs::listen::ConnLimits {
@@ -373,7 +373,7 @@ impl GrpcSettings {
     }
 }
 
-impl AdminSettings {
+impl AdminConfig {
     /// The connection limits of the admin listener.
     pub fn limits(&self) -> crate::outputs::listen::ConnLimits {
         crate::outputs::listen::ConnLimits {
@@ -387,7 +387,7 @@ impl AdminSettings {
 /// Falcosidekick settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SidekickSettings {
+pub struct SidekickConfig {
     /// `http://falcosidekick:2801/`; unset: no Falcosidekick output.
     pub url: Option<String>,
     /// Alerts waiting for delivery before new ones are dropped (and counted).
@@ -396,7 +396,7 @@ pub struct SidekickSettings {
     pub ca: Option<PathBuf>,
 }
 
-impl Default for SidekickSettings {
+impl Default for SidekickConfig {
     fn default() -> Self {
         Self {
             url: None,
@@ -409,7 +409,7 @@ impl Default for SidekickSettings {
 /// Admin endpoint settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdminSettings {
+pub struct AdminConfig {
     /// TCP address of `/metrics`, `/healthz` and `/readyz`, or `none`. Any address is
     /// accepted without TLS: metrics and health carry no credentials or events.
     pub listen: String,
@@ -421,7 +421,7 @@ pub struct AdminSettings {
     pub idle_timeout_ms: u64,
 }
 
-impl Default for AdminSettings {
+impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9880".to_owned(),
@@ -444,7 +444,7 @@ pub fn listen_addr(s: &str) -> Option<std::net::SocketAddr> {
 /// Detection settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct DetectSettings {
+pub struct DetectConfig {
     /// AgentPolicy YAML files or directories of them; reloaded when they change.
     pub policies: Vec<PathBuf>,
     /// Also apply the cluster's AgentPolicy objects (all namespaces), watched through the
@@ -471,7 +471,7 @@ pub struct DetectSettings {
     pub node_agents: Vec<String>,
 }
 
-impl Default for DetectSettings {
+impl Default for DetectConfig {
     fn default() -> Self {
         Self {
             policies: Vec::new(),
@@ -496,7 +496,7 @@ impl Default for DetectSettings {
 /// ClusterFirstWithHostNet) it names the cluster DNS, the same servers workloads use.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-impl DetectSettings {
+impl DetectConfig {
     /// The DNS servers: the configured ones (validated), or those of [`RESOLV_CONF`].
     pub fn effective_dns_servers(&self) -> Vec<IpAddr> {
         match &self.dns_servers {
@@ -507,10 +507,10 @@ impl DetectSettings {
 }
 
 /// The conversion lives with the schema: `detect` does not know the config file.
-impl crate::detect::DetectConfig {
+impl crate::detect::DetectSettings {
     /// From validated settings (entries that do not parse were rejected by validation).
     /// Without `detect.dns_servers` this reads the DNS servers from /etc/resolv.conf.
-    pub fn from_settings(s: &DetectSettings, rate_limit_per_minute: u32) -> Self {
+    pub fn from_settings(s: &DetectConfig, rate_limit_per_minute: u32) -> Self {
         Self {
             destinations: crate::detect::destinations::Destinations {
                 api_servers: s
@@ -791,15 +791,15 @@ impl Default for Config {
             output: "-".to_owned(),
             kernel_log: false,
             identity: IdentityConfig::default(),
-            detect: DetectSettings::default(),
+            detect: DetectConfig::default(),
             alerts: AlertsConfig::default(),
-            grpc: GrpcSettings::default(),
-            falcosidekick: SidekickSettings::default(),
-            admin: AdminSettings::default(),
-            health: HealthSettings::default(),
+            grpc: GrpcConfig::default(),
+            falcosidekick: SidekickConfig::default(),
+            admin: AdminConfig::default(),
+            health: HealthConfig::default(),
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
-            journal: JournalSettings::default(),
-            log: LogSettings::default(),
+            journal: JournalConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -1516,7 +1516,7 @@ mod tests {
             crate::outputs::grpc::DEFAULT_QUEUE_PER_CLIENT
         );
         assert_eq!(
-            crate::outputs::grpc::GrpcConfig::default().queue_per_client,
+            crate::outputs::grpc::GrpcSettings::default().queue_per_client,
             c.grpc.queue_per_client
         );
         assert_eq!(c.grpc.limits(), crate::outputs::listen::ConnLimits::GRPC);

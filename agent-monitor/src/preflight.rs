@@ -23,8 +23,8 @@ use agent_monitor_common::{MAX_MONITORED_CGROUPS, MAX_WATCHED_BASENAMES, MAX_WAT
 use crate::{
     config::{listen_addr, Config, ConfigError, PodSourceKind},
     outputs::{
-        falcosidekick::{self, SidekickConfig, SidekickError},
-        grpc::{self, TlsConfig},
+        falcosidekick::{self, SidekickError, SidekickSettings},
+        grpc::{self, TlsSettings},
     },
     policy::{PolicyError, PolicySet},
 };
@@ -285,11 +285,11 @@ impl Checker<'_> {
             return Ok(());
         };
         // The same settings `run` starts the output with.
-        let cfg = SidekickConfig {
+        let cfg = SidekickSettings {
             url: url.clone(),
             queue: config.falcosidekick.queue,
             ca: config.falcosidekick.ca.clone(),
-            ..SidekickConfig::default()
+            ..SidekickSettings::default()
         };
         if let Some(ca) = &cfg.ca {
             self.readable_file(
@@ -371,7 +371,7 @@ impl Checker<'_> {
                     "a readable PEM file of CA certificates",
                 )?;
             }
-            let cfg = TlsConfig {
+            let cfg = TlsSettings {
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
                 client_ca: tls.client_ca.clone(),

@@ -34,7 +34,7 @@ use std::{
 };
 
 use crate::{
-    detect::{Anomaly, DetectConfig, Engine},
+    detect::{Anomaly, DetectSettings, Engine},
     events::Record,
     journal::{journal_record::Body, Damage, Item, JournalError, Reader},
     outputs::{
@@ -86,7 +86,7 @@ pub struct Options {
     /// Policies to run detection with; none: print the recorded alerts.
     pub policies: Option<PolicySet>,
     /// Detection settings (destinations, windows, readers) for a re-run.
-    pub detect: DetectConfig,
+    pub detect: DetectSettings,
     pub filter: Filter,
     pub format: Format,
     /// Print only what `policies` adds and removes.

@@ -538,7 +538,7 @@ mod tail {
         detect::Anomaly,
         events::{ExitRecord, LostRecord, Record, Task},
         identity::Workload,
-        outputs::grpc::{pb, GrpcConfig, GrpcServer, Hub, StatusSource},
+        outputs::grpc::{pb, GrpcServer, GrpcSettings, Hub, StatusSource},
         policy::Priority,
     };
 
@@ -569,9 +569,9 @@ mod tail {
                 .build()
                 .expect("runtime");
             let hub = Hub::new(1024, agent_monitor::outputs::grpc::Origin::default());
-            let cfg = GrpcConfig {
+            let cfg = GrpcSettings {
                 tcp: Some("127.0.0.1:0".parse().expect("addr")),
-                ..GrpcConfig::default()
+                ..GrpcSettings::default()
             };
             let server = runtime.block_on(GrpcServer::bind(&cfg)).expect("bind");
             let endpoint = format!("http://{}", server.local_addr().expect("tcp address"));

@@ -12,7 +12,7 @@ use std::{
 use agent_monitor::{
     detect::Anomaly,
     outputs::{
-        falcosidekick::{spawn, SidekickConfig, SidekickCounters, SidekickSink, SidekickStats},
+        falcosidekick::{spawn, SidekickCounters, SidekickSettings, SidekickSink, SidekickStats},
         Sink,
     },
     policy::Priority,
@@ -189,8 +189,8 @@ fn numbers(accepted: &[(Value, Option<String>)]) -> Vec<u64> {
         .collect()
 }
 
-fn config(url: String) -> SidekickConfig {
-    SidekickConfig {
+fn config(url: String) -> SidekickSettings {
+    SidekickSettings {
         url,
         timeout: Duration::from_secs(5),
         max_backoff: Duration::from_millis(500),
@@ -320,7 +320,7 @@ async fn a_rejected_alert_does_not_block_the_rest() {
 async fn a_full_queue_drops_and_counts_without_blocking() {
     init_log();
     let mut double = FalcosidekickDouble::reserve();
-    let cfg = SidekickConfig {
+    let cfg = SidekickSettings {
         queue: 10,
         ..config(double.url())
     };
@@ -540,7 +540,7 @@ async fn https_with_an_extra_ca() {
     assert_eq!(counters.snapshot().sent, 0);
     assert!(receiver.received.lock().expect("lock").is_empty());
 
-    let cfg = SidekickConfig {
+    let cfg = SidekickSettings {
         ca: Some(receiver.ca.clone()),
         ..config(receiver.url.clone())
     };

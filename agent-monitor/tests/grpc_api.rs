@@ -15,8 +15,8 @@ use agent_monitor::{
     events::{ExitRecord, LostRecord, Record, Task},
     identity::Workload,
     outputs::grpc::{
-        self, channel, connect, pb, ClientTls, GrpcConfig, GrpcError, GrpcServer, Hub, Origin,
-        StatusSource, TlsConfig,
+        self, channel, connect, pb, ClientTls, GrpcError, GrpcServer, GrpcSettings, Hub, Origin,
+        StatusSource, TlsSettings,
     },
     policy::Priority,
 };
@@ -65,7 +65,7 @@ impl Running {
     }
 }
 
-async fn start(cfg: GrpcConfig, hub: Hub) -> Running {
+async fn start(cfg: GrpcSettings, hub: Hub) -> Running {
     let server = GrpcServer::bind(&cfg).await.expect("bind");
     let tcp = server.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -79,11 +79,11 @@ async fn start(cfg: GrpcConfig, hub: Hub) -> Running {
     }
 }
 
-fn tcp_config(queue: usize) -> GrpcConfig {
-    GrpcConfig {
+fn tcp_config(queue: usize) -> GrpcSettings {
+    GrpcSettings {
         tcp: Some("127.0.0.1:0".parse().expect("addr")),
         queue_per_client: queue,
-        ..GrpcConfig::default()
+        ..GrpcSettings::default()
     }
 }
 
@@ -591,8 +591,8 @@ impl Pki {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_requires_a_client_certificate() {
     let pki = Pki::generate();
-    let cfg = GrpcConfig {
-        tls: Some(TlsConfig {
+    let cfg = GrpcSettings {
+        tls: Some(TlsSettings {
             cert: pki.path("server.pem"),
             key: pki.path("server-key.pem"),
             client_ca: Some(pki.path("ca.pem")),
@@ -674,9 +674,9 @@ async fn unix_socket_is_private_replaces_a_stale_file_and_serves() {
     assert!(path.exists());
 
     let hub = Hub::new(64, Origin::default());
-    let cfg = GrpcConfig {
+    let cfg = GrpcSettings {
         unix: Some(path.clone()),
-        ..GrpcConfig::default()
+        ..GrpcSettings::default()
     };
     let server = start(cfg.clone(), hub.clone()).await;
     let meta = std::fs::metadata(&path).expect("socket exists");
@@ -810,7 +810,7 @@ async fn health_and_reflection(channel: Channel) {
 async fn health_reports_serving_and_reflection_lists_the_service() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("am.sock");
-    let cfg = GrpcConfig {
+    let cfg = GrpcSettings {
         unix: Some(sock.clone()),
         ..tcp_config(64)
     };
@@ -828,11 +828,11 @@ async fn health_reports_serving_and_reflection_lists_the_service() {
 #[tokio::test]
 async fn configuration_errors_are_reported() {
     assert!(matches!(
-        GrpcServer::bind(&GrpcConfig::default()).await,
+        GrpcServer::bind(&GrpcSettings::default()).await,
         Err(GrpcError::NoListener)
     ));
-    let missing = GrpcConfig {
-        tls: Some(TlsConfig {
+    let missing = GrpcSettings {
+        tls: Some(TlsSettings {
             cert: "/nonexistent/cert.pem".into(),
             key: "/nonexistent/key.pem".into(),
             client_ca: None,
@@ -847,9 +847,9 @@ async fn configuration_errors_are_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("not-a-socket");
     std::fs::write(&file, "keep me").expect("write");
-    let cfg = GrpcConfig {
+    let cfg = GrpcSettings {
         unix: Some(file.clone()),
-        ..GrpcConfig::default()
+        ..GrpcSettings::default()
     };
     assert!(matches!(
         GrpcServer::bind(&cfg).await,
@@ -861,7 +861,7 @@ async fn configuration_errors_are_reported() {
         Err(GrpcError::Config(_))
     ));
     assert_eq!(
-        GrpcConfig::default().queue_per_client,
+        GrpcSettings::default().queue_per_client,
         grpc::DEFAULT_QUEUE_PER_CLIENT
     );
 }

@@ -10,7 +10,7 @@ use std::{
 
 use agent_monitor::{
     config::Config,
-    detect::{DetectConfig, Engine},
+    detect::{DetectSettings, Engine},
     events::{ConnectRecord, OpenRecord, Record, Task},
     identity::{credentials::CredentialClass, Workload},
     journal::{journal_record::Body, Item, JournalRecord, Options, Reader, RunMarker, Writer},
@@ -142,7 +142,7 @@ fn engine(policy: &str) -> Engine {
     let config = Config::default();
     let set = PolicySet::from(parse_policies(policy, Path::new("policy.yaml")).expect("policy"));
     Engine::new(
-        DetectConfig::from_settings(&config.detect, config.alerts.rate_limit_per_minute),
+        DetectSettings::from_settings(&config.detect, config.alerts.rate_limit_per_minute),
         Arc::new(RwLock::new(set)),
     )
 }

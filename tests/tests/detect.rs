@@ -10,7 +10,7 @@ use std::{
 
 use agent_monitor::{
     config::{Config, PodSourceKind},
-    detect::{self, destinations::Endpoint, Anomaly, DetectConfig, Engine},
+    detect::{self, destinations::Endpoint, Anomaly, DetectSettings, Engine},
     events::Record,
     outputs::falco::FalcoAlert,
     policy::PolicySet,
@@ -126,7 +126,7 @@ fn benign_agent_is_quiet_and_each_misuse_raises_its_rule() {
     config.detect.policies = vec![policy.clone()];
 
     let policies = PolicySet::load(std::slice::from_ref(&policy)).expect("policy loads");
-    let mut dc = DetectConfig::from_settings(&config.detect, 100);
+    let mut dc = DetectSettings::from_settings(&config.detect, 100);
     assert_eq!(
         dc.destinations.api_servers,
         vec![Endpoint::parse(&api.to_string()).expect("ep")]

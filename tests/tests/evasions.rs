@@ -15,7 +15,7 @@ use std::{
 
 use agent_monitor::{
     config::{Config, PodSourceKind},
-    detect::{self, Anomaly, DetectConfig, Engine},
+    detect::{self, Anomaly, DetectSettings, Engine},
     events::{ConnectRecord, OpenRecord, Record},
     identity::{credentials::CredentialClass, watched::kernel_dev_of_st_dev},
     policy::PolicySet,
@@ -178,7 +178,7 @@ fn every_evasion_raises_what_the_plain_access_raises() {
     config.detect.dns_servers = Some(vec!["10.96.0.10".to_owned()]);
     config.detect.policies = vec![policy.clone()];
     let policies = PolicySet::load(std::slice::from_ref(&policy)).expect("policy loads");
-    let mut dc = DetectConfig::from_settings(&config.detect, 1000);
+    let mut dc = DetectSettings::from_settings(&config.detect, 1000);
     dc.exfil_window = Duration::from_secs(30);
     let engine = Engine::new(dc, Arc::new(RwLock::new(policies)));
     let store = agent_monitor::identity::pods::PodStore::new();

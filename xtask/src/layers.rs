@@ -29,7 +29,7 @@ use syn::visit::Visit;
 ///   - `config` is the schema of the config file. It names every section's settings (and
 ///     reuses a few of the pipeline's types and defaults), so it sits above every module
 ///     it configures; those modules define their own runtime settings types (e.g.
-///     `probes::ProbeSettings`, `identity::IdentitySettings`, `detect::DetectConfig`) and
+///     `probes::ProbeSettings`, `identity::IdentitySettings`, `detect::DetectSettings`) and
 ///     never read `config`. The conversions live in `config` and are called once by the
 ///     runners above it.
 ///   - `watching` keeps the kernel's file-identity maps current; it drives `probes` and

@@ -58,7 +58,7 @@ pub struct Anomaly {
 
 /// Detection settings (validated in `config`).
 #[derive(Debug, Clone)]
-pub struct DetectConfig {
+pub struct DetectSettings {
     pub destinations: Destinations,
     pub exfil_window: Duration,
     /// Alerts per (rule, workload) per minute before suppression.
@@ -68,7 +68,7 @@ pub struct DetectConfig {
     pub node_agents: Vec<String>,
 }
 
-impl Default for DetectConfig {
+impl Default for DetectSettings {
     fn default() -> Self {
         Self {
             destinations: Destinations::default(),
@@ -156,7 +156,7 @@ fn basename(path: &str) -> &str {
 
 /// The detection engine. One owner; records in order.
 pub struct Engine {
-    config: DetectConfig,
+    config: DetectSettings,
     policies: Arc<RwLock<PolicySet>>,
     parents: Parents,
     reads: Reads,
@@ -179,7 +179,7 @@ struct Hit {
 }
 
 impl Engine {
-    pub fn new(config: DetectConfig, policies: Arc<RwLock<PolicySet>>) -> Self {
+    pub fn new(config: DetectSettings, policies: Arc<RwLock<PolicySet>>) -> Self {
         let per = config.rate_limit_per_minute;
         Self {
             config,

@@ -115,7 +115,7 @@ fn engine(policy_yaml: &str) -> Engine {
             parse_policies(policy_yaml, std::path::Path::new("test.yaml")).expect("policy");
         PolicySet::from(policies)
     };
-    let mut cfg = DetectConfig::default();
+    let mut cfg = DetectSettings::default();
     cfg.destinations.api_servers =
         vec![destinations::Endpoint::parse("10.96.0.1:443").expect("ep")];
     cfg.destinations.cluster =

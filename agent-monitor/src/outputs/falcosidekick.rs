@@ -51,7 +51,7 @@ use super::{falco::FalcoAlert, Sink};
 use crate::detect::Anomaly;
 
 /// The first wait after a failed POST; it doubles on every further failure, up to
-/// [`SidekickConfig::max_backoff`].
+/// [`SidekickSettings::max_backoff`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long, after the last [`SidekickSink`] is dropped, the task keeps trying to
@@ -76,7 +76,7 @@ const PROXY_VARIABLES: [&str; 6] = [
 
 /// Where and how to send alerts.
 #[derive(Debug, Clone)]
-pub struct SidekickConfig {
+pub struct SidekickSettings {
     /// Falcosidekick's address, e.g. `http://127.0.0.1:2801/`; a URL without a path
     /// posts to `/`.
     pub url: String,
@@ -91,7 +91,7 @@ pub struct SidekickConfig {
     pub ca: Option<PathBuf>,
 }
 
-impl Default for SidekickConfig {
+impl Default for SidekickSettings {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:2801/".to_owned(),
@@ -266,7 +266,7 @@ impl Sink<Anomaly> for SidekickSink {
 /// grace period has run out) and the shared counters. Must be called inside a tokio
 /// runtime.
 pub fn spawn(
-    cfg: SidekickConfig,
+    cfg: SidekickSettings,
     hostname: String,
 ) -> Result<(SidekickSink, JoinHandle<()>, Arc<SidekickCounters>), SidekickError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| SidekickError::NoRuntime)?;
@@ -346,7 +346,7 @@ fn redacted(url: &Url) -> String {
 /// Checks `cfg` as [`spawn`] does, without starting anything, and returns the parsed URL:
 /// `check-config` and the daemon's start-up call it, so a bad URL or CA file is refused
 /// with the same message before anything runs.
-pub fn check(cfg: &SidekickConfig) -> Result<Url, SidekickError> {
+pub fn check(cfg: &SidekickSettings) -> Result<Url, SidekickError> {
     let url = parse_url(&cfg.url)?;
     if cfg.queue == 0 {
         return Err(SidekickError::BadSetting {
@@ -807,7 +807,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_settings_are_refused() {
-        let bad_ca = SidekickConfig {
+        let bad_ca = SidekickSettings {
             ca: Some("/nonexistent/ca.pem".into()),
             ..Default::default()
         };
@@ -818,7 +818,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, b"not a certificate\n").expect("write");
-        let no_cert = SidekickConfig {
+        let no_cert = SidekickSettings {
             ca: Some(empty),
             ..Default::default()
         };
@@ -826,7 +826,7 @@ mod tests {
             spawn(no_cert, "n".into()),
             Err(SidekickError::BadCa { .. })
         ));
-        let zero = SidekickConfig {
+        let zero = SidekickSettings {
             queue: 0,
             ..Default::default()
         };
@@ -842,7 +842,7 @@ mod tests {
     #[test]
     fn spawn_needs_a_runtime() {
         assert!(matches!(
-            spawn(SidekickConfig::default(), "n".into()),
+            spawn(SidekickSettings::default(), "n".into()),
             Err(SidekickError::NoRuntime)
         ));
     }

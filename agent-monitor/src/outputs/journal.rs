@@ -62,7 +62,7 @@ enum Msg {
 
 /// Where and how to journal.
 #[derive(Debug, Clone)]
-pub struct JournalConfig {
+pub struct JournalSettings {
     pub dir: PathBuf,
     pub options: Options,
     pub sync_interval: Duration,
@@ -163,7 +163,7 @@ fn describe(dir: &Path, r: &Recovery) -> (&'static str, String) {
 impl Journal {
     /// Opens the journal (recovering a torn tail), writes and syncs this run's start
     /// marker, and starts the writer thread.
-    pub fn open(cfg: JournalConfig, metrics: Option<Arc<Metrics>>) -> Result<Self, JournalError> {
+    pub fn open(cfg: JournalSettings, metrics: Option<Arc<Metrics>>) -> Result<Self, JournalError> {
         let (mut writer, recovery) = Writer::open(&cfg.dir, cfg.options.clone())?;
         let (tail, line) = describe(&cfg.dir, &recovery);
         if tail == "clean" {
@@ -424,8 +424,8 @@ mod tests {
         })
     }
 
-    fn config(dir: &Path, queue: usize) -> JournalConfig {
-        JournalConfig {
+    fn config(dir: &Path, queue: usize) -> JournalSettings {
+        JournalSettings {
             dir: dir.to_owned(),
             options: Options::default(),
             sync_interval: Duration::from_millis(20),

@@ -125,12 +125,12 @@ mod am {
 
     use agent_monitor::{
         config::{Config, DEFAULT_JOURNAL_SYNC_INTERVAL_MS},
-        detect::{Anomaly, DetectConfig, Engine},
+        detect::{Anomaly, DetectSettings, Engine},
         events::Record,
         journal::{Item, JournalRecord, Options, Reader, Writer},
         outputs::{
             falco::FalcoLines,
-            journal::{Journal, JournalConfig, JOURNAL_QUEUE},
+            journal::{Journal, JournalSettings, JOURNAL_QUEUE},
             jsonl::{open_writer, Output, Reopen},
             metrics::Metrics,
             protojson::EventLines,
@@ -164,7 +164,7 @@ mod am {
     pub fn open_journal(dir: &Path) -> Result<(Journal, Arc<Metrics>)> {
         let metrics = Arc::new(Metrics::new());
         let journal = Journal::open(
-            JournalConfig {
+            JournalSettings {
                 dir: dir.to_owned(),
                 options: options(),
                 sync_interval: sync_interval(),
@@ -226,7 +226,7 @@ mod am {
         let c = Config::load(config).context("loading the bench config")?;
         let policies = PolicySet::load(&[policy.to_owned()]).context("loading the bench policy")?;
         Ok(Engine::new(
-            DetectConfig::from_settings(&c.detect, c.alerts.rate_limit_per_minute),
+            DetectSettings::from_settings(&c.detect, c.alerts.rate_limit_per_minute),
             Arc::new(RwLock::new(policies)),
         ))
     }

@@ -28,8 +28,8 @@ pub use filter::Matcher;
 pub use hub::{Delivery, Hub, Subscription};
 pub use resume::{JournalSource, BARRIER_TIMEOUT};
 pub use server::{
-    check_tls, serve, AgentMonitorService, GrpcConfig, GrpcServer, RunningGrpc, StatusSource,
-    TlsConfig, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_QUEUE_PER_CLIENT,
+    check_tls, serve, AgentMonitorService, GrpcServer, GrpcSettings, RunningGrpc, StatusSource,
+    TlsSettings, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_QUEUE_PER_CLIENT,
     SHUTTING_DOWN,
 };
 pub use tail::{

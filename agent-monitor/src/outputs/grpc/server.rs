@@ -61,7 +61,7 @@ pub trait StatusSource: Send + Sync + 'static {
 /// Server TLS: the server's certificate chain and key (PEM); with `client_ca`, clients
 /// must present a certificate signed by it (mutual TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsConfig {
+pub struct TlsSettings {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
@@ -69,14 +69,14 @@ pub struct TlsConfig {
 
 /// Where and how the API is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrpcConfig {
+pub struct GrpcSettings {
     /// TCP address (TLS applies here when configured).
     pub tcp: Option<SocketAddr>,
     /// Unix socket path, created with mode 0600 (plaintext: the file mode is the access
     /// control). A stale socket file is replaced; a live one is an error.
     pub unix: Option<PathBuf>,
-    pub tls: Option<TlsConfig>,
-    /// Queue length per streaming client (see [`GrpcConfig::hub`]).
+    pub tls: Option<TlsSettings>,
+    /// Queue length per streaming client (see [`GrpcSettings::hub`]).
     pub queue_per_client: usize,
     /// Connection cap and timeouts of each listener (TCP and Unix socket each).
     pub limits: ConnLimits,
@@ -86,7 +86,7 @@ pub struct GrpcConfig {
     pub keepalive_timeout: Duration,
 }
 
-impl Default for GrpcConfig {
+impl Default for GrpcSettings {
     fn default() -> Self {
         Self {
             tcp: None,
@@ -100,7 +100,7 @@ impl Default for GrpcConfig {
     }
 }
 
-impl GrpcConfig {
+impl GrpcSettings {
     /// A hub with this config's queue length, handing out items of `origin`.
     pub fn hub(&self, origin: super::Origin) -> Hub {
         Hub::new(self.queue_per_client, origin)
@@ -276,7 +276,7 @@ fn read_tls_file(path: &Path) -> Result<Vec<u8>, GrpcError> {
     })
 }
 
-fn server_tls(cfg: &TlsConfig) -> Result<ServerTlsConfig, GrpcError> {
+fn server_tls(cfg: &TlsSettings) -> Result<ServerTlsConfig, GrpcError> {
     let identity = Identity::from_pem(read_tls_file(&cfg.cert)?, read_tls_file(&cfg.key)?);
     let mut tls = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &cfg.client_ca {
@@ -291,7 +291,7 @@ fn server_tls(cfg: &TlsConfig) -> Result<ServerTlsConfig, GrpcError> {
 /// binding anything: the daemon's start-up checks (and `check-config`) call it, so an
 /// unreadable or unusable certificate, key or CA is refused before anything runs rather
 /// than leaving a daemon without its API.
-pub fn check_tls(cfg: &TlsConfig) -> Result<(), GrpcError> {
+pub fn check_tls(cfg: &TlsSettings) -> Result<(), GrpcError> {
     Server::builder()
         .tls_config(server_tls(cfg)?)
         .map(drop)
@@ -354,7 +354,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, GrpcError> {
 
 impl GrpcServer {
     /// Binds the configured listeners (TCP with SO_REUSEADDR) and loads the TLS files.
-    pub async fn bind(cfg: &GrpcConfig) -> Result<Self, GrpcError> {
+    pub async fn bind(cfg: &GrpcSettings) -> Result<Self, GrpcError> {
         if cfg.tcp.is_none() && cfg.unix.is_none() {
             return Err(GrpcError::NoListener);
         }
@@ -603,7 +603,7 @@ impl RunningGrpc {
 
 /// Serves the API on the configured listeners until `shutdown` completes.
 pub async fn serve(
-    cfg: GrpcConfig,
+    cfg: GrpcSettings,
     hub: Hub,
     status: Arc<dyn StatusSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
