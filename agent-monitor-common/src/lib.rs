@@ -379,6 +379,41 @@ pub const GROUP_ALIVE: u8 = 0;
 /// [`ProcEvent::group_dead`]: the kernel's tracepoint has no `group_dead` field.
 pub const GROUP_UNKNOWN: u8 = 2;
 
+/// Capacity of the kernel's per-workload budget map (`BUDGET_STATE`): one entry per cgroup
+/// that made a record recently; the least recently used is forgotten first (it then
+/// starts again with a full burst, which only ever admits more).
+pub const MAX_BUDGET_CGROUPS: u32 = 16 * 1024;
+/// Capacity of the kernel's per-workload budget drop counters (`BUDGET_DROPS`): only
+/// workloads that went over a budget have an entry.
+pub const MAX_BUDGET_DROP_CGROUPS: u32 = 4096;
+
+/// One lane's per-workload (per-cgroup) budget, set by the daemon at load time. The kernel
+/// keeps a GCRA schedule (the token bucket in its virtual-time form: one timestamp per
+/// cgroup and lane) in `BUDGET_STATE`: a record is over budget when the workload's
+/// schedule runs more than `tolerance_ns` ahead of now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaneBudget {
+    /// Budget one record costs, in nanoseconds (10^9 / records per second); 0: no budget.
+    pub interval_ns: u64,
+    /// How far ahead of now a workload's schedule may run: (burst - 1) × `interval_ns`.
+    pub tolerance_ns: u64,
+    /// The budget is enforced only while at least this many bytes wait in the lane's ring
+    /// (0: always). The credential lane uses it so that a workload's burst is cut only
+    /// when the ring is filling up, never when there is room for it.
+    pub pressure_bytes: u64,
+}
+const _: () = assert!(size_of::<LaneBudget>() == 24);
+
+/// Value of the per-workload budget map: the GCRA schedule of each lane, indexed by
+/// [`Lane`] (CLOCK_BOOTTIME ns; 0 before the first record).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetState {
+    pub tat_ns: [u64; LANE_COUNT as usize],
+}
+const _: () = assert!(size_of::<BudgetState>() == 24);
+
 /// Marker for "this tracepoint field does not exist on this kernel" in offset globals.
 pub const NO_FIELD: u32 = u32::MAX;
 
@@ -393,4 +428,6 @@ mod user {
     unsafe impl aya::Pod for KernelOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnectArgs {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LaneBudget {}
 }

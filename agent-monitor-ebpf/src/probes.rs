@@ -7,15 +7,17 @@ use core::{
 };
 
 use agent_monitor_common::{
-    dev_flags, path_flags, ConnectArgs, ConnectEvent, EventHeader, EventKind, FileKey,
-    KernelOffsets, Lane, MatchKind, OpenEvent, PathKey, ProcEvent, Syscall, AT_FDCWD, BASENAME_CAP,
-    DPATH_CAP, GROUP_ALIVE, GROUP_DEAD, GROUP_UNKNOWN, INVENTORY_FILE, LANE_COUNT,
-    MAX_CGROUP_DEPTH, MAX_DENTRY_DEPTH, MAX_INVENTORY, MAX_MONITORED_CGROUPS,
-    MAX_WATCHED_BASENAMES, MAX_WATCHED_FS, MAX_WATCHED_PREFIXES, NAME_CAP, NO_FIELD, OPEN_FIXED,
-    PATH_CAP,
+    dev_flags, path_flags, BudgetState, ConnectArgs, ConnectEvent, EventHeader, EventKind, FileKey,
+    KernelOffsets, Lane, LaneBudget, MatchKind, OpenEvent, PathKey, ProcEvent, Syscall, AT_FDCWD,
+    BASENAME_CAP, DPATH_CAP, GROUP_ALIVE, GROUP_DEAD, GROUP_UNKNOWN, INVENTORY_FILE, LANE_COUNT,
+    MAX_BUDGET_CGROUPS, MAX_BUDGET_DROP_CGROUPS, MAX_CGROUP_DEPTH, MAX_DENTRY_DEPTH, MAX_INVENTORY,
+    MAX_MONITORED_CGROUPS, MAX_WATCHED_BASENAMES, MAX_WATCHED_FS, MAX_WATCHED_PREFIXES, NAME_CAP,
+    NO_FIELD, OPEN_FIXED, PATH_CAP,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_F_NO_COMMON_LRU, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel as kernel_read, bpf_probe_read_user,
@@ -62,6 +64,15 @@ static WATCH_PROC_ENVIRON: Global<u8> = Global::new(1);
 /// event, a tick costs nothing per event.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: Global<[u64; LANE_COUNT as usize]> = Global::new([0; LANE_COUNT as usize]);
+/// Per-workload budget of each lane, indexed by [`Lane`]; see [`admit`].
+#[unsafe(no_mangle)]
+static BUDGETS: Global<[LaneBudget; LANE_COUNT as usize]> = Global::new(
+    [LaneBudget {
+        interval_ns: 0,
+        tolerance_ns: 0,
+        pressure_bytes: 0,
+    }; LANE_COUNT as usize],
+);
 /// Offset of `child_pid` in the `sched_process_fork` record.
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(NO_FIELD);
@@ -80,6 +91,17 @@ static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 /// Records that found their ring full (or their stash full), per lane, per CPU.
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LANE_COUNT, 0);
+
+/// Each workload's (cgroup's) budget schedule, for [`admit`].
+#[map]
+static BUDGET_STATE: LruHashMap<u64, BudgetState> =
+    LruHashMap::with_max_entries(MAX_BUDGET_CGROUPS, 0);
+/// Records a budget refused, per cgroup, indexed by [`Lane`]; the daemon reports them
+/// naming the workload. Apart from `DROPS`: a ring-full loss is nobody's fault in
+/// particular, a budget drop is one workload's.
+#[map]
+static BUDGET_DROPS: LruHashMap<u64, [u64; LANE_COUNT as usize]> =
+    LruHashMap::with_max_entries(MAX_BUDGET_DROP_CGROUPS, 0);
 
 /// Watched absolute path prefixes.
 #[map]
@@ -155,6 +177,69 @@ fn count_drop(lane: Lane) {
     if let Some(n) = DROPS.get_ptr_mut(lane as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *n += 1 };
+    }
+}
+
+/// Whether the current workload (cgroup) may put one more record into `lane`'s `ring`:
+/// the per-workload budget, called right before each reserve. A GCRA schedule (a token
+/// bucket kept as one timestamp): each record moves the workload's schedule on by
+/// `interval_ns`; a record that would put it more than `tolerance_ns` ahead of now is over
+/// budget. While the lane is under its pressure mark the budget is counted but not
+/// enforced, and a schedule never runs further ahead than the tolerance, so a workload
+/// that flooded while there was room is cut at once when room runs short, while one that
+/// was quiet still has its whole burst. CPUs update a schedule without a lock: a lost
+/// update admits one record more, never fewer.
+#[inline(always)]
+fn admit(lane: Lane, ring: &RingBuf) -> bool {
+    let budget = BUDGETS.load()[lane as usize];
+    if budget.interval_ns == 0 {
+        return true;
+    }
+    // SAFETY: helpers without memory arguments.
+    let (cgroup, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
+    let Some(state) = BUDGET_STATE.get_ptr_mut(&cgroup) else {
+        let mut fresh = BudgetState {
+            tat_ns: [0; LANE_COUNT as usize],
+        };
+        fresh.tat_ns[lane as usize] = now + budget.interval_ns;
+        // A full map evicts its least recently used workload; failure costs nothing but
+        // this workload's schedule, which then starts again full.
+        let _ = BUDGET_STATE.insert(&cgroup, &fresh, 0);
+        return true;
+    };
+    // SAFETY: a valid value of this map; plain loads and stores (see above).
+    let tat = unsafe { (*state).tat_ns[lane as usize] }.max(now);
+    if tat - now > budget.tolerance_ns {
+        if budget.pressure_bytes != 0
+            && ring.query(BPF_RB_AVAIL_DATA as u64) < budget.pressure_bytes
+        {
+            // Room in the ring: admitted, and the schedule stays at its limit.
+            return true;
+        }
+        count_budget_drop(cgroup, lane);
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { (*state).tat_ns[lane as usize] = tat + budget.interval_ns };
+    true
+}
+
+/// Counts a record of `cgroup` that [`admit`] refused.
+#[inline(always)]
+fn count_budget_drop(cgroup: u64, lane: Lane) {
+    if BUDGET_DROPS.get_ptr_mut(&cgroup).is_none() {
+        // NOEXIST: a CPU that inserts at the same moment keeps its count.
+        let _ = BUDGET_DROPS.insert(&cgroup, &[0; LANE_COUNT as usize], BPF_NOEXIST as u64);
+    }
+    if let Some(counts) = BUDGET_DROPS.get_ptr_mut(&cgroup) {
+        // SAFETY: a valid, aligned map value; the atomic add (see `inflight_add`) keeps
+        // counts of CPUs dropping for the same workload at once.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                addr_of_mut!((*counts)[lane as usize]),
+                1,
+            )
+        };
     }
 }
 
@@ -786,6 +871,9 @@ fn emit_open(
             pflags |= path_flags::DPATH_TRUNCATED;
         }
     }
+    if !admit(Lane::Credential, &CRED_EVENTS) {
+        return Err(0);
+    }
     let dpath_len = (s.dpath_len as usize).min(DPATH_CAP);
     let (dirfd, flags, mode) = match syscall {
         Syscall::Open => (AT_FDCWD, args[1] as u32, args[2] as u32),
@@ -1246,6 +1334,9 @@ pub fn tcp_syn_sent(ctx: TracePointContext) -> u32 {
 /// Submits a network record for the current task, or counts (and logs) a drop.
 #[inline(always)]
 fn emit_net(ctx: &TracePointContext, args: &ConnectArgs, ret: i64) {
+    if !admit(Lane::Network, &NET_EVENTS) {
+        return;
+    }
     match NET_EVENTS.reserve::<ConnectEvent>(0) {
         Some(mut entry) => {
             let ev = entry.as_mut_ptr();
@@ -1339,6 +1430,14 @@ pub fn sock_send(ctx: TracePointContext) -> u32 {
 fn reserve_proc(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ProcEvent>> {
     let id = bpf_get_current_pid_tgid();
     if !task_is_monitored((id >> 32) as u32) {
+        return None;
+    }
+    // What the process lane's budget may drop: forks and exits only. A lost exec would
+    // leave the process named by its previous executable, which is what a flooder hiding
+    // a `cat` behind its own name wants; an exec costs milliseconds, so it cannot flood
+    // anyway. A lost fork or exit costs less: the table reads /proc for a process it has
+    // not seen and prunes the dead ones.
+    if kind != EventKind::Exec && !admit(Lane::Process, &PROC_EVENTS) {
         return None;
     }
     let Some(mut entry) = PROC_EVENTS.reserve::<ProcEvent>(0) else {

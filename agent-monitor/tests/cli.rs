@@ -635,6 +635,8 @@ mod tail {
             lane: "network".into(),
             count: 1,
             total: seq,
+            reason: agent_monitor::events::LostReason::RingFull,
+            workload: None,
         })
     }
 

@@ -403,6 +403,8 @@ async fn event_filters_select_namespace_pod_and_agent() {
         lane: "credential".into(),
         count: 1,
         total: 1,
+        reason: agent_monitor::events::LostReason::RingFull,
+        workload: None,
     }));
     hub.publish_event(&exit(5, workload("staging", "e", "other")));
     // The sentinel matches every filter.

@@ -212,6 +212,56 @@ impl Harness {
         }
     }
 
+    /// Loads the probes with `config` and starts consuming, with pod metadata from the
+    /// pods file at `pods_path` (as `identity.pods.source: file` reads it); returns once
+    /// the file's `expect` pods are known.
+    pub fn start_with_pods_file(
+        config: &Config,
+        pods_path: &Path,
+        expect: usize,
+    ) -> (Self, Arc<PodStore>) {
+        let store = PodStore::new();
+        let mut changed = store.changed();
+        let h = Self::start_with_pods(config, store.clone());
+        {
+            let _in_runtime = h.runtime.enter();
+            agent_monitor::identity::pods::file::spawn(
+                pods_path.to_owned(),
+                store.clone(),
+                Duration::from_millis(50),
+            );
+        }
+        h.runtime.block_on(async {
+            while store.len() < expect {
+                tokio::time::timeout(Duration::from_secs(15), changed.changed())
+                    .await
+                    .expect("pods file loaded")
+                    .expect("store alive");
+            }
+        });
+        (h, store)
+    }
+
+    /// Receives records for `period`, keeping only those `keep` accepts (a flood's
+    /// records are counted by `keep`, not stored).
+    pub fn pump(&mut self, period: Duration, mut keep: impl FnMut(&Record) -> bool) {
+        let deadline = Instant::now() + period;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let next = self
+                .runtime
+                .block_on(async { tokio::time::timeout(left, self.rx.recv()).await });
+            match next {
+                Ok(Some(r)) if keep(&r) => self.records.push(r),
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => panic!("monitor stopped"),
+            }
+        }
+    }
+
     /// What the kernel watches by file identity, as the monitor keeps it.
     pub fn watch_status(&self) -> Arc<agent_monitor::watching::WatchStatus> {
         self.monitor

@@ -29,26 +29,7 @@ fn config(kubelet_root: &Path, top: &TestCgroup, pods: &Path) -> Config {
 }
 
 fn start(config: &Config, pods_path: &Path, expect: usize) -> (Harness, Arc<PodStore>) {
-    let store = PodStore::new();
-    let mut changed = store.changed();
-    let h = Harness::start_with_pods(config, store.clone());
-    {
-        let _in_runtime = h.runtime.enter();
-        agent_monitor::identity::pods::file::spawn(
-            pods_path.to_owned(),
-            store.clone(),
-            Duration::from_millis(50),
-        );
-    }
-    h.runtime.block_on(async {
-        while store.len() < expect {
-            tokio::time::timeout(WAIT, changed.changed())
-                .await
-                .expect("pods file loaded")
-                .expect("store alive");
-        }
-    });
-    (h, store)
+    Harness::start_with_pods_file(config, pods_path, expect)
 }
 
 fn opens_in(records: &[Record], cgroup_id: u64) -> Vec<&OpenRecord> {

@@ -5,7 +5,7 @@
 use std::{net::TcpListener, path::Path, time::Duration};
 
 use agent_monitor::{
-    config::{Config, LaneConfig},
+    config::{BudgetConfig, Config, LaneConfig},
     events::{ConnectRecord, OpenRecord, Record},
 };
 use agent_monitor_tests::{privileged, run_kid, unique, Harness, TempTree, TestCgroup};
@@ -265,7 +265,15 @@ fn a_flood_over_a_tiny_ring_is_counted_exactly() {
     let watched = tree.file("watched/token");
     let cg = TestCgroup::create(&unique("am-test-flood"));
     let mut config = config_for(&tree, Some(&cg));
-    config.lanes.credential = LaneConfig { ring_bytes: 4096 };
+    // Ring-full counting alone: with the budget on, part of the flood would be dropped
+    // over budget instead (counted apart; tests/tests/flood.rs).
+    config.lanes.credential = LaneConfig {
+        ring_bytes: 4096,
+        budget: BudgetConfig {
+            per_second: Some(0),
+            ..BudgetConfig::default()
+        },
+    };
     let mut h = Harness::start(&config);
     let kid = run_kid(&cg, 0, &[format!("flood:{}:{OPENS}", s(&watched))]);
     assert_eq!(

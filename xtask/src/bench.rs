@@ -11,6 +11,17 @@
 //! the kernel's per-program statistics (`kernel.bpf_stats_enabled`) say what each eBPF
 //! program cost per run during each loop.
 //!
+//! # `cargo xtask bench flood`
+//!
+//! Fairness under flood, with the release daemon and its default config: a victim workload
+//! (its own cgroup) reads a watched file at a steady pace alone (the baseline), then while a
+//! flooder (another cgroup, on the same CPU) opens a watched file and connects to a local
+//! listener as fast as it can, with the per-workload budgets on and then off. Reported: the
+//! victim's reads delivered and the mean time of one of its opens (ratio to the baseline),
+//! the flooder's offered, delivered, over-budget and ring-full rates. Then the zero-loss
+//! rate: one workload's paced watched opens at rising rates, and the highest rate whose
+//! opens were all delivered.
+//!
 //! # `cargo xtask bench journal` and `cargo xtask bench replay`
 //!
 //! The forensic journal, measured by `am-bench` (`tests/src/bin/am-bench.rs`, which links
@@ -134,6 +145,9 @@ impl Daemon {
     }
 }
 
+/// The credential lane in the proto3 JSON of a `lost` record (enum value names).
+const CREDENTIAL_LANE_JSON: &str = "LANE_CREDENTIAL";
+
 /// Counts delivered open records and lost credential records in a daemon output file
 /// (the proto3 JSON form of `agent_monitor.v1.Event`, one per line).
 fn count_output(path: &Path) -> Result<(u64, u64)> {
@@ -145,7 +159,7 @@ fn count_output(path: &Path) -> Result<(u64, u64)> {
             .with_context(|| format!("daemon output line is not JSON: {line}"))?;
         if v.get("open").is_some() {
             opens += 1;
-        } else if v["lost"]["lane"] == "credential" {
+        } else if v["lost"]["lane"] == CREDENTIAL_LANE_JSON {
             // uint64 fields are strings in proto3 JSON.
             lost += v["lost"]["count"]
                 .as_str()
@@ -156,7 +170,8 @@ fn count_output(path: &Path) -> Result<(u64, u64)> {
     Ok((opens, lost))
 }
 
-pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
+/// Builds the release daemon and am-testkid; returns their paths.
+fn build_release(root: &Path, env: &Env) -> Result<(PathBuf, PathBuf)> {
     cargo(
         root,
         env,
@@ -170,8 +185,23 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
         ],
     )?;
     let release = target_dir(root, env)?.join("release");
-    let bin = release.join("agent-monitor");
-    let kid = release.join("am-testkid");
+    Ok((release.join("agent-monitor"), release.join("am-testkid")))
+}
+
+/// A local TCP listener for connect loops, accepting and closing on a thread.
+fn local_listener() -> Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let target = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    Ok(target)
+}
+
+pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
+    let (bin, kid) = build_release(root, env)?;
     let dir = std::env::temp_dir().join(format!("am-bench-{}", std::process::id()));
     let watched_dir = dir.join("watched");
     std::fs::create_dir_all(&watched_dir)?;
@@ -190,14 +220,7 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
         ),
     )?;
 
-    // A local listener for the connect loop, accepting and closing on a thread.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let target = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for c in listener.incoming() {
-            drop(c);
-        }
-    });
+    let target = local_listener()?;
     let connects = (iterations / 10).max(1);
     let loops: [(&str, String); 4] = [
         (
@@ -428,6 +451,370 @@ pub fn pipeline(root: &Path, env: &Env, events: u64) -> Result<()> {
         .context("running am-pipeline")?;
     if !status.success() {
         bail!("am-pipeline failed: {status}");
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount the workloads of `bench flood` are put in.
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+/// `bench flood`: the victim's reads, at one every `VICTIM_GAP_US` µs.
+const VICTIM_READS: u64 = 1000;
+const VICTIM_GAP_US: u64 = 200;
+/// `bench flood`: the flooder's rounds of `FLOOD_OPENS_PER_CONNECT` opens and a connect.
+const FLOOD_ROUNDS: u64 = 40_000;
+const FLOOD_OPENS_PER_CONNECT: u64 = 16;
+/// `bench flood`: paced open rates tried from one workload, per second (0: flat out).
+const PACED_RATES: [u64; 5] = [25_000, 50_000, 100_000, 200_000, 0];
+
+/// A cgroup2 directory for a benchmark's workload, removed on drop.
+struct BenchCgroup(PathBuf);
+
+impl BenchCgroup {
+    fn create(name: &str) -> Result<Self> {
+        let path = Path::new(CGROUP2).join(name);
+        std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        // Its processes have exited by now; the kernel may need a moment to let go.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The flooder's cgroup directory (under the cgroup2 mount).
+fn flood_cgroup_name() -> String {
+    format!("am-bench-flooder-{}", std::process::id())
+}
+
+/// What the daemon's output file says about one path and the losses.
+#[derive(Default, Debug)]
+struct FloodCount {
+    victim_opens: u64,
+    flooder_opens: u64,
+    ring_full: u64,
+    budget: u64,
+}
+
+fn count_flood_output(
+    path: &Path,
+    victim: &Path,
+    flooder: &Path,
+    flood_cgroup: &str,
+) -> Result<FloodCount> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut c = FloodCount::default();
+    let (victim, flooder) = (victim.display().to_string(), flooder.display().to_string());
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("daemon output line is not JSON: {line}"))?;
+        if let Some(o) = v.get("open") {
+            let p = o["path"].as_str().unwrap_or("");
+            if p == victim {
+                c.victim_opens += 1;
+            } else if p == flooder {
+                c.flooder_opens += 1;
+            }
+        } else if v["lost"]["lane"] == CREDENTIAL_LANE_JSON {
+            // uint64 fields are strings in proto3 JSON.
+            let n = v["lost"]["count"]
+                .as_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            if v["lost"]["reason"] == "LOST_REASON_BUDGET" {
+                // Only the flooder's: the daemon watches the whole node, where other
+                // workloads may go over their own budgets.
+                let cgroup = v["workload"]["cgroup"].as_str().unwrap_or("");
+                if cgroup.ends_with(flood_cgroup) {
+                    c.budget += n;
+                }
+            } else {
+                c.ring_full += n;
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// Runs am-testkid in `cgroup` on the measured CPU with one action; returns its stdout.
+fn kid_in(kid: &Path, cgroup: &BenchCgroup, action: &str) -> Result<std::process::Child> {
+    pinned(&kid_cpus(), kid)
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg(action)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running am-testkid")
+}
+
+/// A finished am-testkid's printed `name <value>`.
+fn kid_value(out: &std::process::Output, name: &str) -> Result<f64> {
+    if !out.status.success() {
+        bail!(
+            "am-testkid failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("am-testkid printed no {name}: {text}"))
+}
+
+/// One scenario of `bench flood`: the victim's paced reads, alone or during a flood.
+struct Scenario {
+    victim_delivered: u64,
+    victim_ns: f64,
+    flood: Option<FloodFigures>,
+}
+
+struct FloodFigures {
+    offered_per_s: f64,
+    admitted_per_s: f64,
+    budget_per_s: f64,
+    ring_full_per_s: f64,
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the scenario's parts"
+)]
+fn flood_scenario(
+    bin: &Path,
+    kid: &Path,
+    dir: &Path,
+    budget: bool,
+    flood: bool,
+    victim_file: &Path,
+    flood_file: &Path,
+    target: std::net::SocketAddr,
+) -> Result<Scenario> {
+    let output = dir.join(format!("flood-{budget}-{flood}.jsonl"));
+    let config = dir.join("flood.yaml");
+    let lanes = if budget {
+        String::new()
+    } else {
+        let off = "{ring_bytes: 1048576, budget: {per_second: 0}}";
+        format!("lanes: {{credential: {off}, network: {off}, process: {off}}}\n")
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\nalerts: {{output: none}}\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n{lanes}",
+            victim_file.parent().unwrap_or(dir).display(),
+            output.display()
+        ),
+    )?;
+    let victim_cg = BenchCgroup::create(&format!("am-bench-victim-{}", std::process::id()))?;
+    let flood_cg = BenchCgroup::create(&flood_cgroup_name())?;
+    let daemon = Daemon::start(bin, &config)?;
+    let flooder = if flood {
+        let child = kid_in(
+            kid,
+            &flood_cg,
+            &format!(
+                "flood-mixed:{}:{}:{}:{FLOOD_ROUNDS}:{FLOOD_OPENS_PER_CONNECT}",
+                flood_file.display(),
+                target.ip(),
+                target.port()
+            ),
+        )?;
+        // The flood's head start: the credential ring is under pressure when the victim reads.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(child)
+    } else {
+        None
+    };
+    let victim = kid_in(
+        kid,
+        &victim_cg,
+        &format!(
+            "paced-opens:{}:{VICTIM_READS}:{VICTIM_GAP_US}",
+            victim_file.display()
+        ),
+    )?
+    .wait_with_output()?;
+    let victim_ns = kid_value(&victim, "ns_per_call")?;
+    let flood_out = match flooder {
+        Some(f) => Some(f.wait_with_output()?),
+        None => None,
+    };
+    // What is still in the rings and the last drop counters reach the output.
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.stop()?;
+    let c = count_flood_output(&output, victim_file, flood_file, &flood_cgroup_name())?;
+    let flood = match flood_out {
+        Some(out) => {
+            let secs = kid_value(&out, "elapsed_ns")? / 1e9;
+            let offered = kid_value(&out, "opens")?;
+            Some(FloodFigures {
+                offered_per_s: offered / secs,
+                admitted_per_s: c.flooder_opens as f64 / secs,
+                budget_per_s: c.budget as f64 / secs,
+                ring_full_per_s: c.ring_full as f64 / secs,
+            })
+        }
+        None => None,
+    };
+    Ok(Scenario {
+        victim_delivered: c.victim_opens,
+        victim_ns,
+        flood,
+    })
+}
+
+/// `cargo xtask bench flood`: fairness under a flood and the zero-loss rate of one workload.
+pub fn flood(root: &Path, env: &Env, paced_opens: u64) -> Result<()> {
+    let (bin, kid) = build_release(root, env)?;
+    let dir = std::env::temp_dir().join(format!("am-bench-flood-{}", std::process::id()));
+    let watched = dir.join("watched");
+    std::fs::create_dir_all(&watched)?;
+    let victim_file = watched.join("victim-token");
+    let flood_file = watched.join("flooder-token");
+    std::fs::write(&victim_file, b"x")?;
+    std::fs::write(&flood_file, b"x")?;
+    let target = local_listener()?;
+
+    let scenarios = [
+        ("alone (baseline)", true, false),
+        ("flood, budgets on", true, true),
+        ("flood, budgets off", false, true),
+    ];
+    let mut results = Vec::new();
+    for (name, budget, flood) in scenarios {
+        results.push((
+            name,
+            flood_scenario(
+                &bin,
+                &kid,
+                &dir,
+                budget,
+                flood,
+                &victim_file,
+                &flood_file,
+                target,
+            )?,
+        ));
+        eprintln!("bench flood: {name} done");
+    }
+
+    // Zero-loss rate: one workload's paced watched opens at rising rates, default config.
+    let mut paced = Vec::new();
+    for rate in PACED_RATES {
+        let output = dir.join(format!("paced-{rate}.jsonl"));
+        let config = dir.join("paced.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\nalerts: {{output: none}}\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n",
+                watched.display(),
+                output.display()
+            ),
+        )?;
+        let cg_name = format!("am-bench-paced-{}", std::process::id());
+        let cg = BenchCgroup::create(&cg_name)?;
+        let daemon = Daemon::start(&bin, &config)?;
+        let gap_us = 1_000_000u64.checked_div(rate).unwrap_or(0);
+        let start = Instant::now();
+        let out = kid_in(
+            &kid,
+            &cg,
+            &format!(
+                "paced-opens:{}:{paced_opens}:{gap_us}",
+                victim_file.display()
+            ),
+        )?
+        .wait_with_output()?;
+        let secs = start.elapsed().as_secs_f64();
+        kid_value(&out, "ns_per_call")?;
+        std::thread::sleep(Duration::from_millis(500));
+        daemon.stop()?;
+        let c = count_flood_output(&output, &victim_file, &flood_file, &cg_name)?;
+        paced.push((rate, paced_opens as f64 / secs, c));
+        eprintln!("bench flood: paced {rate}/s done");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "fairness: a victim workload reads a watched file {VICTIM_READS} times ({VICTIM_GAP_US} µs apart) while another floods (opens + connects, {FLOOD_OPENS_PER_CONNECT}:1, both on CPU {}; daemon on CPU {}, default 1 MiB rings)",
+        kid_cpus(),
+        daemon_cpus()
+    );
+    println!(
+        "{:<20} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "scenario", "victim", "victim open", "flood", "flood", "flood over", "flood ring"
+    );
+    println!(
+        "{:<20} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "", "delivered", "ns (ratio)", "offered/s", "delivered/s", "budget/s", "full/s"
+    );
+    let base_ns = results.first().map_or(1.0, |(_, s)| s.victim_ns);
+    for (name, s) in &results {
+        let (offered, admitted, budget, full) = s.flood.as_ref().map_or(
+            (
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+            ),
+            |f| {
+                (
+                    format!("{:.0}", f.offered_per_s),
+                    format!("{:.0}", f.admitted_per_s),
+                    format!("{:.0}", f.budget_per_s),
+                    format!("{:.0}", f.ring_full_per_s),
+                )
+            },
+        );
+        println!(
+            "{:<20} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            name,
+            format!("{}/{VICTIM_READS}", s.victim_delivered),
+            format!("{:.0} ({:.2})", s.victim_ns, s.victim_ns / base_ns),
+            offered,
+            admitted,
+            budget,
+            full
+        );
+    }
+    println!(
+        "zero-loss rate: {paced_opens} watched opens from one workload on CPU {}, paced (0: flat out), default config",
+        kid_cpus()
+    );
+    println!(
+        "{:>12} {:>12} {:>12} {:>12} {:>12}",
+        "asked/s", "made/s", "delivered", "ring full", "over budget"
+    );
+    let mut best: Option<f64> = None;
+    for (rate, made, c) in &paced {
+        println!(
+            "{:>12} {:>12.0} {:>12} {:>12} {:>12}",
+            if *rate == 0 {
+                "flat out".to_owned()
+            } else {
+                rate.to_string()
+            },
+            made,
+            c.victim_opens,
+            c.ring_full,
+            c.budget
+        );
+        if c.victim_opens == paced_opens && c.ring_full == 0 && c.budget == 0 {
+            best = Some(best.map_or(*made, |b: f64| b.max(*made)));
+        }
+    }
+    match best {
+        Some(b) => println!("highest rate delivered with zero loss: {b:.0} opens/s"),
+        None => println!("no rate tried was delivered with zero loss"),
     }
     Ok(())
 }

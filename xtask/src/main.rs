@@ -74,15 +74,18 @@ enum Task {
     Image,
     /// Set up and run a benchmark: `overhead` (cost the probes add to open+close, a
     /// connect and getppid), `journal` (the forensic journal: pipeline cost, write
-    /// throughput on tmpfs and disk, bytes per event, replay throughput) or `replay` (replay
+    /// throughput on tmpfs and disk, bytes per event, replay throughput), `replay` (replay
     /// throughput only), `pipeline` (the userspace pipeline's events per CPU-second on a
-    /// recorded stream, stage by stage).
+    /// recorded stream, stage by stage) or `flood` (a workload's reads during another's
+    /// flood, with budgets on and off, next to the same reads alone; the highest paced open
+    /// rate from one workload delivered with zero loss).
     Bench {
         #[arg(default_value = "overhead")]
         name: String,
         /// Loop iterations per measurement (overhead: opens or getppid calls, default
         /// 200000; journal and replay: events per run, default 1000000; pipeline: records
-        /// in the recorded stream, default 400000).
+        /// in the recorded stream, default 400000; flood: paced opens per rate, default
+        /// 200000).
         #[arg(long)]
         iterations: Option<u64>,
     },
@@ -160,8 +163,9 @@ fn main() -> Result<()> {
                     bench::journal(&root, &env, &name, iterations.unwrap_or(1_000_000))?
                 }
                 "pipeline" => bench::pipeline(&root, &env, iterations.unwrap_or(400_000))?,
+                "flood" => bench::flood(&root, &env, iterations.unwrap_or(200_000))?,
                 other => bail!(
-                    "unknown benchmark {other:?}; available: overhead, journal, replay, pipeline"
+                    "unknown benchmark {other:?}; available: overhead, journal, replay, pipeline, flood"
                 ),
             }
         }

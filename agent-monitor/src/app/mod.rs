@@ -770,6 +770,8 @@ mod tests {
             lane: "network".into(),
             count: 2,
             total: 2,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         }))
         .await
         .expect("send");
@@ -844,6 +846,8 @@ mod tests {
             lane: "process".into(),
             count: 1,
             total: seq,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         })
     }
 

@@ -2,13 +2,16 @@
 //! `config` is the file's schema only, and no component reads it.
 
 use crate::{
-    config::{AdminConfig, Config, GrpcConfig, IdentityConfig, JournalConfig, PodSourceKind},
+    config::{
+        AdminConfig, BudgetConfig, Config, GrpcConfig, IdentityConfig, JournalConfig, PodSourceKind,
+    },
     detect::{destinations, DetectSettings},
     identity::IdentitySettings,
     monitor::MonitorSettings,
     outputs::listen::ConnLimits,
-    probes::ProbeSettings,
+    probes::{Budget, ProbeSettings, DEFAULT_BUDGETS},
 };
+use agent_monitor_common::Lane;
 
 /// What the probes are loaded with.
 pub fn probes(c: &Config) -> ProbeSettings {
@@ -18,6 +21,11 @@ pub fn probes(c: &Config) -> ProbeSettings {
             c.lanes.network.ring_bytes,
             c.lanes.process.ring_bytes,
         ],
+        budgets: [
+            budget(&c.lanes.credential.budget, Lane::Credential),
+            budget(&c.lanes.network.budget, Lane::Network),
+            budget(&c.lanes.process.budget, Lane::Process),
+        ],
         cgroups: c.cgroups.clone(),
         proc_environ: c.watch.proc_environ,
         kernel_log: c.kernel_log,
@@ -26,6 +34,16 @@ pub fn probes(c: &Config) -> ProbeSettings {
         inventory_files: c.kernel_maps.inventory_files,
         prefixes: c.effective_prefixes(),
         basenames: c.watch.basenames.clone(),
+    }
+}
+
+/// A lane's budget, the fields the file leaves out taken from the lane's default.
+fn budget(c: &BudgetConfig, lane: Lane) -> Budget {
+    let default = DEFAULT_BUDGETS[lane as usize];
+    Budget {
+        per_second: c.per_second.unwrap_or(default.per_second),
+        burst: c.burst.unwrap_or(default.burst),
+        pressure_percent: c.pressure_percent.unwrap_or(default.pressure_percent),
     }
 }
 
@@ -144,5 +162,23 @@ mod tests {
             assert!(p.prefixes.iter().any(|x| x == extra), "{extra} missing");
         }
         assert_eq!(p.ring_bytes, [1 << 20; 3]);
+        assert_eq!(p.budgets, DEFAULT_BUDGETS);
+    }
+
+    #[test]
+    fn budget_fields_left_out_take_the_lanes_defaults() {
+        let p = probes(&parse(
+            "lanes:\n  credential:\n    ring_bytes: 4096\n    budget: {per_second: 7}\n  network:\n    ring_bytes: 4096\n    budget: {per_second: 0}\n",
+        ));
+        let [cred, net, proc] = p.budgets;
+        assert_eq!(
+            cred,
+            Budget {
+                per_second: 7,
+                ..DEFAULT_BUDGETS[0]
+            }
+        );
+        assert_eq!(net.per_second, 0, "0 turns the budget off");
+        assert_eq!(proc, DEFAULT_BUDGETS[2]);
     }
 }

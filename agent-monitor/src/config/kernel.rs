@@ -96,6 +96,24 @@ pub struct LanesConfig {
 pub struct LaneConfig {
     /// Ring buffer size in bytes: a power of two, at least one page.
     pub ring_bytes: u32,
+    /// Per-workload (per-cgroup) budget; fields left out take the lane's default.
+    #[serde(default)]
+    pub budget: BudgetConfig,
+}
+
+/// `lanes.<lane>.budget`: how many records of this lane one workload (one cgroup) may
+/// make, so that one pod's flood cannot cost another pod its events. What a budget
+/// refuses is counted per workload and alerted naming it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Sustained records per second per workload; 0 turns the budget off.
+    pub per_second: Option<u32>,
+    /// Records a workload may make at once above its sustained rate (at least 1).
+    pub burst: Option<u32>,
+    /// Enforced only while this percentage of the lane's ring is waiting to be read (0:
+    /// always; below 100).
+    pub pressure_percent: Option<u8>,
 }
 
 impl Default for WatchConfig {
@@ -113,12 +131,15 @@ impl Default for LanesConfig {
         Self {
             credential: LaneConfig {
                 ring_bytes: 1 << 20,
+                budget: BudgetConfig::default(),
             },
             network: LaneConfig {
                 ring_bytes: 1 << 20,
+                budget: BudgetConfig::default(),
             },
             process: LaneConfig {
                 ring_bytes: 1 << 20,
+                budget: BudgetConfig::default(),
             },
         }
     }

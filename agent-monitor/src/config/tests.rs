@@ -62,6 +62,18 @@ fn errors_name_file_field_and_expectation() {
             &["lanes.network.ring_bytes", "power of two", "5000"],
         ),
         (
+            "lanes:\n  network:\n    ring_bytes: 4096\n    budget: {burst: 0}\n",
+            &["lanes.network.budget.burst", "at least 1"],
+        ),
+        (
+            "lanes:\n  credential:\n    ring_bytes: 4096\n    budget: {pressure_percent: 100}\n",
+            &[
+                "lanes.credential.budget.pressure_percent",
+                "0 (always) to 99",
+                "100",
+            ],
+        ),
+        (
             "lanes:\n  network:\n    ring_bytes: big\n",
             &["/etc/am.yaml", "lanes.network.ring_bytes", "u32"],
         ),

@@ -141,6 +141,21 @@ impl Config {
                     n.to_string(),
                 ));
             }
+            let b = lane.budget;
+            if b.burst == Some(0) {
+                return Err(invalid(
+                    format!("lanes.{name}.budget.burst"),
+                    "at least 1 record",
+                    "0".to_owned(),
+                ));
+            }
+            if let Some(p) = b.pressure_percent.filter(|p| *p >= 100) {
+                return Err(invalid(
+                    format!("lanes.{name}.budget.pressure_percent"),
+                    "0 (always) to 99",
+                    p.to_string(),
+                ));
+            }
         }
         if let Some(root) = &self.identity.cgroup_root {
             if !root.is_absolute() {

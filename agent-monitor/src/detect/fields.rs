@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::{events::Task, identity::credentials::CredentialClass};
+use crate::{
+    events::Task,
+    identity::{credentials::CredentialClass, Workload},
+};
 
 /// Credential classes that hold secrets.
 pub(super) fn is_secret(class: CredentialClass) -> bool {
@@ -43,7 +46,18 @@ pub(super) fn who(task: &Task) -> String {
 
 /// Falco output fields of a task.
 pub(super) fn task_fields(task: &Task) -> BTreeMap<String, Value> {
-    let w = &task.workload;
+    let mut f = workload_fields(&task.workload);
+    f.insert("proc.pid".into(), json!(task.tgid));
+    f.insert("proc.tid".into(), json!(task.pid));
+    f.insert("proc.ppid".into(), json!(task.ppid));
+    f.insert("proc.name".into(), json!(task.comm));
+    f.insert("proc.exepath".into(), opt(&task.exe));
+    f.insert("user.uid".into(), json!(task.uid));
+    f
+}
+
+/// Falco output fields of a workload.
+pub(super) fn workload_fields(w: &Workload) -> BTreeMap<String, Value> {
     let mut f = BTreeMap::new();
     f.insert("k8s.ns.name".into(), opt(&w.namespace));
     f.insert("k8s.pod.name".into(), opt(&w.pod));
@@ -54,12 +68,6 @@ pub(super) fn task_fields(task: &Task) -> BTreeMap<String, Value> {
     f.insert("agent.name".into(), opt(&w.agent));
     f.insert("agent.tier".into(), opt(&w.tier));
     f.insert("agent.host".into(), json!(w.host));
-    f.insert("proc.pid".into(), json!(task.tgid));
-    f.insert("proc.tid".into(), json!(task.pid));
-    f.insert("proc.ppid".into(), json!(task.ppid));
-    f.insert("proc.name".into(), json!(task.comm));
-    f.insert("proc.exepath".into(), opt(&task.exe));
-    f.insert("user.uid".into(), json!(task.uid));
     f
 }
 

@@ -4,8 +4,15 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde_json::json;
 
-use super::{rule, Anomaly, Engine, Hit, EVENTS_LOST, KERNEL_SILENT, RULES};
-use crate::{events::LostRecord, identity::Workload, policy::Priority};
+use super::{
+    fields::{opt, or_dash, workload_fields},
+    rule, Anomaly, Engine, Hit, EVENTS_LOST, KERNEL_SILENT, RULES,
+};
+use crate::{
+    events::{LostReason, LostRecord},
+    identity::Workload,
+    policy::Priority,
+};
 
 impl Engine {
     /// A health alert when the kernel side has been silent for `silent` (the caller
@@ -37,13 +44,36 @@ impl Engine {
         fields.insert("agent.lane".into(), json!(l.lane));
         fields.insert("agent.lost".into(), json!(l.count));
         fields.insert("agent.lost_total".into(), json!(l.total));
-        hits.push(Hit {
-            rule: EVENTS_LOST,
-            priority: Some(lost_priority(&l.lane)),
-            output: format!(
+        fields.insert("agent.lost_reason".into(), json!(l.reason.name()));
+        let output = match (&l.reason, &l.workload) {
+            (LostReason::Budget, Some(w)) => {
+                fields.extend(workload_fields(w));
+                fields.insert("agent.cgroup".into(), opt(&w.cgroup));
+                let name = if w.host {
+                    format!("host cgroup {}", or_dash(&w.cgroup))
+                } else {
+                    format!(
+                        "pod {}/{} (container {}, agent {})",
+                        or_dash(&w.namespace),
+                        w.pod.as_deref().or(w.pod_uid.as_deref()).unwrap_or("-"),
+                        or_dash(&w.container),
+                        or_dash(&w.agent)
+                    )
+                };
+                format!(
+                    "Events dropped over budget: {name} flooded the {} lane; {} of its records dropped ({} since start); other workloads keep their share (lanes.{}.budget)",
+                    l.lane, l.count, l.total, l.lane
+                )
+            }
+            _ => format!(
                 "Events lost: the kernel dropped {} {} records ({} since start); raise lanes.{}.ring_bytes",
                 l.count, l.lane, l.total, l.lane
             ),
+        };
+        hits.push(Hit {
+            rule: EVENTS_LOST,
+            priority: Some(lost_priority(&l.lane)),
+            output,
             fields,
             events: vec![l.seq],
         });

@@ -168,7 +168,12 @@ impl Engine {
             _ => task.map_or("", |t| t.time.as_str()),
         };
         let none = Workload::default();
-        let workload = task.map_or(&none, |t| &t.workload);
+        let workload = match record {
+            // A budget drop is one workload's: its alert names it.
+            Record::Lost(l) => l.workload.as_ref(),
+            _ => task.map(|t| &t.workload),
+        }
+        .unwrap_or(&none);
         let ts = task.map_or(self.last_ts, |t| t.ts_boot_ns);
         hits.into_iter()
             .filter_map(|hit| self.finish(hit, policy.as_deref(), workload, time, ts))

@@ -648,6 +648,8 @@ fn lost_events_are_alerts() {
             lane: lane.into(),
             count: 5,
             total: 5,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         })
     };
     let cred = e.process(&lost("credential"));
@@ -665,6 +667,37 @@ fn lost_events_are_alerts() {
         old_pid: 10,
     });
     assert!(e.process(&exec).is_empty());
+}
+
+#[test]
+fn budget_drops_are_alerts_naming_the_workload() {
+    let mut e = engine("");
+    let flooder = pod_workload(A, "flooder", None);
+    let rec = Record::Lost(LostRecord {
+        seq: 3,
+        time: "2026-11-23T07:00:00.000000001Z".into(),
+        lane: "credential".into(),
+        count: 40,
+        total: 90,
+        reason: crate::events::LostReason::Budget,
+        workload: Some(flooder.clone()),
+    });
+    let out = e.process(&rec);
+    assert_eq!(out.len(), 1);
+    let a = &out[0];
+    assert_eq!(
+        (a.rule.as_str(), a.priority),
+        (EVENTS_LOST, Priority::Critical)
+    );
+    assert_eq!(a.workload, flooder, "the alert is the flooder's");
+    let pod = flooder.pod.as_deref().expect("pod name");
+    assert!(
+        a.output.contains(pod) && a.output.contains("over budget"),
+        "{}",
+        a.output
+    );
+    assert_eq!(a.fields["k8s.pod.name"], serde_json::json!(pod));
+    assert_eq!(a.fields["agent.lost_reason"], serde_json::json!("budget"));
 }
 
 #[test]

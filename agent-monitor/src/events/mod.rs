@@ -215,7 +215,30 @@ pub struct ExitRecord {
     pub task: Task,
 }
 
-/// Records the kernel could not deliver because a lane's ring was full.
+/// Why records were lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LostReason {
+    /// The lane's ring was full: nobody's fault in particular.
+    #[default]
+    RingFull,
+    /// One workload went over its budget for the lane (`lanes.<lane>.budget`); the
+    /// record names it.
+    Budget,
+}
+
+impl LostReason {
+    /// The name used in JSON and alerts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RingFull => "ring_full",
+            Self::Budget => "budget",
+        }
+    }
+}
+
+/// Records the kernel could not deliver: a lane's ring was full, or a workload went over
+/// its budget.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LostRecord {
     pub seq: u64,
@@ -224,8 +247,13 @@ pub struct LostRecord {
     pub lane: String,
     /// Lost since the previous lost record of this lane.
     pub count: u64,
-    /// Lost in this lane since the probes were loaded.
+    /// Lost in this lane since the probes were loaded (for a budget: by this workload).
     pub total: u64,
+    #[serde(default)]
+    pub reason: LostReason,
+    /// For [`LostReason::Budget`]: the workload whose records were dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
 }
 
 /// One line of output.
@@ -317,6 +345,8 @@ mod tests {
             lane: "credential".into(),
             count: 3,
             total: 5,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         });
         let json = serde_json::to_string(&rec).expect("serialize");
         assert!(json.starts_with(r#"{"type":"lost","seq":7"#), "{json}");

@@ -148,6 +148,8 @@ pub struct Enricher {
     clock: Clock,
     seq: u64,
     lost_reported: [u64; LANE_COUNT as usize],
+    /// Budget drops already reported, per workload (cgroup id), indexed by lane.
+    budget_reported: std::collections::HashMap<u64, [u64; LANE_COUNT as usize]>,
     decode_errors: u64,
     pending: PendingQueue,
     /// The kernel's file-identity maps.
@@ -180,6 +182,7 @@ impl Enricher {
             clock: Clock::new(),
             seq: 0,
             lost_reported: [0; LANE_COUNT as usize],
+            budget_reported: std::collections::HashMap::new(),
             decode_errors: 0,
             pending: PendingQueue::new(settings.pending_wait, settings.pending_max),
             watching: Watching::new(
@@ -674,6 +677,8 @@ async fn report_drops(probes: &Probes, st: &mut Enricher, out: &mpsc::Sender<Rec
             lane: LANE_NAMES[lane].to_owned(),
             count: total - reported,
             total,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         });
         // Per lane: a busy process lane must not hide a credential-lane loss.
         const KEYS: [&str; LANE_COUNT as usize] = [
@@ -695,7 +700,82 @@ async fn report_drops(probes: &Probes, st: &mut Enricher, out: &mpsc::Sender<Rec
             return false;
         }
     }
+    report_budget_drops(probes, st, out).await
+}
+
+/// Emits a `lost` record naming the workload for every workload and lane whose budget
+/// drop counter moved. Returns false when the output channel is closed.
+async fn report_budget_drops(
+    probes: &Probes,
+    st: &mut Enricher,
+    out: &mpsc::Sender<Record>,
+) -> bool {
+    let drops = match probes.budget_drops() {
+        Ok(d) => d,
+        Err(e) => {
+            crate::warn_limited!("budget-counters", "reading budget drop counters: {e}");
+            return true;
+        }
+    };
+    // Workloads the kernel forgot (its map is an LRU) are forgotten here too.
+    st.budget_reported
+        .retain(|id, _| drops.iter().any(|(cgroup_id, _)| cgroup_id == id));
+    for (cgroup_id, totals) in drops {
+        let reported = st.budget_reported.entry(cgroup_id).or_default();
+        // A counter below what was reported belongs to a workload the kernel forgot and
+        // counted again from zero.
+        let before = if totals.iter().zip(reported.iter()).any(|(t, r)| t < r) {
+            [0; LANE_COUNT as usize]
+        } else {
+            *reported
+        };
+        *reported = totals;
+        let moved: Vec<(usize, u64, u64)> = totals
+            .into_iter()
+            .zip(before)
+            .enumerate()
+            .filter(|(_, (total, before))| total > before)
+            .map(|(lane, (total, before))| (lane, total - before, total))
+            .collect();
+        if moved.is_empty() {
+            continue;
+        }
+        let workload = st.identity.attribute(cgroup_id).workload;
+        for (lane, count, total) in moved {
+            crate::warn_limited!(
+                "records-over-budget",
+                "{count} {} records of {} dropped over its budget; {total} in all",
+                LANE_NAMES[lane],
+                workload_label(&workload, cgroup_id)
+            );
+            let rec = Record::Lost(LostRecord {
+                seq: 0,
+                time: now_rfc3339(),
+                lane: LANE_NAMES[lane].to_owned(),
+                count,
+                total,
+                reason: crate::events::LostReason::Budget,
+                workload: Some(workload.clone()),
+            });
+            let mut ready = Vec::with_capacity(1);
+            st.number(rec, &mut ready);
+            if !send_all(&mut ready, out).await {
+                return false;
+            }
+        }
+    }
     true
+}
+
+/// `namespace/pod`, or the cgroup, for a log line.
+fn workload_label(w: &crate::events::Workload, cgroup_id: u64) -> String {
+    match (&w.namespace, &w.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+        _ => w
+            .cgroup
+            .clone()
+            .unwrap_or_else(|| format!("cgroup {cgroup_id}")),
+    }
 }
 
 #[cfg(test)]
@@ -748,7 +828,11 @@ mod tests {
         e.matched = MatchKind::Prefix as u8;
         e.dirfd = agent_monitor_common::AT_FDCWD;
         e.ret = 3;
-        bytes(&e)
+        // The ring form: the fixed part, then the path (no dentry names here).
+        let mut v = bytes(&e);
+        v.truncate(agent_monitor_common::OPEN_FIXED);
+        v.extend_from_slice(path.as_bytes());
+        v
     }
 
     fn pod() -> PodMeta {
@@ -789,6 +873,7 @@ mod tests {
         MonitorSettings {
             probes: ProbeSettings {
                 ring_bytes: [1 << 20; LANE_COUNT as usize],
+                budgets: crate::probes::DEFAULT_BUDGETS,
                 cgroups: Vec::new(),
                 proc_environ: true,
                 kernel_log: false,

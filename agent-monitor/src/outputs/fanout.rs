@@ -13,7 +13,11 @@ use super::{
     metrics::{Health, Metrics},
     AlertItem, EventItem, Sink,
 };
-use crate::{events::Record, outputs::grpc::priority_name, policy::sources::PolicySources};
+use crate::{
+    events::{LostReason, Record},
+    outputs::grpc::priority_name,
+    policy::sources::PolicySources,
+};
 
 /// The lane a record came through.
 pub fn lane_of(record: &Record) -> &str {
@@ -106,7 +110,15 @@ impl Sink<EventItem> for Observer {
             }
         }
         match r {
-            Record::Lost(l) => self.metrics.record_lost(lane, l.count),
+            Record::Lost(l) => match (&l.reason, &l.workload) {
+                (LostReason::Budget, Some(w)) => self.metrics.record_budget_drop(
+                    lane,
+                    w.namespace.as_deref().unwrap_or(""),
+                    w.pod.as_deref().unwrap_or(""),
+                    l.count,
+                ),
+                _ => self.metrics.record_lost(lane, l.count),
+            },
             _ => self.metrics.record_event(lane),
         }
         if let Some(t) = r.task() {
@@ -208,6 +220,8 @@ mod tests {
             lane: "network".into(),
             count: 1,
             total: seq,
+            reason: LostReason::RingFull,
+            workload: None,
         })
     }
 

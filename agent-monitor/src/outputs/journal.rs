@@ -420,6 +420,8 @@ mod tests {
             lane: "process".into(),
             count: 1,
             total: seq,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         })
     }
 

@@ -222,6 +222,8 @@ mod tests {
                     lane: "network".into(),
                     count: 1,
                     total: seq,
+                    reason: crate::events::LostReason::RingFull,
+                    workload: None,
                 });
                 sink.write(&rec).expect("write");
             }

@@ -52,6 +52,9 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 pub const LANES: [&str; 3] = ["credential", "network", "process"];
 
 /// A label set of `N` labels with static keys; values borrow when they are known constants.
+/// Workloads given their own `agent_monitor_budget_drops` series.
+pub const MAX_BUDGET_WORKLOADS: usize = 100;
+
 type Labels<const N: usize> = [(&'static str, Cow<'static, str>); N];
 
 /// Maps a lane name to a borrowed label value when it is one of [`LANES`], so the hot path
@@ -92,6 +95,9 @@ pub struct Metrics {
     journal_sync: Histogram,
     journal_recoveries: Family<Labels<1>, Counter>,
     journal_truncated_bytes: Counter,
+    budget_drops: Family<Labels<3>, Counter>,
+    /// (namespace, pod) pairs given their own `budget_drops` series so far.
+    budget_workloads: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// Upper bounds (seconds) of the journal's fsync latency histogram: 100 µs to 10 s.
@@ -140,6 +146,12 @@ impl Metrics {
         let journal_sync = Histogram::new(SYNC_BUCKETS);
         let journal_recoveries = Family::<Labels<1>, Counter>::default();
         let journal_truncated_bytes = Counter::default();
+        let budget_drops = Family::<Labels<3>, Counter>::default();
+        registry.register(
+            "agent_monitor_budget_drops",
+            "Kernel records dropped because one workload went over its lane budget, by lane, namespace and pod (the first 100 workloads by name, the rest as namespace=\"other\", pod=\"other\")",
+            budget_drops.clone(),
+        );
         registry.register(
             "agent_monitor_journal_dropped",
             "Records not journaled because the journal writer's queue was full (a slow disk) or the writer had stopped",
@@ -295,6 +307,8 @@ impl Metrics {
             journal_sync,
             journal_recoveries,
             journal_truncated_bytes,
+            budget_drops,
+            budget_workloads: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -342,6 +356,24 @@ impl Metrics {
     pub fn record_lost(&self, lane: &str, count: u64) {
         self.lost
             .get_or_create(&[("lane", lane_value(lane))])
+            .inc_by(count);
+    }
+
+    /// Counts `count` records of the workload `namespace`/`pod` that its budget dropped in
+    /// `lane`. Series are bounded: past [`MAX_BUDGET_WORKLOADS`] workloads the rest share
+    /// one `other` series.
+    pub fn record_budget_drop(&self, lane: &str, namespace: &str, pod: &str, count: u64) {
+        let key = (namespace.to_owned(), pod.to_owned());
+        let own = self.budget_workloads.lock().is_ok_and(|mut seen| {
+            seen.contains(&key) || (seen.len() < MAX_BUDGET_WORKLOADS && seen.insert(key.clone()))
+        });
+        let (ns, pod) = if own {
+            (owned(namespace), owned(pod))
+        } else {
+            (Cow::Borrowed("other"), Cow::Borrowed("other"))
+        };
+        self.budget_drops
+            .get_or_create(&[("lane", lane_value(lane)), ("namespace", ns), ("pod", pod)])
             .inc_by(count);
     }
 
@@ -785,6 +817,22 @@ mod tests {
         }
         assert!(text.contains("agent_monitor_events_total{lane=\"other\"} 1\n"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn budget_drop_series_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..=MAX_BUDGET_WORKLOADS {
+            m.record_budget_drop("network", "agents", &format!("pod-{i}"), 2);
+        }
+        m.record_budget_drop("network", "agents", "pod-0", 1);
+        let text = m.render();
+        assert!(text.contains(
+            "agent_monitor_budget_drops_total{lane=\"network\",namespace=\"agents\",pod=\"pod-0\"} 3\n"
+        ));
+        assert!(text.contains(
+            "agent_monitor_budget_drops_total{lane=\"network\",namespace=\"other\",pod=\"other\"} 2\n"
+        ));
     }
 
     #[test]

@@ -6,7 +6,7 @@ pub mod tracefs;
 use std::{os::unix::fs::MetadataExt as _, path::PathBuf};
 
 use agent_monitor_common::{
-    FileKey, Lane, BASENAME_CAP, INVENTORY_FILE, LANE_COUNT, NO_FIELD, PATH_CAP,
+    FileKey, Lane, LaneBudget, BASENAME_CAP, INVENTORY_FILE, LANE_COUNT, NO_FIELD, PATH_CAP,
 };
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
@@ -147,12 +147,54 @@ fn read_format(events: &std::path::Path, tracepoint: &str) -> Result<String, Pro
     std::fs::read_to_string(&path).map_err(|source| ProbeError::Format { path, source })
 }
 
+/// A lane's budget with its defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Sustained records per second per workload; 0: no budget.
+    pub per_second: u32,
+    /// Records a workload may make at once above that rate.
+    pub burst: u32,
+    /// Enforced only while this percentage of the ring waits to be read (0: always).
+    pub pressure_percent: u8,
+}
+
+/// Default budgets, indexed by lane. Credential events are cut only when the ring is
+/// three quarters full: while there is room a workload's reads all go through, however
+/// many; under pressure each workload's share is 1,000 a second above a burst of 2,000
+/// (a pod reading its token 1,000 times at once keeps every read), so the last quarter of
+/// the ring stays for the workloads within their share as long as the daemon drains more
+/// than those shares. A share must stay below what the daemon drains, or a flooder within
+/// its share fills the ring anyway (seen at 20,000 a second with a debug build on a busy
+/// machine). Network and
+/// process records are budgeted always: 20,000 connects or sends a second is far above
+/// what an agent makes, and the process budget only ever drops forks and exits (see the
+/// eBPF crate's `reserve_proc`).
+pub const DEFAULT_BUDGETS: [Budget; LANE_COUNT as usize] = [
+    Budget {
+        per_second: 1_000,
+        burst: 2_000,
+        pressure_percent: 75,
+    },
+    Budget {
+        per_second: 20_000,
+        burst: 20_000,
+        pressure_percent: 0,
+    },
+    Budget {
+        per_second: 5_000,
+        burst: 10_000,
+        pressure_percent: 0,
+    },
+];
+
 /// What the probes are loaded with: the kernel-side part of the config, converted by the
 /// wiring (`app::settings::probes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeSettings {
     /// Ring size in bytes of each lane, indexed by [`Lane`].
     pub ring_bytes: [u32; LANE_COUNT as usize],
+    /// Per-workload budget of each lane, indexed by [`Lane`].
+    pub budgets: [Budget; LANE_COUNT as usize],
     /// Cgroup directories whose processes alone are traced; empty: every process.
     pub cgroups: Vec<PathBuf>,
     /// Whether reads of `/proc/<pid>/environ` are watched.
@@ -170,6 +212,30 @@ pub struct ProbeSettings {
     /// Watched file basenames.
     pub basenames: Vec<String>,
 }
+
+impl Budget {
+    /// The kernel's form of this budget for a lane whose ring is `ring_bytes` long.
+    fn kernel(self, ring_bytes: u32) -> LaneBudget {
+        const NS_PER_SEC: u64 = 1_000_000_000;
+        if self.per_second == 0 {
+            return LaneBudget {
+                interval_ns: 0,
+                tolerance_ns: 0,
+                pressure_bytes: 0,
+            };
+        }
+        // At least 1 ns: a rate above 10^9 records a second is no budget at all.
+        let interval_ns = (NS_PER_SEC / u64::from(self.per_second)).max(1);
+        LaneBudget {
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(u64::from(self.burst.saturating_sub(1))),
+            pressure_bytes: u64::from(ring_bytes) * u64::from(self.pressure_percent) / 100,
+        }
+    }
+}
+
+/// Name of the kernel's per-workload budget drop counters.
+const BUDGET_DROPS_MAP: &str = "BUDGET_DROPS";
 
 impl Probes {
     /// Loads the programs with `config`, fills the filter maps and attaches every
@@ -189,6 +255,8 @@ impl Probes {
         }
 
         let ring_bytes = config.ring_bytes;
+        let budgets: [LaneBudget; LANE_COUNT as usize] =
+            std::array::from_fn(|lane| config.budgets[lane].kernel(ring_bytes[lane]));
         let wakeup: [u64; LANE_COUNT as usize] = ring_bytes.map(|b| u64::from(b) / WAKEUP_DIVISOR);
         let cgroup_ids = config
             .cgroups
@@ -227,6 +295,7 @@ impl Probes {
             .override_global("CGROUP_FILTER", &cgroup_filter, true)
             .override_global("WATCH_PROC_ENVIRON", &proc_environ, true)
             .override_global("WAKEUP_BYTES", &wakeup, true)
+            .override_global("BUDGETS", &budgets, true)
             .override_global("FORK_CHILD_PID_OFFSET", &fork_child, true)
             .override_global("EXIT_GROUP_DEAD_OFFSET", &exit_group_dead, true)
             .override_global(aya_log::LEVEL, &log_level, false);
@@ -376,6 +445,20 @@ impl Probes {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+
+    /// Records each lane's budget refused so far, per workload: (cgroup id, counts indexed
+    /// by [`Lane`]). Only workloads that went over a budget are listed.
+    pub fn budget_drops(&self) -> Result<Vec<(u64, [u64; LANE_COUNT as usize])>, ProbeError> {
+        let map: HashMap<&MapData, u64, [u64; LANE_COUNT as usize]> = HashMap::try_from(
+            self.ebpf
+                .map(BUDGET_DROPS_MAP)
+                .ok_or(missing_map(BUDGET_DROPS_MAP))?,
+        )
+        .map_err(map_err(BUDGET_DROPS_MAP))?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(BUDGET_DROPS_MAP))
     }
 
     /// Starts forwarding kernel-side log records to the `log` crate (which the daemon

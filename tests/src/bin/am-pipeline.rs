@@ -63,7 +63,7 @@ use agent_monitor::{
 };
 use agent_monitor_common::{
     ConnectEvent, EventHeader, EventKind, MatchKind, OpenEvent, ProcEvent, Syscall, AT_FDCWD,
-    GROUP_DEAD,
+    GROUP_DEAD, OPEN_FIXED,
 };
 use agent_monitor_tests::sim::{pods_file, SimPod};
 use anyhow::{bail, Context as _, Result};
@@ -257,7 +257,12 @@ fn open_event(h: EventHeader, pod: &Pod, path: &str, by_volume: bool, ino: u64) 
     } else {
         e.matched = MatchKind::Prefix as u8;
     }
-    bytes(&e)
+    // The ring form: the fixed part, then the path, then the names (as the kernel writes).
+    let mut v = bytes(&e);
+    v.truncate(OPEN_FIXED);
+    v.extend_from_slice(&e.path[..usize::from(e.path_len)]);
+    v.extend_from_slice(&e.dpath[..usize::from(e.dpath_len)]);
+    v
 }
 
 fn connect_event(h: EventHeader, syscall: Syscall, addr: [u8; 4], port: u16, ret: i64) -> Vec<u8> {

@@ -2,7 +2,8 @@
 //! and then makes exactly the syscalls its arguments name, printing each result, so a test
 //! knows what the kernel saw.
 //!
-//! Usage: `am-testkid [--cgroup DIR] [--linger-ms N] ACTION...`
+//! Usage: `am-testkid [--cgroup DIR] [--cpu N] [--linger-ms N] ACTION...`
+//! (`--cpu N` pins the process to CPU N.)
 //!
 //! Actions:
 //! - `open:PATH`               open(2) (the legacy syscall), read-only
@@ -12,6 +13,10 @@
 //! - `chdir:DIR`               chdir(2)
 //! - `flood:PATH:N`            N × (openat + close)
 //! - `time-opens:PATH:N`       N × (openat + close), prints `ns_per_call <f64>`
+//! - `paced-opens:PATH:N:GAP_US` N × (openat + close) with GAP_US µs between opens,
+//!   prints `ns_per_call <f64>` (the mean latency of one open)
+//! - `flood-mixed:PATH:IP:PORT:N:K` N rounds (0: until killed) of K × (openat + close) and
+//!   one TCP connect (IPv4) + close; prints `opens <n>`, `connects <n>` and `elapsed_ns <n>`
 //! - `time-connects:IP:PORT:N` N × (TCP connect + close), prints `ns_per_call <f64>`
 //! - `time-getppid:N`          N × getppid(2), prints `ns_per_call <f64>`
 //! - `tcp4:PORT` `tcp6:PORT`   connect to 127.0.0.1 / ::1
@@ -56,6 +61,23 @@ fn close(fd: i64) {
     if fd >= 0 {
         // SAFETY: fd was returned by open and is ours.
         unsafe { libc::close(fd as i32) };
+    }
+}
+
+/// Pins the calling process to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity get a
+    // valid set of the size passed.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        die(&format!(
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
 }
 
@@ -133,6 +155,11 @@ fn main() {
                 // Writing 0 moves the writer itself.
                 std::fs::write(&procs, b"0")
                     .unwrap_or_else(|e| die(&format!("joining {}: {e}", procs.display())));
+                args.drain(..2);
+            }
+            Some("--cpu") if args.len() >= 2 => {
+                let cpu: usize = args[1].parse().unwrap_or_else(|_| die("bad --cpu"));
+                pin_to_cpu(cpu);
                 args.drain(..2);
             }
             Some("--linger-ms") if args.len() >= 2 => {
@@ -216,6 +243,80 @@ fn main() {
                     let _ = writeln!(out, "ns_per_call {ns:.1}");
                 }
                 ok
+            }
+            "paced-opens" => {
+                let mut parts = rest.rsplitn(3, ':');
+                let (gap, n, path) = match (parts.next(), parts.next(), parts.next()) {
+                    (Some(g), Some(n), Some(p)) => (g, n, p),
+                    _ => die("paced-opens:PATH:N:GAP_US"),
+                };
+                let n: u64 = n.parse().unwrap_or_else(|_| die("bad N"));
+                let gap = Duration::from_micros(gap.parse().unwrap_or_else(|_| die("bad GAP_US")));
+                let p = cstr(path);
+                let mut ok = 0i64;
+                let mut in_calls = Duration::ZERO;
+                let mut next = Instant::now();
+                for _ in 0..n {
+                    // Paced against a schedule, not by sleeping a gap after each call, so
+                    // a late wakeup does not lower the rate.
+                    next += gap;
+                    let start = Instant::now();
+                    // SAFETY: valid C string; the fd is closed at once.
+                    let fd = unsafe { libc::openat(libc::AT_FDCWD, p.as_ptr(), libc::O_RDONLY) };
+                    in_calls += start.elapsed();
+                    if fd >= 0 {
+                        ok += 1;
+                        // SAFETY: fd is ours.
+                        unsafe { libc::close(fd) };
+                    }
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                }
+                let ns = in_calls.as_nanos() as f64 / n.max(1) as f64;
+                let _ = writeln!(out, "ns_per_call {ns:.1}");
+                ok
+            }
+            "flood-mixed" => {
+                let mut parts = rest.rsplitn(4, ':');
+                let (k, n, addr, path) =
+                    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                        (Some(k), Some(n), Some(a), Some(p)) => (k, n, a, p),
+                        _ => die("flood-mixed:PATH:IP:PORT:N:K"),
+                    };
+                // PATH:IP:PORT: the address is the last colon-separated pair of PATH_IP.
+                let (path, addr) = match path.rsplit_once(':') {
+                    Some((p, ip)) => (p, format!("{ip}:{addr}")),
+                    None => die("flood-mixed:PATH:IP:PORT:N:K"),
+                };
+                let addr: SocketAddr = addr.parse().unwrap_or_else(|_| die("bad address"));
+                let n: u64 = n.parse().unwrap_or_else(|_| die("bad N"));
+                let k: u64 = k.parse().unwrap_or_else(|_| die("bad K"));
+                let p = cstr(path);
+                let start = Instant::now();
+                let (mut opens, mut connects) = (0i64, 0i64);
+                let mut round = 0u64;
+                while n == 0 || round < n {
+                    round += 1;
+                    for _ in 0..k {
+                        // SAFETY: valid C string; the fd is closed at once.
+                        let fd =
+                            unsafe { libc::openat(libc::AT_FDCWD, p.as_ptr(), libc::O_RDONLY) };
+                        if fd >= 0 {
+                            opens += 1;
+                            // SAFETY: fd is ours.
+                            unsafe { libc::close(fd) };
+                        }
+                    }
+                    if connect(addr) == 0 {
+                        connects += 1;
+                    }
+                }
+                let _ = writeln!(out, "opens {opens}");
+                let _ = writeln!(out, "connects {connects}");
+                let _ = writeln!(out, "elapsed_ns {}", start.elapsed().as_nanos());
+                opens
             }
             "time-connects" => {
                 let (addr, n) = rest

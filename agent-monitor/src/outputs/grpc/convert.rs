@@ -14,7 +14,8 @@ use super::{pb, GrpcError};
 use crate::{
     detect::Anomaly,
     events::{
-        ConnectRecord, ExecRecord, ExitRecord, ForkRecord, LostRecord, OpenRecord, Record, Task,
+        ConnectRecord, ExecRecord, ExitRecord, ForkRecord, LostReason, LostRecord, OpenRecord,
+        Record, Task,
     },
     identity::{
         credentials::{CredentialClass, Owner},
@@ -486,6 +487,10 @@ impl From<&Record> for pb::Event {
                 lane: LANES.to_pb(&l.lane) as i32,
                 count: l.count,
                 total: l.total,
+                reason: match l.reason {
+                    LostReason::RingFull => pb::LostReason::RingFull,
+                    LostReason::Budget => pb::LostReason::Budget,
+                } as i32,
             }),
         };
         let time = match r {
@@ -495,7 +500,10 @@ impl From<&Record> for pb::Event {
         pb::Event {
             seq: r.seq(),
             process: r.task().map(pb::Process::from),
-            workload: r.task().map(|t| pb::Workload::from(&t.workload)),
+            workload: match r {
+                Record::Lost(l) => l.workload.as_ref().map(pb::Workload::from),
+                _ => r.task().map(|t| pb::Workload::from(&t.workload)),
+            },
             run_id: String::new(),
             node: String::new(),
             time: timestamp(time),
@@ -588,6 +596,11 @@ impl TryFrom<&pb::Event> for Record {
                 lane: LANES.name(l.lane()).to_owned(),
                 count: l.count,
                 total: l.total,
+                reason: match l.reason() {
+                    pb::LostReason::Budget => LostReason::Budget,
+                    pb::LostReason::RingFull | pb::LostReason::Unspecified => LostReason::RingFull,
+                },
+                workload: e.workload.as_ref().map(Workload::from),
             }),
         })
     }
@@ -758,6 +771,8 @@ mod tests {
             lane: "network".into(),
             count: 3,
             total: 8,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         });
         let ev = pb::Event::from(&lost);
         // A loss report is numbered like every other event.
@@ -777,6 +792,27 @@ mod tests {
                 }
             })
         );
+
+        // A budget drop names its workload, on the event as for any other record.
+        let budget = Record::Lost(LostRecord {
+            seq: 11,
+            time: "2026-11-23T00:00:00.000000000Z".into(),
+            lane: "credential".into(),
+            count: 5,
+            total: 5,
+            reason: LostReason::Budget,
+            workload: Some(task().workload),
+        });
+        let ev = pb::Event::from(&budget);
+        let Some(pb::event::Kind::Lost(l)) = &ev.kind else {
+            panic!("not lost: {ev:?}");
+        };
+        assert_eq!(l.reason(), pb::LostReason::Budget);
+        assert_eq!(
+            ev.workload.as_ref().map(|w| w.pod.as_str()),
+            task().workload.pod.as_deref()
+        );
+        assert_eq!(Record::try_from(&ev).expect("back"), budget);
 
         let conn = Record::Connect(ConnectRecord {
             seq: 10,

@@ -273,6 +273,8 @@ mod tests {
             lane: "network".into(),
             count: 1,
             total: 1,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         })
     }
 

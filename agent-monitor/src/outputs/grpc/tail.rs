@@ -775,6 +775,7 @@ mod tests {
                 lane: pb::Lane::Network as i32,
                 count: 2,
                 total: 7,
+                reason: pb::LostReason::RingFull as i32,
             })),
             ..Default::default()
         }

@@ -193,6 +193,7 @@ fn events() -> Vec<pb::Event> {
                 lane: pb::Lane::Credential as i32,
                 count: 3,
                 total: 12,
+                reason: pb::LostReason::Budget as i32,
             })),
             ..Default::default()
         },
@@ -572,6 +573,8 @@ fn event_lines_print_every_kind_of_record_as_before() {
             lane: "process".into(),
             count: 3,
             total: 12,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
         }),
     ];
     let origin = Origin {
@@ -635,6 +638,8 @@ fn events_print_in_the_proto3_json_mapping() {
         lane: "credential".into(),
         count: 3,
         total: 12,
+        reason: crate::events::LostReason::RingFull,
+        workload: None,
     });
     let v = event(&pb::Event::from(&r)).expect("json");
     // uint64 is a string in proto3 JSON.
@@ -832,8 +837,14 @@ fn arb_kind() -> impl Strategy<Value = pb::event::Kind> {
             .prop_map(|(filename, old_pid)| Kind::Exec(pb::Exec { filename, old_pid })),
         any::<u32>().prop_map(|child_pid| Kind::Fork(pb::Fork { child_pid })),
         Just(Kind::Exit(pb::Exit {})),
-        (enum_value(3), any::<u64>(), any::<u64>())
-            .prop_map(|(lane, count, total)| Kind::Lost(pb::Lost { lane, count, total })),
+        (enum_value(3), any::<u64>(), any::<u64>(), enum_value(2)).prop_map(
+            |(lane, count, total, reason)| Kind::Lost(pb::Lost {
+                lane,
+                count,
+                total,
+                reason
+            })
+        ),
     ]
 }
 
