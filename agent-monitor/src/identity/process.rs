@@ -105,7 +105,7 @@ impl ProcessTable {
 
     fn insert(&mut self, pid: u32, info: ProcInfo) {
         if self.procs.len() >= self.procs.cap().get() && !self.procs.contains(&pid) {
-            self.prune();
+            self.prune(Instant::now());
         }
         if let Some((gone, _)) = self.procs.push(pid, info) {
             if gone != pid {
@@ -114,11 +114,10 @@ impl ProcessTable {
         }
     }
 
-    /// Drops entries of processes that exited more than [`EXIT_GRACE`] ago, or that no
-    /// longer exist although no exit was seen. Returns how many went.
-    pub fn prune(&mut self) -> usize {
+    /// Drops entries of processes that exited more than [`EXIT_GRACE`] before `now`, or
+    /// that no longer exist although no exit was seen. Returns how many went.
+    pub fn prune(&mut self, now: Instant) -> usize {
         let before = self.procs.len();
-        let now = Instant::now();
         let root = self.proc_root.clone();
         let exited = &mut self.exited;
         exited.retain(|_, at| now.duration_since(*at) < EXIT_GRACE);
@@ -210,15 +209,6 @@ impl ProcessTable {
     pub fn on_exit(&mut self, tgid: u32) {
         if self.procs.contains(&tgid) {
             self.exited.insert(tgid, Instant::now());
-        }
-    }
-
-    /// Forgets exited processes now, regardless of the grace period (tests: the grace
-    /// period itself is only waited out by `prune`).
-    #[cfg(test)]
-    fn expire_exited(&mut self) {
-        for pid in std::mem::take(&mut self.exited).into_keys() {
-            self.procs.pop(&pid);
         }
     }
 
@@ -354,9 +344,11 @@ mod tests {
         t.on_exit(999_999_999);
         // Still known during the grace period, for records read after the exit.
         assert_eq!(t.get(999_999_999).ppid, Some(me));
-        t.prune();
+        let now = Instant::now();
+        t.prune(now);
         assert_eq!(t.get(999_999_999).ppid, Some(me));
-        t.expire_exited();
+        // Once the grace period is over the entry goes (the pid does not exist).
+        t.prune(now + EXIT_GRACE + Duration::from_secs(1));
         assert_eq!(t.get(999_999_999), ProcInfo::default());
     }
 

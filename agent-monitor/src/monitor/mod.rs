@@ -510,7 +510,7 @@ async fn consume(
         let stopping = tokio::select! {
             _ = tick.tick() => false,
             _ = prune.tick() => {
-                st.table.prune();
+                st.table.prune(Instant::now());
                 false
             }
             // A new pod's metadata releases its waiting records below; what is watched
