@@ -8,8 +8,9 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    api::pb,
     config::{Config, ConfigError, LogFormat},
-    outputs::grpc::{pb, EventKind, Matcher, OutputFormat},
+    outputs::grpc::{EventKind, Matcher, OutputFormat},
 };
 
 /// Exit status for a bad config or bad arguments (EX_USAGE in sysexits.h).
@@ -501,7 +502,7 @@ fn run(args: &RunArgs, log_level: &str) -> ExitCode {
 
 /// The filter and print options of `tail`, or the message saying which argument is wrong.
 fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, String> {
-    use crate::outputs::grpc::{self, pb};
+    use crate::{api, outputs::grpc};
     if args.events {
         // Events carry no rule or priority: the server would ignore these filters.
         if !args.rules.is_empty() || !args.exclude_rules.is_empty() {
@@ -548,7 +549,7 @@ fn tail_options(args: TailArgs) -> Result<crate::outputs::grpc::TailOptions, Str
                  notice, informational (or info), debug, in any case; got {p:?}"
             )
         })?;
-        filter.min_priority = grpc::priority_to_pb(parsed) as i32;
+        filter.min_priority = api::priority_to_pb(parsed) as i32;
     }
     let tls = match (args.ca, &args.cert) {
         (Some(ca), _) => Some(grpc::ClientTls {

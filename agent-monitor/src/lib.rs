@@ -2,7 +2,8 @@
 //! their credentials.
 //!
 //! Data flows one way: [`probes`] (eBPF programs and their ring buffers) → [`events`]
-//! (decoding, the record model) → [`identity`] (who did it) → [`outputs`]. [`monitor`]
+//! (decoding, the record model) → [`identity`] (who did it) → [`detect`] → [`api`] (the
+//! wire schema and its conversions, shared by every output) → [`outputs`]. [`monitor`]
 //! runs that flow, with [`watching`] keeping the kernel's file-identity maps current;
 //! [`app`] wires it to a config and owns shutdown. [`config`] is the file's schema, above
 //! the pipeline: the modules it configures define their own settings types, and the
@@ -10,6 +11,7 @@
 //! fails when a module imports one downstream of it; the layers are listed in
 //! `xtask/src/layers.rs`.
 
+pub mod api;
 pub mod app;
 pub mod boundedfile;
 pub mod cli;

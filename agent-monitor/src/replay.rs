@@ -34,13 +34,13 @@ use std::{
 };
 
 use crate::{
+    api::{json, pb},
     detect::{Anomaly, DetectSettings, Engine},
     events::Record,
     journal::{journal_record::Body, Damage, Item, JournalError, Reader},
     outputs::{
         falco::FalcoAlert,
-        grpc::{anomaly_line, pb, Matcher},
-        protojson,
+        grpc::{anomaly_line, Matcher},
     },
     policy::PolicySet,
 };
@@ -270,7 +270,7 @@ impl<W: Write, E: Write> Replay<'_, W, E> {
     fn print(&mut self, a: &pb::Anomaly, node: &str, prefix: &str) -> Result<(), ReplayError> {
         let line = match self.opts.format {
             Format::Table => anomaly_line(a),
-            Format::Json => protojson::anomaly(a)?.to_string(),
+            Format::Json => json::anomaly(a)?.to_string(),
             Format::Falco => match Anomaly::try_from(a) {
                 Ok(model) => serde_json::to_string(&FalcoAlert::new(&model, node))
                     .map_err(io::Error::other)?,

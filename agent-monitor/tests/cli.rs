@@ -535,10 +535,11 @@ mod tail {
     };
 
     use agent_monitor::{
+        api::{pb, Origin},
         detect::Anomaly,
         events::{ExitRecord, LostRecord, Record, Task},
         identity::Workload,
-        outputs::grpc::{pb, GrpcServer, GrpcSettings, Hub, StatusSource},
+        outputs::grpc::{GrpcServer, GrpcSettings, Hub, StatusSource},
         policy::Priority,
     };
 
@@ -568,7 +569,7 @@ mod tail {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            let hub = Hub::new(1024, agent_monitor::outputs::grpc::Origin::default());
+            let hub = Hub::new(1024, Origin::default());
             let cfg = GrpcSettings {
                 tcp: Some("127.0.0.1:0".parse().expect("addr")),
                 ..GrpcSettings::default()

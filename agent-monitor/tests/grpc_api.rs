@@ -11,12 +11,13 @@ use std::{
 };
 
 use agent_monitor::{
+    api::{self, pb, Origin},
     detect::Anomaly,
     events::{ExitRecord, LostRecord, Record, Task},
     identity::Workload,
     outputs::grpc::{
-        self, channel, connect, pb, ClientTls, GrpcError, GrpcServer, GrpcSettings, Hub, Origin,
-        StatusSource, TlsSettings,
+        channel, connect, ClientTls, GrpcError, GrpcServer, GrpcSettings, Hub, StatusSource,
+        TlsSettings, DEFAULT_QUEUE_PER_CLIENT,
     },
     policy::Priority,
 };
@@ -340,7 +341,7 @@ async fn anomaly_filters_select_namespace_agent_rule_and_priority() {
     assert_eq!(got, pb::Anomaly::from(&a));
     assert_eq!(got.priority(), pb::Priority::Critical);
     assert_eq!(
-        grpc::fields_from_pb(got.fields.as_ref())["proc.name"],
+        api::fields_from_pb(got.fields.as_ref())["proc.name"],
         serde_json::json!("cat")
     );
     assert_eq!(Anomaly::try_from(&got).expect("back").rule, a.rule);
@@ -862,6 +863,6 @@ async fn configuration_errors_are_reported() {
     ));
     assert_eq!(
         GrpcSettings::default().queue_per_client,
-        grpc::DEFAULT_QUEUE_PER_CLIENT
+        DEFAULT_QUEUE_PER_CLIENT
     );
 }

@@ -26,7 +26,7 @@ use std::{
 
 use support_privileged::privileged;
 
-use agent_monitor::outputs::grpc::{connect, pb};
+use agent_monitor::{api::pb, outputs::grpc::connect};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-monitor");
 /// How long anything that has no bound of its own may take before the test gives up: a

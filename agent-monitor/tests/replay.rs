@@ -9,15 +9,13 @@ use std::{
 };
 
 use agent_monitor::{
+    api::{json, pb},
     config::Config,
     detect::Engine,
     events::{ConnectRecord, OpenRecord, Record, Task},
     identity::{credentials::CredentialClass, Workload},
     journal::{journal_record::Body, Item, JournalRecord, Options, Reader, RunMarker, Writer},
-    outputs::{
-        grpc::{anomaly_line, pb},
-        protojson,
-    },
+    outputs::grpc::anomaly_line,
     policy::{parse_policies, PolicySet},
 };
 
@@ -283,7 +281,7 @@ fn table(alerts: &[&pb::Anomaly]) -> Vec<String> {
 fn json(alerts: &[pb::Anomaly]) -> Vec<serde_json::Value> {
     alerts
         .iter()
-        .map(|a| protojson::anomaly(a).expect("json"))
+        .map(|a| json::anomaly(a).expect("json"))
         .collect()
 }
 

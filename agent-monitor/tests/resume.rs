@@ -20,8 +20,9 @@ use std::{
 };
 
 use agent_monitor::{
+    api::pb,
     journal::{journal_record::Body, Item, Reader},
-    outputs::grpc::{connect, pb},
+    outputs::grpc::connect,
 };
 use support_daemon::{Cgroup, Daemon};
 use support_privileged::privileged;

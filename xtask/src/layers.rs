@@ -20,10 +20,14 @@ use syn::visit::Visit;
 ///
 /// - `boundedfile`, `ratelog`, `errors` and `journal` (the `agent-monitor-api` journal
 ///   re-exported at the crate root) are utilities every layer may use.
-/// - `probes` → `events` → `identity` → `policy` → `detect` → `outputs` is the pipeline
-///   itself: kernel programs and ring buffers, decoded records, who did it, the rules,
-///   the verdict, where the records go. `policy` sits below `detect` because detection
-///   evaluates the loaded policy.
+/// - `probes` → `events` → `identity` → `policy` → `detect` → `api` → `outputs` is the
+///   pipeline itself: kernel programs and ring buffers, decoded records, who did it, the
+///   rules, the verdict, the API schema, where the records go. `policy` sits below `detect`
+///   because detection evaluates the loaded policy. `api` (the generated `agent_monitor.v1`
+///   messages, the conversions from records and anomalies to them and back, their proto3
+///   JSON) sits below `outputs` because every output (gRPC, journal, JSON lines, Falco,
+///   metrics, `tail`) reads the converted form, and above `detect` because it converts its
+///   anomalies.
 /// - Above the pipeline, the runners, the file schema and the wiring, each on its own
 ///   layer:
 ///   - `watching` keeps the kernel's file-identity maps current; it drives `probes` and
@@ -48,6 +52,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["identity"],
     &["policy"],
     &["detect"],
+    &["api"],
     &["outputs"],
     &["watching"],
     &["monitor"],

@@ -13,6 +13,7 @@ use tokio::{
 use tracing::{error, info};
 
 use crate::{
+    api::{pb, Origin},
     config::listen_addr,
     config::{Config, PodSourceKind},
     detect::Engine,
@@ -23,12 +24,12 @@ use crate::{
         falco,
         falcosidekick::{self, SidekickSettings},
         fanout::{Counters, DaemonStatus, HubSink, Observer},
-        grpc::{pb, GrpcServer, GrpcSettings, Hub, Origin, RunningGrpc, TlsSettings},
+        grpc::{GrpcServer, GrpcSettings, Hub, RunningGrpc, TlsSettings},
         journal::{Journal, JournalSettings, JOURNAL_QUEUE},
-        jsonl,
+        jsonl::{self, EventLines},
         listen::{self, LimitedListener},
         metrics::{self, Health, Heartbeat, Metrics},
-        protojson, AlertItem, EventItem, Plain, Sink,
+        AlertItem, EventItem, Plain, Sink,
     },
     policy::{PolicySet, PolicySources},
 };
@@ -300,7 +301,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
     let mut events: Vec<EventSink> = Vec::new();
     let mut alerts: Vec<AlertSink> = Vec::new();
     if let Some(w) = open_output(&config.output)? {
-        events.push(Box::new(protojson::EventLines::new(w)));
+        events.push(Box::new(EventLines::new(w)));
     }
     if let Some(w) = open_output(&config.alerts.output)? {
         alerts.push(Box::new(Plain(falco::FalcoLines::new(w, hostname.clone()))));

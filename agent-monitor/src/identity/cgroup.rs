@@ -21,6 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::watched::parse_mountinfo;
+
 /// Most cgroups cached before the cache is cleared and rebuilt.
 pub const CACHE_CAPACITY: usize = 16_384;
 /// A miss rescans the tree at most this often.
@@ -134,17 +136,16 @@ pub fn parse_path(path: &str) -> CgroupInfo {
     info
 }
 
-/// The cgroup2 mount points of this process's mount namespace, in mount table order.
+/// The cgroup2 mount points of this process's mount namespace, in mount table order
+/// (read with the one mountinfo parser, [`parse_mountinfo`], escapes undone).
 fn cgroup2_mounts() -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    info.lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let mount = left.split_whitespace().nth(4)?;
-            right.starts_with("cgroup2 ").then(|| PathBuf::from(mount))
-        })
+    parse_mountinfo(&info)
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup2")
+        .map(|m| PathBuf::from(m.mount_point))
         .collect()
 }
 
@@ -405,6 +406,27 @@ mod tests {
             None,
             None,
         );
+    }
+
+    /// Every cgroup2 mount the mount table lists is one (statfs says so), in table order,
+    /// the first being what `cgroup2_mount` gives.
+    #[test]
+    fn finds_the_cgroup2_mounts_of_the_mount_table() {
+        let mounts = cgroup2_mounts();
+        // The daemon needs one, and every machine it is tested on has one (on a hybrid
+        // layout at /sys/fs/cgroup/unified).
+        assert!(!mounts.is_empty(), "no cgroup2 mount found");
+        for m in &mounts {
+            let path = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: an all-zero statfs is a valid value; `path` is NUL-terminated and
+            // outlives the call, which writes only into `fs`.
+            let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let rc = unsafe { libc::statfs(path.as_ptr(), &mut fs) };
+            assert_eq!(rc, 0, "statfs {}", m.display());
+            assert_eq!(fs.f_type, libc::CGROUP2_SUPER_MAGIC, "{}", m.display());
+        }
+        assert_eq!(cgroup2_mount(), mounts.first().cloned());
     }
 
     #[test]

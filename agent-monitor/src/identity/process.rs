@@ -12,6 +12,7 @@ use std::{
 };
 
 use lru::LruCache;
+use procfs::process::Process;
 
 use agent_monitor_common::AT_FDCWD;
 
@@ -39,14 +40,6 @@ pub struct ProcessTable {
     proc_root: PathBuf,
 }
 
-/// The `/proc/<pid>/stat` parent pid. The comm field may contain spaces and parentheses,
-/// so parse after the last `)`.
-fn parse_stat_ppid(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // state ppid ...
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
 impl ProcessTable {
     /// An empty table reading `/proc`.
     pub fn new(capacity: usize) -> Self {
@@ -64,18 +57,13 @@ impl ProcessTable {
 
     /// Fills the table with every process now running.
     pub fn seed(&mut self) -> usize {
-        let Ok(dir) = std::fs::read_dir(&self.proc_root) else {
+        let Ok(all) = procfs::process::all_processes_with_root(&self.proc_root) else {
             return 0;
         };
-        for entry in dir.flatten() {
-            if let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            {
-                if let Some(info) = self.read_proc(pid) {
-                    self.insert(pid, info);
-                }
+        // A process that ended since the directory was listed is left out.
+        for p in all.flatten() {
+            if let (Ok(pid), Some(info)) = (u32::try_from(p.pid()), proc_info(&p)) {
+                self.insert(pid, info);
             }
         }
         self.procs.len()
@@ -89,18 +77,17 @@ impl ProcessTable {
         self.procs.is_empty()
     }
 
+    /// `pid`'s directory in /proc; `None` when there is no such process (any more).
+    fn process(&self, pid: u32) -> Option<Process> {
+        Process::new_with_root(self.proc_root.join(pid.to_string())).ok()
+    }
+
     fn read_exe(&self, pid: u32) -> Option<String> {
-        let link = std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe")).ok()?;
-        Some(link.to_string_lossy().into_owned())
+        exe_of(&self.process(pid)?)
     }
 
     fn read_proc(&self, pid: u32) -> Option<ProcInfo> {
-        let stat =
-            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")).ok()?;
-        Some(ProcInfo {
-            ppid: parse_stat_ppid(&stat),
-            exe: self.read_exe(pid),
-        })
+        proc_info(&self.process(pid)?)
     }
 
     fn insert(&mut self, pid: u32, info: ProcInfo) {
@@ -231,6 +218,24 @@ impl ProcessTable {
     }
 }
 
+/// Parent and executable of `p`, both read through its /proc directory, which stays that
+/// process's (never a later one's with the same pid). `None` when its `stat` cannot be
+/// read: the process is gone. A zombie (exited, not yet reaped) has a parent and no
+/// executable.
+fn proc_info(p: &Process) -> Option<ProcInfo> {
+    let stat = p.stat().ok()?;
+    Some(ProcInfo {
+        ppid: u32::try_from(stat.ppid).ok(),
+        exe: exe_of(p),
+    })
+}
+
+/// What `p`'s `exe` link points to; `None` for a zombie or a kernel thread, or without
+/// the right to read it.
+fn exe_of(p: &Process) -> Option<String> {
+    Some(p.exe().ok()?.to_string_lossy().into_owned())
+}
+
 /// Symlinks followed while resolving one path, as the kernel's own limit (`MAXSYMLINKS`).
 const MAX_SYMLINKS: usize = 40;
 
@@ -280,11 +285,115 @@ fn realpath_in(root: &Path, path: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// A child `sleep`, killed and reaped on drop.
+    struct Kid(std::process::Child);
+
+    impl Kid {
+        fn sleep() -> Self {
+            Self(
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .expect("sleep"),
+            )
+        }
+    }
+
+    /// Where `sleep` is, from the PATH.
+    fn which_sleep() -> PathBuf {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join("sleep"))
+            .find(|p| p.is_file())
+            .expect("sleep on the PATH")
+    }
+
+    impl Drop for Kid {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     #[test]
-    fn parses_ppid_after_a_tricky_comm() {
-        assert_eq!(parse_stat_ppid("42 (a) b) c) S 7 42 42 0"), Some(7));
-        assert_eq!(parse_stat_ppid("1 (init) S 0 1 1"), Some(0));
-        assert_eq!(parse_stat_ppid("garbage"), None);
+    fn knows_the_parent_of_a_process_whose_name_has_spaces_and_parentheses() {
+        // The name is the second field of /proc/<pid>/stat, in parentheses, and may hold
+        // both: the parent is the field after the last `)`.
+        // A process is named after the file it executed: a link to sleep named so.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = "a) b) S 7 (c";
+        let sleep = which_sleep();
+        std::os::unix::fs::symlink(&sleep, dir.path().join(name)).expect("ln");
+        let kid = Kid(std::process::Command::new(dir.path().join(name))
+            .arg("30")
+            .spawn()
+            .expect("sleep"));
+        let pid = kid.0.id();
+        // spawn may return before the child has executed (its name is still ours then).
+        let comm_path = format!("/proc/{pid}/comm");
+        let mut comm = String::new();
+        for _ in 0..500 {
+            comm = std::fs::read_to_string(&comm_path).expect("comm");
+            if comm.trim_end() == name {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(comm.trim_end(), name);
+        let mut t = ProcessTable::new(4);
+        let info = t.get(pid);
+        assert_eq!(info.ppid, Some(std::process::id()));
+        assert!(info.exe.expect("a live process").ends_with("/sleep"));
+    }
+
+    #[test]
+    fn a_zombie_has_its_parent_and_no_executable_and_a_reaped_one_is_unknown() {
+        let mut kid = std::process::Command::new("true").spawn().expect("true");
+        let pid = kid.id();
+        let stat = format!("/proc/{pid}/stat");
+        // Not reaped yet: a zombie once it has exited (state `Z` after the name). Bounded
+        // wait, no timing asserted: a child that never exits fails the test.
+        let zombie = (0..1000).any(|_| {
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            let zombie = state
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.starts_with(" Z"));
+            if !zombie {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            zombie
+        });
+        assert!(zombie, "true did not exit");
+        let mut t = ProcessTable::new(4);
+        assert_eq!(
+            t.get(pid),
+            ProcInfo {
+                ppid: Some(std::process::id()),
+                exe: None,
+            }
+        );
+        kid.wait().expect("reap");
+        let mut t = ProcessTable::new(4);
+        assert_eq!(t.get(pid), ProcInfo::default());
+    }
+
+    #[test]
+    fn seeding_reads_every_live_process() {
+        let kid = Kid::sleep();
+        let mut t = ProcessTable::new(DEFAULT_CAPACITY);
+        assert!(t.seed() >= 2);
+        let info = t.procs.peek(&kid.0.id()).expect("seeded").clone();
+        assert_eq!(info.ppid, Some(std::process::id()));
+        assert!(info.exe.expect("its executable").ends_with("/sleep"));
+        let me = t.procs.peek(&std::process::id()).expect("seeded").clone();
+        assert_eq!(me.ppid, Some(std::os::unix::process::parent_id()));
+        // Another procfs mount, as a host's /proc in a container: nothing there, nothing
+        // seeded.
+        let empty = tempfile::tempdir().expect("tempdir");
+        let mut t = ProcessTable::with_proc_root(4, empty.path().to_owned());
+        assert_eq!(t.seed(), 0);
     }
 
     #[test]

@@ -9,13 +9,13 @@ use std::{
 
 use super::{
     falcosidekick::SidekickCounters,
-    grpc::{pb, Hub, StatusSource},
+    grpc::{Hub, StatusSource},
     metrics::{Health, Metrics},
     AlertItem, EventItem, Sink,
 };
 use crate::{
+    api::{pb, priority_name},
     events::{LostReason, Record},
-    outputs::grpc::priority_name,
     policy::sources::PolicySources,
 };
 
@@ -208,9 +208,10 @@ mod tests {
 
     use super::*;
     use crate::{
+        api::Origin,
         detect::Anomaly,
         events::LostRecord,
-        outputs::grpc::{Delivery, Matcher, Origin},
+        outputs::grpc::{Delivery, Matcher},
     };
 
     fn lost(seq: u64) -> Record {

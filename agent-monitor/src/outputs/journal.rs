@@ -30,15 +30,12 @@ use std::{
 use tracing::{error, info, warn};
 
 use crate::{
+    api::{pb, Origin},
     journal::{
         journal_record::Body, JournalError, JournalRecord, Options, Recovery, RunMarker, TailState,
         Writer, WriterStats,
     },
-    outputs::{
-        grpc::{pb, JournalSource, Origin},
-        metrics::Metrics,
-        AlertItem, EventItem, Sink,
-    },
+    outputs::{grpc::JournalSource, metrics::Metrics, AlertItem, EventItem, Sink},
 };
 
 /// Records queued for the writer thread. Sized to ride out a slow fsync at a busy node's

@@ -12,9 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use serde::Serialize as _;
 use tracing::{info, warn};
 
-use super::Sink;
+use super::{EventItem, Sink};
 
 /// Mode of the output files the daemon creates.
 pub const OUTPUT_MODE: u32 = 0o600;
@@ -205,6 +206,36 @@ impl<W: Write, T: serde::Serialize> Sink<T> for JsonLines<W> {
     }
 }
 
+/// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`
+/// (the wire event the pipeline converted once), serialized straight into the buffered
+/// writer (no intermediate JSON value), its fields in the schema's order.
+pub struct EventLines<W: Write> {
+    lines: JsonLines<W>,
+}
+
+impl<W: Write> EventLines<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            lines: JsonLines::new(out),
+        }
+    }
+}
+
+impl<W: Write + Reopen> Sink<EventItem> for EventLines<W> {
+    fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
+        self.lines
+            .line(|s| e.api.serialize(s).map_err(std::io::Error::other))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Sink::<serde_json::Value>::flush(&mut self.lines)
+    }
+
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.lines.reopen()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +266,53 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(lines[1]).expect("json");
         assert_eq!(v["type"], "lost");
         assert_eq!(v["total"], 2);
+    }
+
+    /// The event output prints each item's wire event, one line each: the bytes of its
+    /// proto3 JSON form (which `api::json`'s tests compare with what prost-reflect printed),
+    /// the same object `api::json::event` gives `tail --json`.
+    #[test]
+    fn event_lines_print_the_wire_event_of_each_item() {
+        let origin = crate::api::Origin {
+            run_id: "run-1".into(),
+            node: "node-a".into(),
+            boot_id: "boot-1".into(),
+        };
+        let items: Vec<_> = ["credential", "network"]
+            .into_iter()
+            .zip(1..)
+            .map(|(lane, seq)| {
+                origin.event_item(Record::Lost(LostRecord {
+                    seq,
+                    time: "2026-11-23T07:00:00.000000001Z".into(),
+                    lane: lane.into(),
+                    count: 3,
+                    total: 12,
+                    reason: crate::events::LostReason::RingFull,
+                    workload: None,
+                }))
+            })
+            .collect();
+        let mut buf = Vec::new();
+        {
+            let mut lines = EventLines::new(&mut buf);
+            for item in &items {
+                lines.write(item).expect("write");
+            }
+            lines.flush().expect("flush");
+        }
+        let text = String::from_utf8(buf).expect("UTF-8");
+        let want: String = items
+            .iter()
+            .map(|i| serde_json::to_string(&*i.api).expect("json") + "\n")
+            .collect();
+        assert_eq!(text, want);
+        for (line, item) in text.lines().zip(&items) {
+            let v: serde_json::Value = serde_json::from_str(line).expect("one JSON line");
+            assert_eq!(v, crate::api::json::event(&item.api).expect("json"));
+            assert_eq!(v["run_id"], "run-1");
+            assert_eq!(v["lost"]["total"], "12");
+        }
     }
 
     #[test]

@@ -8,11 +8,14 @@ pub mod journal;
 pub mod jsonl;
 pub mod listen;
 pub mod metrics;
-pub mod protojson;
 
 use std::sync::Arc;
 
-use crate::{detect::Anomaly, events::Record, outputs::grpc::pb};
+use crate::{
+    api::{pb, Origin},
+    detect::Anomaly,
+    events::Record,
+};
 
 /// An item together with its API form, converted once (by the pipeline) and shared by
 /// every sink: the JSON output prints it, the journal stores it, the hub hands it to its
@@ -21,7 +24,7 @@ use crate::{detect::Anomaly, events::Record, outputs::grpc::pb};
 pub struct Converted<T, P> {
     /// The daemon's own form, for the sinks that read it (metrics, Falco, filters).
     pub item: T,
-    /// The wire form, stamped with the run's [`grpc::Origin`].
+    /// The wire form, stamped with the run's [`Origin`].
     pub api: Arc<P>,
 }
 
@@ -30,7 +33,7 @@ pub type EventItem = Converted<Record, pb::Event>;
 /// An anomaly and its `agent_monitor.v1.Anomaly`.
 pub type AlertItem = Converted<Anomaly, pb::Anomaly>;
 
-impl grpc::Origin {
+impl Origin {
     /// `r` with its wire event of this run.
     pub fn event_item(&self, r: Record) -> EventItem {
         Converted {

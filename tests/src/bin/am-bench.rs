@@ -124,17 +124,16 @@ mod am {
     };
 
     use agent_monitor::{
+        api::Origin,
         config::{Config, DEFAULT_JOURNAL_SYNC_INTERVAL_MS},
         detect::{Anomaly, Engine},
         events::Record,
         journal::{Item, JournalRecord, Options, Reader, Writer},
         outputs::{
             falco::FalcoLines,
-            grpc::Origin,
             journal::{Journal, JournalSettings, JOURNAL_QUEUE},
-            jsonl::{open_writer, Output, Reopen},
+            jsonl::{open_writer, EventLines, Output, Reopen},
             metrics::Metrics,
-            protojson::EventLines,
             AlertItem, EventItem, Sink,
         },
         policy::PolicySet,
@@ -170,7 +169,7 @@ mod am {
                 options: options(),
                 sync_interval: sync_interval(),
                 // A run as the daemon starts one: a fresh run id, this node's boot id.
-                origin: agent_monitor::outputs::grpc::Origin::new_run("bench-node-1"),
+                origin: Origin::new_run("bench-node-1"),
                 queue: JOURNAL_QUEUE,
             },
             Some(metrics.clone()),

@@ -44,6 +44,7 @@ use std::{
 };
 
 use agent_monitor::{
+    api::{pb, Origin},
     app::{pipeline, PipelineControl},
     config::{Config, PodSourceKind},
     detect::Engine,
@@ -53,10 +54,9 @@ use agent_monitor::{
     outputs::{
         falco::FalcoLines,
         fanout::{Counters, HubSink, Observer},
-        grpc::{pb, Delivery, Hub, Matcher, Origin},
-        jsonl::open_writer,
+        grpc::{Delivery, Hub, Matcher},
+        jsonl::{open_writer, EventLines},
         metrics::{Health, Metrics},
-        protojson::EventLines,
         AlertItem, EventItem, Plain, Sink,
     },
     policy::PolicySet,
@@ -572,10 +572,8 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
 
 /// Drains both subscriptions until the hub shuts down; returns the items received.
 fn spawn_clients(
-    mut events: agent_monitor::outputs::grpc::Subscription<agent_monitor::outputs::grpc::pb::Event>,
-    mut anomalies: agent_monitor::outputs::grpc::Subscription<
-        agent_monitor::outputs::grpc::pb::Anomaly,
-    >,
+    mut events: agent_monitor::outputs::grpc::Subscription<pb::Event>,
+    mut anomalies: agent_monitor::outputs::grpc::Subscription<pb::Anomaly>,
 ) -> std::thread::JoinHandle<(u64, u64)> {
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {

@@ -6,8 +6,13 @@
 
 use std::collections::HashSet;
 
-use super::{convert, pb};
-use crate::{detect::Anomaly, events::Record, identity::Workload, policy::Priority};
+use crate::{
+    api::{self, pb},
+    detect::Anomaly,
+    events::Record,
+    identity::Workload,
+    policy::Priority,
+};
 
 /// What a filter looks at in an item.
 #[derive(Debug, Default, Clone, Copy)]
@@ -163,7 +168,7 @@ impl Matcher {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let min_priority = match pb::Priority::try_from(f.min_priority) {
-            Ok(p) => convert::priority_from_pb(p),
+            Ok(p) => api::priority_from_pb(p),
             Err(_) => {
                 return Err(format!(
                     "filter.min_priority: unknown priority {}",
@@ -225,7 +230,7 @@ impl Matcher {
         self.matches(&View {
             workload: Some(WorkloadView::of_pb(a.workload.as_ref())),
             rule: Some(&a.rule),
-            priority: convert::priority_from_pb(a.priority()),
+            priority: api::priority_from_pb(a.priority()),
             ..View::default()
         })
     }

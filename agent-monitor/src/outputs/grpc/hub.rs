@@ -18,8 +18,12 @@ use std::{
 use futures::Stream;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use super::{convert::Origin, filter::Matcher, pb, resume::JournalSource};
-use crate::{detect::Anomaly, events::Record};
+use super::{filter::Matcher, resume::JournalSource};
+use crate::{
+    api::{pb, Origin},
+    detect::Anomaly,
+    events::Record,
+};
 
 /// What a client's queue carries.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,11 +7,11 @@
 //!   (mode 0600), with gRPC health checking and server reflection.
 //! - [`tail`] is a client that prints the streams as a table or as JSON lines.
 //!
-//! The wire types are in [`pb`]: the messages of agent-monitor-api
-//! (`agent-monitor-api/proto/agent_monitor/v1/agent_monitor.proto`) and the service.
+//! The wire types and their conversions are in [`crate::api`]: the messages of
+//! agent-monitor-api (`agent-monitor-api/proto/agent_monitor/v1/agent_monitor.proto`) and
+//! the service.
 
 mod authority;
-mod convert;
 mod filter;
 mod hub;
 mod resume;
@@ -20,10 +20,6 @@ mod tail;
 
 use std::path::PathBuf;
 
-pub use convert::{
-    family_name, fields_from_pb, fields_to_pb, lane_name, lane_to_pb, priority_from_pb,
-    priority_name, priority_to_pb, rfc3339, syscall_name, timestamp, Origin,
-};
 pub use filter::Matcher;
 pub use hub::{Delivery, Hub, Subscription};
 pub use resume::{JournalSource, BARRIER_TIMEOUT};
@@ -36,23 +32,6 @@ pub use tail::{
     anomaly_line, channel, connect, parse_priority, tail, ClientTls, EventKind, OutputFormat,
     TailOptions,
 };
-
-/// The `agent_monitor.v1` messages (agent-monitor-api) and the service generated for them.
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::pedantic,
-    clippy::unwrap_used,
-    rust_2018_idioms
-)]
-pub mod pb {
-    pub use agent_monitor_api::pb::*;
-
-    tonic::include_proto!("agent_monitor.v1");
-
-    /// The fully qualified service name.
-    pub const SERVICE_NAME: &str = "agent_monitor.v1.AgentMonitor";
-}
 
 /// What can go wrong serving or calling the API.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +94,8 @@ pub enum GrpcError {
     /// A call failed or the stream ended with an error status.
     #[error("{}", status_words(.0))]
     Rpc(Box<tonic::Status>),
-    /// The server sent a message that does not convert to the daemon's model.
+    /// The server sent a message that has no proto3 JSON form (`tail --json`: a time out
+    /// of the range RFC 3339 can write, a field that is not a finite number).
     #[error("malformed message: {0}")]
     Malformed(String),
     /// Writing the client's output failed.

@@ -33,9 +33,11 @@ use tracing::{info, warn};
 use super::{
     filter::Matcher,
     hub::{Delivery, Subscription},
-    pb,
 };
-use crate::journal::{journal_record::Body, Item, Reader};
+use crate::{
+    api::pb,
+    journal::{journal_record::Body, Item, Reader},
+};
 
 /// The daemon's journal, as resumed streams read it.
 pub trait JournalSource: Send + Sync + 'static {
@@ -556,7 +558,7 @@ mod tests {
     async fn a_resumed_client_that_hangs_up_leaves_at_once_on_a_quiet_stream() {
         use Rec::{Anomaly as A, Start as S};
         let (_tmp, j) = journal(&[S("a"), A("a", 1), A("a", 2)]);
-        let hub = super::super::Hub::new(16, super::super::Origin::new_run("node-a"));
+        let hub = super::super::Hub::new(16, crate::api::Origin::new_run("node-a"));
         let live = hub.subscribe_anomalies(Matcher::default());
         assert_eq!(hub.clients(), 1);
         let mut stream = Box::pin(resumed(

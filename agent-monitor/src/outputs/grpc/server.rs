@@ -26,15 +26,20 @@ use super::{
     authority::AuthorityFix,
     filter::Matcher,
     hub::{Delivery, Hub, Subscription},
-    pb::{
-        self,
-        agent_monitor_server::{AgentMonitor, AgentMonitorServer},
-    },
     resume::{self, Out, Resumable},
     GrpcError,
 };
-use crate::outputs::listen::{
-    self, ConnHandle, ConnLimits, ConnMetrics, Limited, LimitedListener, RawListener,
+use crate::{
+    api::{
+        pb::{
+            self,
+            agent_monitor_server::{AgentMonitor, AgentMonitorServer},
+        },
+        Origin,
+    },
+    outputs::listen::{
+        self, ConnHandle, ConnLimits, ConnMetrics, Limited, LimitedListener, RawListener,
+    },
 };
 
 /// Queue length per streaming client when not configured (`grpc.queue_per_client`): the
@@ -102,7 +107,7 @@ impl Default for GrpcSettings {
 
 impl GrpcSettings {
     /// A hub with this config's queue length, handing out items of `origin`.
-    pub fn hub(&self, origin: super::Origin) -> Hub {
+    pub fn hub(&self, origin: Origin) -> Hub {
         Hub::new(self.queue_per_client, origin)
     }
 }

@@ -8,8 +8,11 @@ use std::{
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::{convert, pb, pb::agent_monitor_client::AgentMonitorClient, GrpcError};
-use crate::identity::Workload;
+use super::GrpcError;
+use crate::{
+    api::{self, pb, pb::agent_monitor_client::AgentMonitorClient},
+    identity::Workload,
+};
 
 /// Client TLS: the CA that signed the server's certificate, and for mutual TLS the
 /// client's certificate and key (PEM files).
@@ -410,13 +413,12 @@ impl<W: Write> Printer<W> {
 }
 
 fn anomaly_json(a: &pb::Anomaly) -> Result<String, GrpcError> {
-    let v =
-        crate::outputs::protojson::anomaly(a).map_err(|e| GrpcError::Malformed(e.to_string()))?;
+    let v = api::json::anomaly(a).map_err(|e| GrpcError::Malformed(e.to_string()))?;
     Ok(v.to_string())
 }
 
 fn event_json(e: &pb::Event) -> Result<String, GrpcError> {
-    let v = crate::outputs::protojson::event(e).map_err(|e| GrpcError::Malformed(e.to_string()))?;
+    let v = api::json::event(e).map_err(|e| GrpcError::Malformed(e.to_string()))?;
     Ok(v.to_string())
 }
 
@@ -456,8 +458,8 @@ fn anomaly_header() -> String {
 }
 
 fn anomaly_row(a: &pb::Anomaly) -> String {
-    let priority = convert::priority_from_pb(a.priority())
-        .map(convert::priority_name)
+    let priority = api::priority_from_pb(a.priority())
+        .map(api::priority_name)
         .unwrap_or("-");
     format!(
         "{:<24} {:<13} {:<37} {:<32} {:<16} {}",
@@ -484,7 +486,7 @@ fn event_row(e: &pb::Event) -> String {
             "open",
             format!(
                 "{} {} -> {}{}",
-                convert::syscall_name(o.syscall()),
+                api::syscall_name(o.syscall()),
                 o.path,
                 o.result,
                 failure(o.error.as_ref())
@@ -494,8 +496,8 @@ fn event_row(e: &pb::Event) -> String {
             "connect",
             format!(
                 "{} {} {}:{} -> {}{}",
-                convert::syscall_name(c.syscall()),
-                convert::family_name(c.family()),
+                api::syscall_name(c.syscall()),
+                api::family_name(c.family()),
                 c.dst_addr,
                 c.dst_port,
                 c.result,
@@ -509,7 +511,7 @@ fn event_row(e: &pb::Event) -> String {
             "lost",
             format!(
                 "lane {}: {} lost ({} total)",
-                convert::lane_name(l.lane()),
+                api::lane_name(l.lane()),
                 l.count,
                 l.total
             ),
@@ -554,7 +556,7 @@ fn field(a: &pb::Anomaly, key: &str) -> Option<String> {
             },
         ),
         Kind::ListValue(_) | Kind::StructValue(_) => {
-            Some(convert::value_from_pb(a.fields.as_ref()?.fields.get(key)?).to_string())
+            Some(api::value_from_pb(a.fields.as_ref()?.fields.get(key)?).to_string())
         }
     }
 }
@@ -582,8 +584,8 @@ pub fn anomaly_line(a: &pb::Anomaly) -> String {
 
 /// `time priority rule ns/pod process what`.
 fn compact(a: &pb::Anomaly, time: String) -> String {
-    let priority = convert::priority_from_pb(a.priority())
-        .map(convert::priority_name)
+    let priority = api::priority_from_pb(a.priority())
+        .map(api::priority_name)
         .unwrap_or("-");
     let process = match (field(a, "proc.name"), field(a, "proc.pid")) {
         (Some(name), Some(pid)) => format!("{name}({pid})"),
@@ -650,7 +652,7 @@ fn event_compact(e: &pb::Event) -> String {
             format!(
                 "{} {} records ({} in all)",
                 l.count,
-                convert::lane_name(l.lane()),
+                api::lane_name(l.lane()),
                 l.total
             ),
         ),
@@ -676,7 +678,7 @@ mod tests {
     use super::*;
 
     fn fields(pairs: &[(&str, serde_json::Value)]) -> Option<agent_monitor_api::wkt::Struct> {
-        Some(convert::fields_to_pb(
+        Some(api::fields_to_pb(
             &pairs
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
@@ -687,7 +689,7 @@ mod tests {
     fn anomaly() -> pb::Anomaly {
         pb::Anomaly {
             seq: 1,
-            time: convert::timestamp("2026-11-23T08:00:01.250Z"),
+            time: api::timestamp("2026-11-23T08:00:01.250Z"),
             rule: "cloud-metadata-contact".into(),
             priority: pb::Priority::Error as i32,
             output: "coder contacted 169.254.169.254:80".into(),
@@ -770,7 +772,7 @@ mod tests {
     fn lost() -> pb::Event {
         pb::Event {
             seq: 3,
-            time: convert::timestamp("2026-11-23T00:00:00Z"),
+            time: api::timestamp("2026-11-23T00:00:00Z"),
             kind: Some(pb::event::Kind::Lost(pb::Lost {
                 lane: pb::Lane::Network as i32,
                 count: 2,
@@ -845,7 +847,7 @@ mod tests {
             seq: 1,
             process: process("cat", 77),
             workload: workload.clone(),
-            time: convert::timestamp("2026-11-23T08:00:02.5Z"),
+            time: api::timestamp("2026-11-23T08:00:02.5Z"),
             kind: Some(kind),
             ..Default::default()
         };

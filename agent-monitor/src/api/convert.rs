@@ -2,15 +2,15 @@
 //!
 //! The forward direction is what the server sends, the journal stores and the JSON outputs
 //! print: [`Origin`] stamps each message with the run, the node and the boot it came from.
-//! The reverse direction turns journaled messages back into the model for `replay`, and
-//! lets a client (`tail --json`) print exactly the JSON the daemon's own output would.
+//! The reverse direction turns journaled messages back into the model for `replay` (its
+//! records re-run through detection, its alerts printed as Falco alerts).
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use agent_monitor_api::wkt::{value::Kind as PbKind, ListValue, Struct, Timestamp};
 use serde_json::Value;
 
-use super::{pb, GrpcError};
+use super::pb;
 use crate::{
     detect::Anomaly,
     events::{
@@ -121,6 +121,12 @@ fn class_from_pb(c: pb::CredentialClass) -> CredentialClass {
         pb::CredentialClass::Other | pb::CredentialClass::Unspecified => CredentialClass::Other,
     }
 }
+
+/// A wire message that does not convert to the daemon's model (a journaled or received
+/// message without a field the model needs, or with a value out of its range).
+#[derive(Debug, thiserror::Error)]
+#[error("malformed message: {0}")]
+pub struct Malformed(pub String);
 
 /// Where messages come from: the daemon run, the node and its boot. Every event and
 /// anomaly the daemon hands out is stamped with it. Cheap to clone.
@@ -262,11 +268,6 @@ pub fn family_name(f: pb::AddressFamily) -> &'static str {
     FAMILIES.name(f)
 }
 
-/// The wire lane of a lane name (`credential`, `network`, `process`).
-pub fn lane_to_pb(name: &str) -> pb::Lane {
-    LANES.to_pb(name)
-}
-
 /// The lane name of a wire lane; empty for UNSPECIFIED.
 pub fn lane_name(l: pb::Lane) -> &'static str {
     LANES.name(l)
@@ -312,7 +313,7 @@ fn value_to_pb(v: &Value) -> agent_monitor_api::wkt::Value {
 }
 
 /// A `google.protobuf.Value` as JSON; whole doubles come back as integers.
-pub(super) fn value_from_pb(v: &agent_monitor_api::wkt::Value) -> Value {
+pub fn value_from_pb(v: &agent_monitor_api::wkt::Value) -> Value {
     match &v.kind {
         None | Some(PbKind::NullValue(_)) => Value::Null,
         Some(PbKind::BoolValue(b)) => Value::Bool(*b),
@@ -513,21 +514,21 @@ impl From<&Record> for pb::Event {
 }
 
 impl TryFrom<&pb::Event> for Record {
-    type Error = GrpcError;
+    type Error = Malformed;
 
-    fn try_from(e: &pb::Event) -> Result<Self, GrpcError> {
+    fn try_from(e: &pb::Event) -> Result<Self, Malformed> {
         use pb::event::Kind;
         let kind = e
             .kind
             .as_ref()
-            .ok_or_else(|| GrpcError::Malformed("event without a kind".into()))?;
+            .ok_or_else(|| Malformed("event without a kind".into()))?;
         let seq = e.seq;
         let time = rfc3339_or_empty(e.time.as_ref());
-        let task = || -> Result<Task, GrpcError> {
+        let task = || -> Result<Task, Malformed> {
             let p = e
                 .process
                 .as_ref()
-                .ok_or_else(|| GrpcError::Malformed(format!("event {seq} without a process")))?;
+                .ok_or_else(|| Malformed(format!("event {seq} without a process")))?;
             Ok(Task {
                 time: time.clone(),
                 ts_boot_ns: p.ts_boot_ns,
@@ -571,7 +572,7 @@ impl TryFrom<&pb::Event> for Record {
                 family: FAMILIES.name(c.family()).to_owned(),
                 dst_addr: c.dst_addr.clone(),
                 dst_port: u16::try_from(c.dst_port).map_err(|_| {
-                    GrpcError::Malformed(format!("event {seq}: port {} out of range", c.dst_port))
+                    Malformed(format!("event {seq}: port {} out of range", c.dst_port))
                 })?,
                 fd: c.fd,
                 result: c.result,
@@ -627,11 +628,11 @@ impl From<&Anomaly> for pb::Anomaly {
 }
 
 impl TryFrom<&pb::Anomaly> for Anomaly {
-    type Error = GrpcError;
+    type Error = Malformed;
 
-    fn try_from(a: &pb::Anomaly) -> Result<Self, GrpcError> {
+    fn try_from(a: &pb::Anomaly) -> Result<Self, Malformed> {
         let priority = priority_from_pb(a.priority())
-            .ok_or_else(|| GrpcError::Malformed(format!("anomaly {} without a priority", a.seq)))?;
+            .ok_or_else(|| Malformed(format!("anomaly {} without a priority", a.seq)))?;
         Ok(Anomaly {
             seq: a.seq,
             time: rfc3339_or_empty(a.time.as_ref()),
