@@ -86,7 +86,7 @@ enum Task {
         /// Loop iterations per measurement (overhead: opens or getppid calls, default
         /// 200000; journal and replay: events per run, default 1000000; pipeline: records
         /// in the recorded stream, default 400000; flood: paced opens per rate, default
-        /// 200000; latency: seconds of load per rate, default 8).
+        /// 200000; latency: seconds of load per rate and round, default 8).
         #[arg(long)]
         iterations: Option<u64>,
     },
