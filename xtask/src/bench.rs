@@ -22,6 +22,23 @@
 //! rate: one workload's paced watched opens at rising rates, and the highest rate whose
 //! opens were all delivered.
 //!
+//! # `cargo xtask bench latency`
+//!
+//! Time from the syscall to a real gRPC client, with the release daemon and its default
+//! config (but for the watched prefix, a free loopback gRPC port, no JSON outputs and a
+//! rate limit above the alerts raised). Three rounds, each measuring both rates; for each
+//! rate, a fresh daemon and `am-latency`
+//! (`tests/src/bin/am-latency.rs`, the generated tonic client) subscribed to the events
+//! and anomalies streams before the load starts; then one workload (its own cgroup) opens
+//! a watched file paced at 1,000/s (the baseline) or 50,000/s, while an alert actor (its
+//! own cgroup) reads a cloud-credentials file every 20 ms, each read raising
+//! `node-credential-read`. Latency is the client's CLOCK_BOOTTIME at receipt minus the
+//! kernel's timestamp on the event (for an alert, on the event that fired it). Reported:
+//! per round, events and alerts delivered of those made, p50, p99 and max, losses and
+//! gaps; the median round's p50 and p99 per rate with the ratio of 50,000/s to the
+//! baseline; and whether the median alert p99 at 50,000/s is ≤ 50 ms with nothing lost
+//! and the load at the rate asked.
+//!
 //! # `cargo xtask bench journal` and `cargo xtask bench replay`
 //!
 //! The forensic journal, measured by `am-bench` (`tests/src/bin/am-bench.rs`, which links
@@ -40,7 +57,7 @@
 //! metrics, each next to the stage before.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -101,7 +118,13 @@ fn median(v: &mut [f64]) -> f64 {
 
 struct Daemon {
     child: std::process::Child,
+    /// The gRPC API's address, as the daemon logged it (`grpc.listen: 127.0.0.1:0` binds
+    /// a free port, named in this line).
+    grpc: Option<String>,
 }
+
+/// The daemon's log line naming the gRPC API's bound address.
+const GRPC_LOG_PREFIX: &str = "gRPC API on ";
 
 impl Daemon {
     fn start(bin: &Path, config: &Path) -> Result<Self> {
@@ -115,21 +138,27 @@ impl Daemon {
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut grpc = None;
         loop {
             let Some(line) = lines.next() else {
+                reap(&mut child);
                 bail!("agent-monitor exited before it was running");
             };
             let line = line?;
             if line.contains("agent-monitor running") {
                 break;
             }
+            if let Some((_, rest)) = line.split_once(GRPC_LOG_PREFIX) {
+                grpc = rest.split_whitespace().next().map(str::to_owned);
+            }
             if Instant::now() > deadline {
+                reap(&mut child);
                 bail!("agent-monitor did not start within 30 s");
             }
         }
         // Keep draining stderr so the daemon never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Ok(Self { child })
+        Ok(Self { child, grpc })
     }
 
     fn stop(mut self) -> Result<()> {
@@ -142,6 +171,21 @@ impl Daemon {
             bail!("agent-monitor exited with {status}");
         }
         Ok(())
+    }
+}
+
+/// A benchmark that fails half-way does not leave the daemon (and its probes) running.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        reap(&mut self.child);
+    }
+}
+
+/// Kills and waits for a child that is still running.
+fn reap(child: &mut std::process::Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -816,5 +860,308 @@ pub fn flood(root: &Path, env: &Env, paced_opens: u64) -> Result<()> {
         Some(b) => println!("highest rate delivered with zero loss: {b:.0} opens/s"),
         None => println!("no rate tried was delivered with zero loss"),
     }
+    Ok(())
+}
+
+/// `bench latency`: the paced open rate of the baseline, per second.
+const LATENCY_BASE_RATE: u64 = 1_000;
+/// `bench latency`: the paced open rate measured against it (issue 12's target load).
+const LATENCY_RATE: u64 = 50_000;
+/// `bench latency`: the alert actor's gap between two credential reads (50 alerts/s).
+const ALERT_GAP_US: u64 = 20_000;
+/// `bench latency`: the target, alert latency p99 at [`LATENCY_RATE`], in ms.
+const ALERT_P99_TARGET_MS: f64 = 50.0;
+/// `bench latency`: alerts per minute allowed before rate limiting (default 20 per rule
+/// and workload): every read of the alert actor must raise its alert to be measured.
+const LATENCY_RATE_LIMIT: u64 = 1_000_000;
+/// `bench latency`: rounds, each measuring both rates.
+const LATENCY_ROUNDS: usize = 3;
+/// `bench latency`: the share of the asked rate the load must make for the target to
+/// count as measured at that rate.
+const LOAD_REACHED: f64 = 0.95;
+
+/// The cgroup directory of `bench latency`'s load (under the cgroup2 mount).
+fn load_cgroup_name() -> String {
+    format!("am-bench-latency-load-{}", std::process::id())
+}
+
+/// What `am-latency` printed for one rate, and what the workloads made.
+struct LatencyRun {
+    round: usize,
+    rate: u64,
+    offered: u64,
+    made_per_s: f64,
+    alert_reads: u64,
+    client: serde_json::Value,
+}
+
+impl LatencyRun {
+    /// Items the client received and measured: `events` or `alerts`.
+    fn delivered(&self, kind: &str) -> u64 {
+        self.client[kind]["count"].as_u64().unwrap_or(0)
+    }
+
+    /// Every open of the load and every alert of the alert actor reached the client.
+    fn complete(&self) -> bool {
+        self.delivered("events") == self.offered && self.delivered("alerts") == self.alert_reads
+    }
+}
+
+/// Kills a child (the gRPC client) that a failing benchmark leaves behind.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        reap(&mut self.0);
+    }
+}
+
+/// One rate of `bench latency`: a fresh daemon, the client subscribed, the paced load and
+/// the alert actor in their own cgroups for `secs` seconds, then the client's figures.
+fn latency_run(
+    release: &Path,
+    dir: &Path,
+    load_file: &Path,
+    alert_file: &Path,
+    rate: u64,
+    secs: u64,
+    round: usize,
+) -> Result<LatencyRun> {
+    let watched = load_file
+        .parent()
+        .context("the load file has no directory")?;
+    let config = dir.join(format!("latency-{rate}.yaml"));
+    // The default config but for: the watched prefix of the benchmark's files, no JSON
+    // outputs (the measured path is the gRPC one), the gRPC API on a free loopback port,
+    // no admin endpoint, and a rate limit above what the alert actor raises.
+    std::fs::write(
+        &config,
+        format!(
+            "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: none\nalerts: {{output: none, rate_limit_per_minute: {LATENCY_RATE_LIMIT}}}\ngrpc: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: none}}\n",
+            watched.display()
+        ),
+    )?;
+    let load_cg = BenchCgroup::create(&load_cgroup_name())?;
+    let alert_cg = BenchCgroup::create(&format!("am-bench-latency-alert-{}", std::process::id()))?;
+    let daemon = Daemon::start(&release.join("agent-monitor"), &config)?;
+    let endpoint = daemon
+        .grpc
+        .clone()
+        .context("the daemon logged no gRPC address")?;
+    // Not pinned: the client is any process of the node, placed by the scheduler.
+    let mut client = ChildGuard(
+        Command::new(release.join("am-latency"))
+            .args(["--endpoint", &endpoint])
+            .arg("--load-path")
+            .arg(load_file)
+            .arg("--alert-path")
+            .arg(alert_file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting am-latency")?,
+    );
+    let mut client_out = BufReader::new(client.0.stdout.take().context("no client stdout")?);
+    let mut line = String::new();
+    client_out.read_line(&mut line)?;
+    if line.trim() != "subscribed" {
+        bail!("am-latency did not subscribe (printed {line:?})");
+    }
+
+    let opens = rate * secs;
+    let load_action = format!(
+        "paced-opens:{}:{opens}:{}",
+        load_file.display(),
+        1_000_000 / rate
+    );
+    let alert_reads = secs * 1_000_000 / ALERT_GAP_US;
+    let alert_action = format!(
+        "paced-opens:{}:{alert_reads}:{ALERT_GAP_US}",
+        alert_file.display()
+    );
+    let start = Instant::now();
+    let load = kid_in(&release.join("am-testkid"), &load_cg, &load_action)?;
+    let alert = kid_in(&release.join("am-testkid"), &alert_cg, &alert_action)?;
+    let load = load.wait_with_output()?;
+    let made_per_s = opens as f64 / start.elapsed().as_secs_f64();
+    let alert = alert.wait_with_output()?;
+    let offered = kid_value(&load, &load_action)? as u64;
+    let alert_reads = kid_value(&alert, &alert_action)? as u64;
+
+    // The load is over: the client drains until its streams are quiet and reports.
+    drop(client.0.stdin.take());
+    let mut report = String::new();
+    client_out.read_to_string(&mut report)?;
+    let status = client.0.wait()?;
+    if !status.success() {
+        bail!("am-latency failed: {status}");
+    }
+    daemon.stop()?;
+    let client: serde_json::Value = serde_json::from_str(report.trim())
+        .with_context(|| format!("am-latency printed no JSON: {report}"))?;
+    Ok(LatencyRun {
+        round,
+        rate,
+        offered,
+        made_per_s,
+        alert_reads,
+        client,
+    })
+}
+
+fn ms(ns: &serde_json::Value) -> f64 {
+    ns.as_u64().unwrap_or(0) as f64 / 1e6
+}
+
+/// `cargo xtask bench latency`: time from the syscall (the kernel's timestamp on the
+/// event) to a real gRPC client of the release daemon, at 50,000 watched opens/s next to
+/// 1,000/s, for the events and for the alerts raised meanwhile.
+pub fn latency(root: &Path, env: &Env, secs: u64) -> Result<()> {
+    build_release(root, env)?;
+    let release = target_dir(root, env)?.join("release");
+    let dir =
+        Scratch(std::env::temp_dir().join(format!("am-bench-latency-{}", std::process::id())));
+    let watched = dir.0.join("watched");
+    // A path the classifier calls cloud credentials: a host process reading it raises
+    // `node-credential-read` with the default config. The load's file is of no class
+    // (`Other`): its opens are events and raise nothing.
+    let alert_dir = watched.join(".aws");
+    std::fs::create_dir_all(&alert_dir)?;
+    let load_file = watched.join("load");
+    let alert_file = alert_dir.join("credentials");
+    std::fs::write(&load_file, b"x")?;
+    std::fs::write(&alert_file, b"fixture, not a credential\n")?;
+
+    let mut runs = Vec::new();
+    // Rounds alternate the rates, so that a burst of noise from the rest of the machine
+    // falls on both rather than on one.
+    for round in 1..=LATENCY_ROUNDS {
+        for rate in [LATENCY_BASE_RATE, LATENCY_RATE] {
+            runs.push(latency_run(
+                &release,
+                &dir.0,
+                &load_file,
+                &alert_file,
+                rate,
+                secs,
+                round,
+            )?);
+            eprintln!("bench latency: round {round}/{LATENCY_ROUNDS}, {rate}/s done");
+        }
+    }
+    drop(dir);
+
+    println!(
+        "latency from the syscall (kernel CLOCK_BOOTTIME stamp) to receipt by a gRPC client (am-latency, StreamEvents + StreamAnomalies), release daemon, default config; {secs} s per rate and round; load and alert actor on CPU {}, daemon on CPU {}, client unpinned; an alert every {} ms",
+        kid_cpus(),
+        daemon_cpus(),
+        ALERT_GAP_US / 1000
+    );
+    println!(
+        "{:>5} {:>7} {:>7} {:>17} {:>7} {:>7} {:>7} {:>9} {:>7} {:>7} {:>7}",
+        "round",
+        "asked/s",
+        "made/s",
+        "events delivered",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "alerts",
+        "p50 ms",
+        "p99 ms",
+        "max ms"
+    );
+    for r in &runs {
+        let (e, a) = (&r.client["events"], &r.client["alerts"]);
+        println!(
+            "{:>5} {:>7} {:>7.0} {:>17} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>7.2} {:>7.2} {:>7.2}",
+            r.round,
+            r.rate,
+            r.made_per_s,
+            format!("{}/{}", r.delivered("events"), r.offered),
+            ms(&e["p50_ns"]),
+            ms(&e["p99_ns"]),
+            ms(&e["max_ns"]),
+            format!("{}/{}", r.delivered("alerts"), r.alert_reads),
+            ms(&a["p50_ns"]),
+            ms(&a["p99_ns"]),
+            ms(&a["max_ns"]),
+        );
+    }
+    println!("losses and other items (credential records the kernel reported lost, by reason and budget workload; the load's cgroup is {}):", load_cgroup_name());
+    for r in &runs {
+        println!(
+            "  round {} {:>6}/s: load opens not delivered {}; reported lost {}; slow-client gaps: {} events, {} anomalies; alert-path opens received {}; anomalies not tied to one {}",
+            r.round,
+            r.rate,
+            r.offered.saturating_sub(r.delivered("events")),
+            r.client["lost_credential"],
+            r.client["events_gap_missed"],
+            r.client["anomalies_gap_missed"],
+            r.client["alert_opens"],
+            r.client["unmatched_alerts"],
+        );
+    }
+    // The median round of each figure, per rate.
+    let med = |rate: u64, kind: &str, p: &str| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.rate == rate)
+            .map(|r| ms(&r.client[kind][p]))
+            .collect();
+        median(&mut v)
+    };
+    println!("median of {LATENCY_ROUNDS} rounds (ms), and the ratio {LATENCY_RATE}/s to {LATENCY_BASE_RATE}/s:");
+    for (kind, p) in [
+        ("events", "p50_ns"),
+        ("events", "p99_ns"),
+        ("alerts", "p50_ns"),
+        ("alerts", "p99_ns"),
+    ] {
+        let (b, h) = (med(LATENCY_BASE_RATE, kind, p), med(LATENCY_RATE, kind, p));
+        println!(
+            "  {kind:<6} {:<3} {b:>8.2} {h:>8.2}   ratio {}",
+            p.trim_end_matches("_ns"),
+            if b > 0.0 {
+                format!("{:.2}", h / b)
+            } else {
+                "-".to_owned()
+            }
+        );
+    }
+    let high: Vec<&LatencyRun> = runs.iter().filter(|r| r.rate == LATENCY_RATE).collect();
+    let p99 = med(LATENCY_RATE, "alerts", "p99_ns");
+    let worst = high
+        .iter()
+        .map(|r| ms(&r.client["alerts"]["p99_ns"]))
+        .fold(0.0, f64::max);
+    let complete = high.iter().all(|r| r.complete());
+    let slowest = high.iter().map(|r| r.made_per_s).fold(f64::MAX, f64::min);
+    let reached = slowest >= LATENCY_RATE as f64 * LOAD_REACHED;
+    let mut caveats = Vec::new();
+    if !complete {
+        caveats.push("events or alerts were lost, which counts against it".to_owned());
+    }
+    if !reached {
+        caveats.push(format!("the load reached only {slowest:.0}/s in one round"));
+    }
+    println!(
+        "target alert p99 <= {ALERT_P99_TARGET_MS} ms at {LATENCY_RATE}/s: {} (median p99 {p99:.2} ms, worst round {worst:.2} ms; {}){}",
+        if p99 <= ALERT_P99_TARGET_MS && complete && reached {
+            "met"
+        } else {
+            "NOT met"
+        },
+        if complete {
+            "every event and alert delivered in every round"
+        } else {
+            "not everything delivered"
+        },
+        if caveats.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", caveats.join("; "))
+        },
+    );
     Ok(())
 }

@@ -78,14 +78,15 @@ enum Task {
     /// throughput only), `pipeline` (the userspace pipeline's events per CPU-second on a
     /// recorded stream, stage by stage) or `flood` (a workload's reads during another's
     /// flood, with budgets on and off, next to the same reads alone; the highest paced open
-    /// rate from one workload delivered with zero loss).
+    /// rate from one workload delivered with zero loss) or `latency` (syscall to a gRPC
+    /// client, p50/p99/max of events and alerts, at 50,000 watched opens/s next to 1,000/s).
     Bench {
         #[arg(default_value = "overhead")]
         name: String,
         /// Loop iterations per measurement (overhead: opens or getppid calls, default
         /// 200000; journal and replay: events per run, default 1000000; pipeline: records
         /// in the recorded stream, default 400000; flood: paced opens per rate, default
-        /// 200000).
+        /// 200000; latency: seconds of load per rate and round, default 8).
         #[arg(long)]
         iterations: Option<u64>,
     },
@@ -164,8 +165,9 @@ fn main() -> Result<()> {
                 }
                 "pipeline" => bench::pipeline(&root, &env, iterations.unwrap_or(400_000))?,
                 "flood" => bench::flood(&root, &env, iterations.unwrap_or(200_000))?,
+                "latency" => bench::latency(&root, &env, iterations.unwrap_or(8))?,
                 other => bail!(
-                    "unknown benchmark {other:?}; available: overhead, journal, replay, pipeline, flood"
+                    "unknown benchmark {other:?}; available: overhead, journal, replay, pipeline, flood, latency"
                 ),
             }
         }
