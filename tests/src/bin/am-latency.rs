@@ -30,9 +30,9 @@ use std::{
     time::Duration,
 };
 
-use agent_monitor::outputs::grpc::{
-    connect,
-    pb::{self, event::Kind, stream_anomalies_response::Item as AItem, Lane},
+use agent_monitor::{
+    api::pb::{self, event::Kind, stream_anomalies_response::Item as AItem, Lane},
+    outputs::grpc::connect,
 };
 use anyhow::{bail, Context as _, Result};
 use futures::{Stream, StreamExt as _};
