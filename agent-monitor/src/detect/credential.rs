@@ -24,23 +24,28 @@ impl Engine {
         if o.result == -i64::from(libc::ENOENT) || !is_secret(o.class) {
             return;
         }
-        let mut fields = task_fields(t);
-        fields.insert("fd.name".into(), json!(o.path));
-        fields.insert("agent.path_as_passed".into(), json!(o.raw_path));
-        fields.insert("agent.credential.class".into(), json!(o.class));
-        fields.insert(
-            "agent.owner.pod_uid".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)),
-        );
-        fields.insert(
-            "agent.owner.ns".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)),
-        );
-        fields.insert(
-            "agent.owner.pod".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)),
-        );
-        fields.insert("evt.res".into(), json!(o.result));
+        // Built only for a hit: most opens raise nothing, and the fields are a map of
+        // a dozen owned strings.
+        let fields = || {
+            let mut fields = task_fields(t);
+            fields.insert("fd.name".into(), json!(o.path));
+            fields.insert("agent.path_as_passed".into(), json!(o.raw_path));
+            fields.insert("agent.credential.class".into(), json!(o.class));
+            fields.insert(
+                "agent.owner.pod_uid".into(),
+                o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)),
+            );
+            fields.insert(
+                "agent.owner.ns".into(),
+                o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)),
+            );
+            fields.insert(
+                "agent.owner.pod".into(),
+                o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)),
+            );
+            fields.insert("evt.res".into(), json!(o.result));
+            fields
+        };
         let class = serde_json::to_value(o.class)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -76,7 +81,7 @@ impl Engine {
                         on.and_then(|x| x.name.as_deref()).unwrap_or(owner),
                         o.path
                     ),
-                    fields: fields.clone(),
+                    fields: fields(),
                     events: vec![o.seq],
                 });
             }
@@ -105,7 +110,7 @@ impl Engine {
                         who(t),
                         o.path
                     ),
-                    fields: fields.clone(),
+                    fields: fields(),
                     events: vec![o.seq],
                 });
             }
@@ -120,7 +125,7 @@ impl Engine {
                             who(t),
                             o.path
                         ),
-                        fields: fields.clone(),
+                        fields: fields(),
                         events: vec![o.seq],
                     });
                 }
@@ -148,7 +153,7 @@ impl Engine {
                     who(t),
                     o.path
                 ),
-                fields: fields.clone(),
+                fields: fields(),
                 events: vec![o.seq],
             });
         }
@@ -166,7 +171,7 @@ impl Engine {
                     who(t),
                     o.path
                 ),
-                fields: fields.clone(),
+                fields: fields(),
                 events: vec![o.seq],
             });
         }
@@ -189,7 +194,7 @@ impl Engine {
                                 "Baseline deviation: {} shows a new {kind} {item}",
                                 who(t)
                             ),
-                            fields: fields.clone(),
+                            fields: fields(),
                             events: vec![o.seq],
                         });
                     }

@@ -71,11 +71,16 @@ impl Engine {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        let mut fields = task_fields(t);
-        fields.insert("fd.sip".into(), json!(c.dst_addr));
-        fields.insert("fd.sport".into(), json!(c.dst_port));
-        fields.insert("agent.destination.class".into(), json!(class_name));
-        fields.insert("evt.type".into(), json!(c.syscall));
+        // Built only for a hit: most connects raise nothing, and the fields are a map of
+        // a dozen owned strings.
+        let fields = || {
+            let mut fields = task_fields(t);
+            fields.insert("fd.sip".into(), json!(c.dst_addr));
+            fields.insert("fd.sport".into(), json!(c.dst_port));
+            fields.insert("agent.destination.class".into(), json!(class_name));
+            fields.insert("evt.type".into(), json!(c.syscall));
+            fields
+        };
         let dest = format!("{}:{} ({class_name})", c.dst_addr, c.dst_port);
         let allowed = Self::egress_allowed(policy, w, class, ip, c.dst_port);
 
@@ -87,7 +92,7 @@ impl Engine {
                 priority: None,
                 rule: CLOUD_METADATA,
                 output: format!("Cloud metadata contact: {} connected to {dest}", who(t)),
-                fields: fields.clone(),
+                fields: fields(),
                 events: vec![c.seq],
             });
         }
@@ -104,7 +109,7 @@ impl Engine {
                     }),
                     who(t)
                 ),
-                fields: fields.clone(),
+                fields: fields(),
                 events: vec![c.seq],
             });
         }
@@ -123,7 +128,7 @@ impl Engine {
                     "Egress outside the allowlist: {} connected to {dest}",
                     who(t)
                 ),
-                fields: fields.clone(),
+                fields: fields(),
                 events: vec![c.seq],
             });
         }
@@ -132,7 +137,7 @@ impl Engine {
             let window = self.config.exfil_window.as_nanos() as u64;
             let ancestry = self.parents.ancestry(t.tgid);
             if let Some(read) = self.reads.recent(&ancestry, t.ts_boot_ns, window).cloned() {
-                let mut f = fields.clone();
+                let mut f = fields();
                 f.insert("fd.name".into(), json!(read.path));
                 f.insert("agent.credential.class".into(), json!(read.class));
                 f.insert("agent.reader.pid".into(), json!(read.tgid));
@@ -168,7 +173,7 @@ impl Engine {
                         priority: None,
                         rule: BASELINE_DEVIATION,
                         output: format!("Baseline deviation: {} shows a new destination class {class_name} ({dest})", who(t)),
-                        fields,
+                        fields: fields(),
                         events: vec![c.seq],
                     });
                 }
