@@ -12,11 +12,11 @@ use crate::{
 };
 
 impl Engine {
-    pub(super) fn on_open(
+    pub(super) fn on_open<'r>(
         &mut self,
-        o: &OpenRecord,
+        o: &'r OpenRecord,
         policy: Option<&CompiledPolicy>,
-        hits: &mut Vec<Hit>,
+        hits: &mut Vec<Hit<'r>>,
     ) {
         let t = &o.task;
         let w = &t.workload;
@@ -26,7 +26,7 @@ impl Engine {
         }
         // Built only for a hit: most opens raise nothing, and the fields are a map of
         // a dozen owned strings.
-        let fields = || {
+        let fields = move || {
             let mut fields = task_fields(t);
             fields.insert("fd.name".into(), json!(o.path));
             fields.insert("agent.path_as_passed".into(), json!(o.raw_path));
@@ -46,10 +46,7 @@ impl Engine {
             fields.insert("evt.res".into(), json!(o.result));
             fields
         };
-        let class = serde_json::to_value(o.class)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let class = o.class.name();
         if o.result >= 0 {
             self.reads.record(Read {
                 ts: t.ts_boot_ns,
@@ -74,14 +71,18 @@ impl Engine {
                 hits.push(Hit {
                     priority: None,
                     rule: FOREIGN_CREDENTIAL_READ,
-                    output: format!(
-                        "Foreign credential read: {} read {class} of pod {}/{} at {}",
-                        who(t),
-                        on.and_then(|x| x.namespace.as_deref()).unwrap_or("-"),
-                        on.and_then(|x| x.name.as_deref()).unwrap_or(owner),
-                        o.path
-                    ),
-                    fields: fields(),
+                    details: Box::new(move || {
+                        (
+                            format!(
+                                "Foreign credential read: {} read {class} of pod {}/{} at {}",
+                                who(t),
+                                on.and_then(|x| x.namespace.as_deref()).unwrap_or("-"),
+                                on.and_then(|x| x.name.as_deref()).unwrap_or(owner),
+                                o.path
+                            ),
+                            fields(),
+                        )
+                    }),
                     events: vec![o.seq],
                 });
             }
@@ -105,12 +106,16 @@ impl Engine {
                 hits.push(Hit {
                     priority: None,
                     rule: NODE_CREDENTIAL_READ,
-                    output: format!(
-                        "Node credential read {from}: {} read {class} at {}",
-                        who(t),
-                        o.path
-                    ),
-                    fields: fields(),
+                    details: Box::new(move || {
+                        (
+                            format!(
+                                "Node credential read {from}: {} read {class} at {}",
+                                who(t),
+                                o.path
+                            ),
+                            fields(),
+                        )
+                    }),
                     events: vec![o.seq],
                 });
             }
@@ -120,12 +125,16 @@ impl Engine {
                     hits.push(Hit {
                         priority: None,
                         rule: PROC_ENVIRON_READ,
-                        output: format!(
-                            "Environment of another process read: {} read {}",
-                            who(t),
-                            o.path
-                        ),
-                        fields: fields(),
+                        details: Box::new(move || {
+                            (
+                                format!(
+                                    "Environment of another process read: {} read {}",
+                                    who(t),
+                                    o.path
+                                ),
+                                fields(),
+                            )
+                        }),
                         events: vec![o.seq],
                     });
                 }
@@ -148,12 +157,16 @@ impl Engine {
             hits.push(Hit {
                 priority: None,
                 rule: UNEXPECTED_EXECUTABLE,
-                output: format!(
-                    "Credential read by {why}: {} read {class} at {}",
-                    who(t),
-                    o.path
-                ),
-                fields: fields(),
+                details: Box::new(move || {
+                    (
+                        format!(
+                            "Credential read by {why}: {} read {class} at {}",
+                            who(t),
+                            o.path
+                        ),
+                        fields(),
+                    )
+                }),
                 events: vec![o.seq],
             });
         }
@@ -166,12 +179,16 @@ impl Engine {
             hits.push(Hit {
                 priority: None,
                 rule: CREDENTIAL_NOT_ALLOWED,
-                output: format!(
-                    "Credential read its policy does not grant: {} read {class} at {}",
-                    who(t),
-                    o.path
-                ),
-                fields: fields(),
+                details: Box::new(move || {
+                    (
+                        format!(
+                            "Credential read its policy does not grant: {} read {class} at {}",
+                            who(t),
+                            o.path
+                        ),
+                        fields(),
+                    )
+                }),
                 events: vec![o.seq],
             });
         }
@@ -180,7 +197,7 @@ impl Engine {
             if let Some(agent) = w.agent.clone() {
                 let win = window.as_nanos() as u64;
                 for (kind, item) in [
-                    ("credential class", class.clone()),
+                    ("credential class", class.to_owned()),
                     ("credential reader", exe.to_owned()),
                 ] {
                     if self
@@ -190,11 +207,15 @@ impl Engine {
                         hits.push(Hit {
                             priority: None,
                             rule: BASELINE_DEVIATION,
-                            output: format!(
-                                "Baseline deviation: {} shows a new {kind} {item}",
-                                who(t)
-                            ),
-                            fields: fields(),
+                            details: Box::new(move || {
+                                (
+                                    format!(
+                                        "Baseline deviation: {} shows a new {kind} {item}",
+                                        who(t)
+                                    ),
+                                    fields(),
+                                )
+                            }),
                             events: vec![o.seq],
                         });
                     }

@@ -81,6 +81,36 @@ pub enum CredentialClass {
     Other,
 }
 
+impl CredentialClass {
+    /// Every class, in declaration order.
+    pub const ALL: [CredentialClass; 9] = [
+        Self::ServiceAccountToken,
+        Self::ProjectedToken,
+        Self::SecretVolume,
+        Self::NodeKubeconfig,
+        Self::NodePki,
+        Self::CloudCredentials,
+        Self::ProcEnviron,
+        Self::NonSecret,
+        Self::Other,
+    ];
+
+    /// The name JSON and alerts use (the serde name), without building a JSON value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ServiceAccountToken => "service_account_token",
+            Self::ProjectedToken => "projected_token",
+            Self::SecretVolume => "secret_volume",
+            Self::NodeKubeconfig => "node_kubeconfig",
+            Self::NodePki => "node_pki",
+            Self::CloudCredentials => "cloud_credentials",
+            Self::ProcEnviron => "proc_environ",
+            Self::NonSecret => "non_secret",
+            Self::Other => "other",
+        }
+    }
+}
+
 /// Whose credential it is.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Owner {
@@ -336,6 +366,14 @@ pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_names_are_the_serde_names() {
+        for class in CredentialClass::ALL {
+            let json = serde_json::to_value(class).expect("serialize");
+            assert_eq!(json.as_str(), Some(class.name()), "{class:?}");
+        }
+    }
 
     #[test]
     fn records_round_trip_as_tagged_json() {
