@@ -620,7 +620,8 @@ mod tail {
                 namespace: Some("agents".into()),
                 pod: Some("coder-0".into()),
                 ..Workload::default()
-            },
+            }
+            .into(),
         }
     }
 
@@ -648,7 +649,7 @@ mod tail {
             priority,
             output: format!("anomaly {seq}"),
             tags: Vec::new(),
-            workload: task().workload,
+            workload: Workload::clone(&task().workload),
             fields: Default::default(),
             events: vec![seq],
         }

@@ -176,7 +176,7 @@ impl Engine {
         let workload = match record {
             // A budget drop is one workload's: its alert names it.
             Record::Lost(l) => l.workload.as_ref(),
-            _ => task.map(|t| &t.workload),
+            _ => task.map(|t| &*t.workload),
         }
         .unwrap_or(&none);
         let ts = task.map_or(self.last_ts, |t| t.ts_boot_ns);

@@ -147,8 +147,29 @@ pub struct Task {
     /// the kernel does not expose it.
     #[serde(default)]
     pub start_ns: u64,
-    /// The pod, container, ServiceAccount and agent of the task.
-    pub workload: Workload,
+    /// The pod, container, ServiceAccount and agent of the task: one value shared by the
+    /// records of a workload (built once per cgroup and pod metadata, see
+    /// `identity::Identity::attribute`), not a copy per record.
+    #[serde(with = "shared_workload")]
+    pub workload: std::sync::Arc<Workload>,
+}
+
+/// A shared workload serialized as the workload itself (serde's `rc` feature would do the
+/// same for every `Arc` in the build).
+mod shared_workload {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Workload;
+
+    pub fn serialize<S: Serializer>(w: &Arc<Workload>, s: S) -> Result<S::Ok, S::Error> {
+        w.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Workload>, D::Error> {
+        Workload::deserialize(d).map(Arc::new)
+    }
 }
 
 /// An open of a watched file.

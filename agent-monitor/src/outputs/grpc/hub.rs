@@ -519,7 +519,8 @@ mod tests {
                     namespace: Some(ns.into()),
                     pod: Some("p".into()),
                     ..Workload::default()
-                },
+                }
+                .into(),
             },
         })
     }
