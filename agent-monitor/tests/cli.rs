@@ -621,7 +621,8 @@ mod tail {
                 namespace: Some("agents".into()),
                 pod: Some("coder-0".into()),
                 ..Workload::default()
-            },
+            }
+            .into(),
         }
     }
 
@@ -649,7 +650,7 @@ mod tail {
             priority,
             output: format!("anomaly {seq}"),
             tags: Vec::new(),
-            workload: task().workload,
+            workload: Workload::clone(&task().workload),
             fields: Default::default(),
             events: vec![seq],
         }

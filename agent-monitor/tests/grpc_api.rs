@@ -113,7 +113,7 @@ fn exit(seq: u64, w: Workload) -> Record {
             exe: None,
             cgroup_id: 1,
             start_ns: 0,
-            workload: w,
+            workload: w.into(),
         },
     })
 }

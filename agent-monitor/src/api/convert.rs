@@ -503,7 +503,7 @@ impl From<&Record> for pb::Event {
             process: r.task().map(pb::Process::from),
             workload: match r {
                 Record::Lost(l) => l.workload.as_ref().map(pb::Workload::from),
-                _ => r.task().map(|t| pb::Workload::from(&t.workload)),
+                _ => r.task().map(|t| pb::Workload::from(&*t.workload)),
             },
             run_id: String::new(),
             node: String::new(),
@@ -541,7 +541,12 @@ impl TryFrom<&pb::Event> for Record {
                 exe: p.exe.clone(),
                 cgroup_id: p.cgroup_id,
                 start_ns: p.key.as_ref().map_or(0, |k| k.start_time_ns),
-                workload: e.workload.as_ref().map(Workload::from).unwrap_or_default(),
+                workload: e
+                    .workload
+                    .as_ref()
+                    .map(Workload::from)
+                    .unwrap_or_default()
+                    .into(),
             })
         };
         Ok(match kind {
@@ -684,7 +689,7 @@ mod tests {
             exe: Some("/usr/bin/python3".into()),
             cgroup_id: 777,
             start_ns: 99,
-            workload: workload(),
+            workload: workload().into(),
         }
     }
 
@@ -802,7 +807,7 @@ mod tests {
             count: 5,
             total: 5,
             reason: LostReason::Budget,
-            workload: Some(task().workload),
+            workload: Some(Workload::clone(&task().workload)),
         });
         let ev = pb::Event::from(&budget);
         let Some(pb::event::Kind::Lost(l)) = &ev.kind else {

@@ -76,6 +76,10 @@ pub enum AppError {
     ShutdownIncomplete { bound_ms: u128, abandoned: String },
 }
 
+/// Most records the output thread takes off the channel at once (the lane consumer hands
+/// them over in batches of [`crate::monitor::SEND_BATCH`]).
+const RECEIVE_BATCH: usize = 256;
+
 /// How often rate-limit summaries are flushed.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -163,17 +167,23 @@ pub async fn pipeline(
     let mut flush = tokio::time::interval(FLUSH_INTERVAL);
     let mut last_record = std::time::Instant::now();
     let mut silence_reported = false;
+    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
     loop {
         control.heartbeat.beat();
         tokio::select! {
-            rec = rx.recv() => {
-                let Some(rec) = rec else { break };
+            // Taken many at a time: one look at the channel (and one release of room to
+            // the lane consumer) per batch instead of per record. Each is still handled
+            // alone, in order.
+            n = rx.recv_many(&mut batch, RECEIVE_BATCH) => {
+                if n == 0 { break }
                 last_record = std::time::Instant::now();
                 silence_reported = false;
-                let found = engine.process(&rec);
-                write_all(&mut events, &control.origin.event_item(rec), "events", &control)?;
-                for a in found {
-                    write_all(&mut alerts, &control.origin.alert_item(a), "alerts", &control)?;
+                for rec in batch.drain(..) {
+                    let found = engine.process(&rec);
+                    write_all(&mut events, &control.origin.event_item(rec), "events", &control)?;
+                    for a in found {
+                        write_all(&mut alerts, &control.origin.alert_item(a), "alerts", &control)?;
+                    }
                 }
                 if rx.is_empty() {
                     flush_all(&mut events, "events", &control)?;

@@ -12,11 +12,11 @@ use crate::{
 };
 
 impl Engine {
-    pub(super) fn on_open(
+    pub(super) fn on_open<'r>(
         &mut self,
-        o: &OpenRecord,
+        o: &'r OpenRecord,
         policy: Option<&CompiledPolicy>,
-        hits: &mut Vec<Hit>,
+        hits: &mut Vec<Hit<'r>>,
     ) {
         let t = &o.task;
         let w = &t.workload;
@@ -24,27 +24,29 @@ impl Engine {
         if o.result == -i64::from(libc::ENOENT) || !is_secret(o.class) {
             return;
         }
-        let mut fields = task_fields(t);
-        fields.insert("fd.name".into(), json!(o.path));
-        fields.insert("agent.path_as_passed".into(), json!(o.raw_path));
-        fields.insert("agent.credential.class".into(), json!(o.class));
-        fields.insert(
-            "agent.owner.pod_uid".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)),
-        );
-        fields.insert(
-            "agent.owner.ns".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)),
-        );
-        fields.insert(
-            "agent.owner.pod".into(),
-            o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)),
-        );
-        fields.insert("evt.res".into(), json!(o.result));
-        let class = serde_json::to_value(o.class)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        // Built only for a hit: most opens raise nothing, and the fields are a map of
+        // a dozen owned strings.
+        let fields = move || {
+            let mut fields = task_fields(t);
+            fields.insert("fd.name".into(), json!(o.path));
+            fields.insert("agent.path_as_passed".into(), json!(o.raw_path));
+            fields.insert("agent.credential.class".into(), json!(o.class));
+            fields.insert(
+                "agent.owner.pod_uid".into(),
+                o.owner.as_ref().map_or(Value::Null, |x| opt(&x.pod_uid)),
+            );
+            fields.insert(
+                "agent.owner.ns".into(),
+                o.owner.as_ref().map_or(Value::Null, |x| opt(&x.namespace)),
+            );
+            fields.insert(
+                "agent.owner.pod".into(),
+                o.owner.as_ref().map_or(Value::Null, |x| opt(&x.name)),
+            );
+            fields.insert("evt.res".into(), json!(o.result));
+            fields
+        };
+        let class = o.class.name();
         if o.result >= 0 {
             self.reads.record(Read {
                 ts: t.ts_boot_ns,
@@ -69,14 +71,18 @@ impl Engine {
                 hits.push(Hit {
                     priority: None,
                     rule: FOREIGN_CREDENTIAL_READ,
-                    output: format!(
-                        "Foreign credential read: {} read {class} of pod {}/{} at {}",
-                        who(t),
-                        on.and_then(|x| x.namespace.as_deref()).unwrap_or("-"),
-                        on.and_then(|x| x.name.as_deref()).unwrap_or(owner),
-                        o.path
-                    ),
-                    fields: fields.clone(),
+                    details: Box::new(move || {
+                        (
+                            format!(
+                                "Foreign credential read: {} read {class} of pod {}/{} at {}",
+                                who(t),
+                                on.and_then(|x| x.namespace.as_deref()).unwrap_or("-"),
+                                on.and_then(|x| x.name.as_deref()).unwrap_or(owner),
+                                o.path
+                            ),
+                            fields(),
+                        )
+                    }),
                     events: vec![o.seq],
                 });
             }
@@ -100,12 +106,16 @@ impl Engine {
                 hits.push(Hit {
                     priority: None,
                     rule: NODE_CREDENTIAL_READ,
-                    output: format!(
-                        "Node credential read {from}: {} read {class} at {}",
-                        who(t),
-                        o.path
-                    ),
-                    fields: fields.clone(),
+                    details: Box::new(move || {
+                        (
+                            format!(
+                                "Node credential read {from}: {} read {class} at {}",
+                                who(t),
+                                o.path
+                            ),
+                            fields(),
+                        )
+                    }),
                     events: vec![o.seq],
                 });
             }
@@ -115,12 +125,16 @@ impl Engine {
                     hits.push(Hit {
                         priority: None,
                         rule: PROC_ENVIRON_READ,
-                        output: format!(
-                            "Environment of another process read: {} read {}",
-                            who(t),
-                            o.path
-                        ),
-                        fields: fields.clone(),
+                        details: Box::new(move || {
+                            (
+                                format!(
+                                    "Environment of another process read: {} read {}",
+                                    who(t),
+                                    o.path
+                                ),
+                                fields(),
+                            )
+                        }),
                         events: vec![o.seq],
                     });
                 }
@@ -143,12 +157,16 @@ impl Engine {
             hits.push(Hit {
                 priority: None,
                 rule: UNEXPECTED_EXECUTABLE,
-                output: format!(
-                    "Credential read by {why}: {} read {class} at {}",
-                    who(t),
-                    o.path
-                ),
-                fields: fields.clone(),
+                details: Box::new(move || {
+                    (
+                        format!(
+                            "Credential read by {why}: {} read {class} at {}",
+                            who(t),
+                            o.path
+                        ),
+                        fields(),
+                    )
+                }),
                 events: vec![o.seq],
             });
         }
@@ -161,12 +179,16 @@ impl Engine {
             hits.push(Hit {
                 priority: None,
                 rule: CREDENTIAL_NOT_ALLOWED,
-                output: format!(
-                    "Credential read its policy does not grant: {} read {class} at {}",
-                    who(t),
-                    o.path
-                ),
-                fields: fields.clone(),
+                details: Box::new(move || {
+                    (
+                        format!(
+                            "Credential read its policy does not grant: {} read {class} at {}",
+                            who(t),
+                            o.path
+                        ),
+                        fields(),
+                    )
+                }),
                 events: vec![o.seq],
             });
         }
@@ -175,7 +197,7 @@ impl Engine {
             if let Some(agent) = w.agent.clone() {
                 let win = window.as_nanos() as u64;
                 for (kind, item) in [
-                    ("credential class", class.clone()),
+                    ("credential class", class.to_owned()),
                     ("credential reader", exe.to_owned()),
                 ] {
                     if self
@@ -185,11 +207,15 @@ impl Engine {
                         hits.push(Hit {
                             priority: None,
                             rule: BASELINE_DEVIATION,
-                            output: format!(
-                                "Baseline deviation: {} shows a new {kind} {item}",
-                                who(t)
-                            ),
-                            fields: fields.clone(),
+                            details: Box::new(move || {
+                                (
+                                    format!(
+                                        "Baseline deviation: {} shows a new {kind} {item}",
+                                        who(t)
+                                    ),
+                                    fields(),
+                                )
+                            }),
                             events: vec![o.seq],
                         });
                     }

@@ -39,7 +39,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_lost(&mut self, l: &LostRecord, hits: &mut Vec<Hit>) {
+    pub(super) fn on_lost(&mut self, l: &LostRecord, hits: &mut Vec<Hit<'_>>) {
         let mut fields = BTreeMap::new();
         fields.insert("agent.lane".into(), json!(l.lane));
         fields.insert("agent.lost".into(), json!(l.count));
@@ -73,8 +73,8 @@ impl Engine {
         hits.push(Hit {
             rule: EVENTS_LOST,
             priority: Some(lost_priority(&l.lane)),
-            output,
-            fields,
+            // Records lost are rare and always reported: built at once.
+            details: Box::new(move || (output, fields)),
             events: vec![l.seq],
         });
     }

@@ -106,13 +106,18 @@ pub struct Engine {
     last_time: String,
 }
 
+/// What an alert says: its one-line `output` and its Falco `output_fields`.
+type Details<'r> = Box<dyn FnOnce() -> (String, BTreeMap<String, Value>) + 'r>;
+
 /// A candidate alert before overrides and rate limiting.
-struct Hit {
+struct Hit<'r> {
     rule: &'static str,
     /// Instead of the rule's default (before policy overrides).
     priority: Option<Priority>,
-    output: String,
-    fields: BTreeMap<String, Value>,
+    /// Built only for a hit that becomes an alert: under a flood the rate limiter
+    /// suppresses most hits, and the words and fields (a map of a dozen owned strings)
+    /// cost more than the rules.
+    details: Details<'r>,
     events: Vec<u64>,
 }
 
@@ -171,7 +176,7 @@ impl Engine {
         let workload = match record {
             // A budget drop is one workload's: its alert names it.
             Record::Lost(l) => l.workload.as_ref(),
-            _ => task.map(|t| &t.workload),
+            _ => task.map(|t| &*t.workload),
         }
         .unwrap_or(&none);
         let ts = task.map_or(self.last_ts, |t| t.ts_boot_ns);
@@ -211,7 +216,7 @@ impl Engine {
     /// Applies overrides and rate limiting, and builds the anomaly.
     fn finish(
         &mut self,
-        hit: Hit,
+        hit: Hit<'_>,
         policy: Option<&CompiledPolicy>,
         workload: &Workload,
         time: &str,
@@ -233,13 +238,12 @@ impl Engine {
                 "unknown".to_owned()
             }
         });
-        let mut fields = hit.fields;
-        match self.limiter.check(hit.rule, &key, ts) {
+        let suppressed_before = match self.limiter.check(hit.rule, &key, ts) {
             Limit::Suppressed => return None,
-            Limit::Pass { suppressed_before } => {
-                fields.insert("agent.suppressed".into(), json!(suppressed_before));
-            }
-        }
+            Limit::Pass { suppressed_before } => suppressed_before,
+        };
+        let (output, mut fields) = (hit.details)();
+        fields.insert("agent.suppressed".into(), json!(suppressed_before));
         fields.insert("agent.rule".into(), json!(hit.rule));
         fields.insert("agent.events".into(), json!(hit.events));
         self.seq += 1;
@@ -248,7 +252,7 @@ impl Engine {
             time: time.to_owned(),
             rule: hit.rule.to_owned(),
             priority,
-            output: hit.output,
+            output,
             tags: info.tags.iter().map(|t| (*t).to_owned()).collect(),
             workload: workload.clone(),
             fields,

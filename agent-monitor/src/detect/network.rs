@@ -52,11 +52,11 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_connect(
+    pub(super) fn on_connect<'r>(
         &mut self,
-        c: &ConnectRecord,
+        c: &'r ConnectRecord,
         policy: Option<&CompiledPolicy>,
-        hits: &mut Vec<Hit>,
+        hits: &mut Vec<Hit<'r>>,
     ) {
         let t = &c.task;
         let w = &t.workload;
@@ -67,16 +67,18 @@ impl Engine {
             return;
         };
         let class = self.config.destinations.classify(ip, c.dst_port);
-        let class_name = serde_json::to_value(class)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let mut fields = task_fields(t);
-        fields.insert("fd.sip".into(), json!(c.dst_addr));
-        fields.insert("fd.sport".into(), json!(c.dst_port));
-        fields.insert("agent.destination.class".into(), json!(class_name));
-        fields.insert("evt.type".into(), json!(c.syscall));
-        let dest = format!("{}:{} ({class_name})", c.dst_addr, c.dst_port);
+        let class_name = class.name();
+        // Built only for a hit: most connects raise nothing, and the fields are a map of
+        // a dozen owned strings.
+        let fields = move || {
+            let mut fields = task_fields(t);
+            fields.insert("fd.sip".into(), json!(c.dst_addr));
+            fields.insert("fd.sport".into(), json!(c.dst_port));
+            fields.insert("agent.destination.class".into(), json!(class_name));
+            fields.insert("evt.type".into(), json!(c.syscall));
+            fields
+        };
+        let dest = move || format!("{}:{} ({class_name})", c.dst_addr, c.dst_port);
         let allowed = Self::egress_allowed(policy, w, class, ip, c.dst_port);
 
         // Data sent on a socket connected earlier: the connection was judged when it was
@@ -86,25 +88,36 @@ impl Engine {
             hits.push(Hit {
                 priority: None,
                 rule: CLOUD_METADATA,
-                output: format!("Cloud metadata contact: {} connected to {dest}", who(t)),
-                fields: fields.clone(),
+                details: Box::new(move || {
+                    (
+                        format!("Cloud metadata contact: {} connected to {}", who(t), dest()),
+                        fields(),
+                    )
+                }),
                 events: vec![c.seq],
             });
         }
         if new_destination && class == DestinationClass::ApiServer && !allowed {
+            let tier = Self::tier_of(policy, w).map_or("-", |t| {
+                if t == Tier::Proxy {
+                    "proxy"
+                } else {
+                    "worker"
+                }
+            });
             hits.push(Hit {
                 priority: None,
                 rule: API_SERVER_NOT_ALLOWED,
-                output: format!(
-                    "API server contact not allowed for tier {}: {} connected to {dest}",
-                    Self::tier_of(policy, w).map_or("-", |t| if t == Tier::Proxy {
-                        "proxy"
-                    } else {
-                        "worker"
-                    }),
-                    who(t)
-                ),
-                fields: fields.clone(),
+                details: Box::new(move || {
+                    (
+                        format!(
+                            "API server contact not allowed for tier {tier}: {} connected to {}",
+                            who(t),
+                            dest()
+                        ),
+                        fields(),
+                    )
+                }),
                 events: vec![c.seq],
             });
         }
@@ -119,11 +132,16 @@ impl Engine {
             hits.push(Hit {
                 priority: None,
                 rule: EGRESS_OUTSIDE_ALLOWLIST,
-                output: format!(
-                    "Egress outside the allowlist: {} connected to {dest}",
-                    who(t)
-                ),
-                fields: fields.clone(),
+                details: Box::new(move || {
+                    (
+                        format!(
+                            "Egress outside the allowlist: {} connected to {}",
+                            who(t),
+                            dest()
+                        ),
+                        fields(),
+                    )
+                }),
                 events: vec![c.seq],
             });
         }
@@ -132,26 +150,27 @@ impl Engine {
             let window = self.config.exfil_window.as_nanos() as u64;
             let ancestry = self.parents.ancestry(t.tgid);
             if let Some(read) = self.reads.recent(&ancestry, t.ts_boot_ns, window).cloned() {
-                let mut f = fields.clone();
-                f.insert("fd.name".into(), json!(read.path));
-                f.insert("agent.credential.class".into(), json!(read.class));
-                f.insert("agent.reader.pid".into(), json!(read.tgid));
-                f.insert(
-                    "agent.read_to_connect_ms".into(),
-                    json!((t.ts_boot_ns - read.ts) / 1_000_000),
-                );
+                let events = vec![read.seq, c.seq];
                 hits.push(Hit {
                     priority: None,
                     rule: EXFILTRATION,
-                    output: format!(
-                        "Credential read then egress outside the allowlist: {} connected to {dest} {} ms after pid {} read {}",
-                        who(t),
-                        (t.ts_boot_ns - read.ts) / 1_000_000,
-                        read.tgid,
-                        read.path
-                    ),
-                    fields: f,
-                    events: vec![read.seq, c.seq],
+                    details: Box::new(move || {
+                        let ms = (t.ts_boot_ns - read.ts) / 1_000_000;
+                        let mut f = fields();
+                        f.insert("fd.name".into(), json!(read.path));
+                        f.insert("agent.credential.class".into(), json!(read.class));
+                        f.insert("agent.reader.pid".into(), json!(read.tgid));
+                        f.insert("agent.read_to_connect_ms".into(), json!(ms));
+                        let output = format!(
+                            "Credential read then egress outside the allowlist: {} connected to {} {ms} ms after pid {} read {}",
+                            who(t),
+                            dest(),
+                            read.tgid,
+                            read.path
+                        );
+                        (output, f)
+                    }),
+                    events,
                 });
             }
         }
@@ -162,13 +181,14 @@ impl Engine {
                     window.as_nanos() as u64,
                     t.ts_boot_ns,
                     "destination class",
-                    class_name.clone(),
+                    class_name.to_owned(),
                 ) {
                     hits.push(Hit {
                         priority: None,
                         rule: BASELINE_DEVIATION,
-                        output: format!("Baseline deviation: {} shows a new destination class {class_name} ({dest})", who(t)),
-                        fields,
+                        details: Box::new(move || {
+                            (format!("Baseline deviation: {} shows a new destination class {class_name} ({})", who(t), dest()), fields())
+                        }),
                         events: vec![c.seq],
                     });
                 }

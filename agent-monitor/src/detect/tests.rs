@@ -57,7 +57,7 @@ fn task(tgid: u32, ppid: u32, exe: &str, w: Workload, ts: u64) -> Task {
         exe: Some(exe.into()),
         cgroup_id: 42,
         start_ns: 0,
-        workload: w,
+        workload: w.into(),
     }
 }
 

@@ -81,6 +81,36 @@ pub enum CredentialClass {
     Other,
 }
 
+impl CredentialClass {
+    /// Every class, in declaration order.
+    pub const ALL: [CredentialClass; 9] = [
+        Self::ServiceAccountToken,
+        Self::ProjectedToken,
+        Self::SecretVolume,
+        Self::NodeKubeconfig,
+        Self::NodePki,
+        Self::CloudCredentials,
+        Self::ProcEnviron,
+        Self::NonSecret,
+        Self::Other,
+    ];
+
+    /// The name JSON and alerts use (the serde name), without building a JSON value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ServiceAccountToken => "service_account_token",
+            Self::ProjectedToken => "projected_token",
+            Self::SecretVolume => "secret_volume",
+            Self::NodeKubeconfig => "node_kubeconfig",
+            Self::NodePki => "node_pki",
+            Self::CloudCredentials => "cloud_credentials",
+            Self::ProcEnviron => "proc_environ",
+            Self::NonSecret => "non_secret",
+            Self::Other => "other",
+        }
+    }
+}
+
 /// Whose credential it is.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Owner {
@@ -117,8 +147,29 @@ pub struct Task {
     /// the kernel does not expose it.
     #[serde(default)]
     pub start_ns: u64,
-    /// The pod, container, ServiceAccount and agent of the task.
-    pub workload: Workload,
+    /// The pod, container, ServiceAccount and agent of the task: one value shared by the
+    /// records of a workload (built once per cgroup and pod metadata, see
+    /// `identity::Identity::attribute`), not a copy per record.
+    #[serde(with = "shared_workload")]
+    pub workload: std::sync::Arc<Workload>,
+}
+
+/// A shared workload serialized as the workload itself (serde's `rc` feature would do the
+/// same for every `Arc` in the build).
+mod shared_workload {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Workload;
+
+    pub fn serialize<S: Serializer>(w: &Arc<Workload>, s: S) -> Result<S::Ok, S::Error> {
+        w.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Workload>, D::Error> {
+        Workload::deserialize(d).map(Arc::new)
+    }
 }
 
 /// An open of a watched file.
@@ -336,6 +387,14 @@ pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_names_are_the_serde_names() {
+        for class in CredentialClass::ALL {
+            let json = serde_json::to_value(class).expect("serialize");
+            assert_eq!(json.as_str(), Some(class.name()), "{class:?}");
+        }
+    }
 
     #[test]
     fn records_round_trip_as_tagged_json() {

@@ -48,7 +48,8 @@ impl Default for IdentitySettings {
 
 /// The outcome of attributing one cgroup.
 pub struct Attribution {
-    pub workload: Workload,
+    /// Shared by every record of the cgroup while its pod's metadata stays the same.
+    pub workload: Arc<Workload>,
     pub pod: Option<Arc<PodMeta>>,
     /// Whether more may be learned by waiting: the cgroup is unknown, or it names a pod
     /// whose metadata has not arrived.
@@ -68,9 +69,23 @@ impl Attribution {
     }
 }
 
+/// Most cgroups whose workload is kept built (see [`Identity::attribute`]); past it the
+/// cache starts over. A node runs a few hundred containers at most.
+pub const WORKLOAD_CACHE: usize = 4096;
+
+/// A workload as built for a cgroup, with what it was built from.
+struct BuiltWorkload {
+    info: Arc<CgroupInfo>,
+    pod: Option<Arc<PodMeta>>,
+    workload: Arc<Workload>,
+}
+
 /// Resolves cgroups to workloads and paths to credential owners.
 pub struct Identity {
     cgroups: CgroupResolver,
+    /// The workload last built per cgroup id: every record of a cgroup shares it instead
+    /// of copying a dozen strings and the pod's labels.
+    built: std::collections::HashMap<u64, BuiltWorkload>,
     pods: Arc<PodStore>,
     config: IdentitySettings,
     /// Whether pod metadata can arrive at all (a pod source is configured).
@@ -87,6 +102,7 @@ impl Identity {
     ) -> Self {
         Self {
             cgroups: CgroupResolver::with_root(cgroup_root),
+            built: std::collections::HashMap::new(),
             pods,
             config,
             has_pod_source,
@@ -103,18 +119,14 @@ impl Identity {
         &self.pods
     }
 
-    fn workload_of(&self, info: &CgroupInfo) -> (Workload, Option<Arc<PodMeta>>) {
+    fn workload_of(&self, info: &CgroupInfo, pod: Option<&Arc<PodMeta>>) -> Workload {
         let Some(uid) = info.pod_uid.clone() else {
-            return (
-                Workload {
-                    host: true,
-                    cgroup: Some(info.path.clone()),
-                    ..Workload::default()
-                },
-                None,
-            );
+            return Workload {
+                host: true,
+                cgroup: Some(info.path.clone()),
+                ..Workload::default()
+            };
         };
-        let pod = self.pods.get(&uid);
         let mut w = Workload {
             host: false,
             pod_uid: Some(uid),
@@ -122,7 +134,7 @@ impl Identity {
             cgroup: Some(info.path.clone()),
             ..Workload::default()
         };
-        if let Some(p) = &pod {
+        if let Some(p) = pod {
             w.namespace = Some(p.namespace.clone());
             w.pod = Some(p.name.clone());
             w.service_account = Some(p.service_account.clone());
@@ -137,19 +149,48 @@ impl Identity {
                 .and_then(|id| p.container_by_id(id))
                 .map(|c| c.name.clone());
         }
-        (w, pod)
+        w
     }
 
     /// Who a task of cgroup `cgroup_id` is.
     pub fn attribute(&mut self, cgroup_id: u64) -> Attribution {
         let Some(info) = self.cgroups.resolve(cgroup_id) else {
             return Attribution {
-                workload: Workload::default(),
+                workload: Arc::default(),
                 pod: None,
                 incomplete: true,
             };
         };
-        let (workload, pod) = self.workload_of(&info);
+        let pod = info.pod_uid.as_deref().and_then(|uid| self.pods.get(uid));
+        // Built again only when what it is built from changed: the cgroup was resolved
+        // anew, or the pod's metadata arrived or was replaced (the store swaps the Arc).
+        let workload = match self.built.get(&cgroup_id) {
+            Some(b)
+                if Arc::ptr_eq(&b.info, &info)
+                    && match (&b.pod, &pod) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    } =>
+            {
+                b.workload.clone()
+            }
+            _ => {
+                let workload = Arc::new(self.workload_of(&info, pod.as_ref()));
+                if self.built.len() >= WORKLOAD_CACHE {
+                    self.built.clear();
+                }
+                self.built.insert(
+                    cgroup_id,
+                    BuiltWorkload {
+                        info: info.clone(),
+                        pod: pod.clone(),
+                        workload: workload.clone(),
+                    },
+                );
+                workload
+            }
+        };
         let incomplete = workload.pod_uid.is_some() && pod.is_none() && self.has_pod_source;
         Attribution {
             workload,

@@ -138,7 +138,8 @@ mod tests {
                 workload: Workload {
                     pod_uid: uid.map(str::to_owned),
                     ..Workload::default()
-                },
+                }
+                .into(),
             },
         })
     }

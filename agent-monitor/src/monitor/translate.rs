@@ -73,7 +73,7 @@ impl Enricher {
             exe: info.exe,
             cgroup_id: h.cgroup_id,
             start_ns: h.start_ns,
-            workload: Default::default(),
+            workload: self.unattributed.clone(),
         }
     }
 

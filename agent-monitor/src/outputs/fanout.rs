@@ -95,7 +95,13 @@ pub struct Observer {
 }
 
 fn bump(map: &mut BTreeMap<String, u64>, key: &str, by: u64) {
-    *map.entry(key.to_owned()).or_default() += by;
+    // The key is owned only the first time it is seen, not allocated for every record.
+    match map.get_mut(key) {
+        Some(n) => *n += by,
+        None => {
+            map.insert(key.to_owned(), by);
+        }
+    }
 }
 
 impl Sink<EventItem> for Observer {

@@ -25,15 +25,25 @@ pub const OUTPUT_MODE: u32 = 0o600;
 /// this many bytes is not a torn JSON-lines file and is left alone, with an error.
 pub const MAX_TORN_TAIL: u64 = 16 << 20;
 
+/// Room a line buffer starts with: an event line with pod metadata is a few hundred
+/// bytes to a couple of kilobytes.
+const LINE_CAPACITY: usize = 4096;
+
 /// Writes each item (record or anomaly) as one line of JSON.
 pub struct JsonLines<W: Write> {
     out: BufWriter<W>,
+    /// The line being serialized, reused from line to line. serde_json writes a line in
+    /// dozens of small pieces: appended to a `Vec` they cost a bounds check and a copy,
+    /// written to the `BufWriter` each takes its `write_all` path. A line that fails to
+    /// serialize also leaves nothing half-written in the output.
+    line: Vec<u8>,
 }
 
 impl<W: Write> JsonLines<W> {
     pub fn new(out: W) -> Self {
         Self {
             out: BufWriter::new(out),
+            line: Vec::with_capacity(LINE_CAPACITY),
         }
     }
 }
@@ -178,13 +188,17 @@ fn cut_torn_tail(file: &File, len: u64) -> std::io::Result<u64> {
 }
 
 impl<W: Write> JsonLines<W> {
-    /// Writes one line whose JSON `serialize` produces into the buffered writer.
+    /// Writes one line whose JSON `serialize` produces: serialized whole into the line
+    /// buffer, then handed to the buffered writer. When `serialize` fails nothing of the
+    /// line is written.
     pub fn line(
         &mut self,
-        serialize: impl FnOnce(&mut serde_json::Serializer<&mut BufWriter<W>>) -> std::io::Result<()>,
+        serialize: impl FnOnce(&mut serde_json::Serializer<&mut Vec<u8>>) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
-        serialize(&mut serde_json::Serializer::new(&mut self.out))?;
-        self.out.write_all(b"\n")
+        self.line.clear();
+        serialize(&mut serde_json::Serializer::new(&mut self.line))?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)
     }
 }
 
@@ -313,6 +327,35 @@ mod tests {
             assert_eq!(v["run_id"], "run-1");
             assert_eq!(v["lost"]["total"], "12");
         }
+    }
+
+    /// A map with a key JSON cannot have: serde_json fails after writing part of it.
+    struct Unserializable;
+
+    impl serde::Serialize for Unserializable {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap as _;
+            let mut m = s.serialize_map(None)?;
+            m.serialize_entry("fine", &1)?;
+            m.serialize_entry(&[1, 2], &2)?;
+            m.end()
+        }
+    }
+
+    #[test]
+    fn a_line_that_fails_to_serialize_leaves_nothing_behind() {
+        let mut buf = Vec::new();
+        {
+            let mut sink = JsonLines::new(&mut buf);
+            sink.write(&serde_json::json!({"n": 1})).expect("write");
+            assert!(sink.write(&Unserializable).is_err());
+            sink.write(&serde_json::json!({"n": 2})).expect("write");
+            Sink::<serde_json::Value>::flush(&mut sink).expect("flush");
+        }
+        assert_eq!(
+            String::from_utf8(buf).expect("utf-8"),
+            "{\"n\":1}\n{\"n\":2}\n"
+        );
     }
 
     #[test]

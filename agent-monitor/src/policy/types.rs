@@ -44,6 +44,31 @@ pub enum DestinationClass {
     External,
 }
 
+impl DestinationClass {
+    /// Every class, in declaration order.
+    pub const ALL: [DestinationClass; 6] = [
+        Self::ApiServer,
+        Self::Cluster,
+        Self::Dns,
+        Self::Metadata,
+        Self::Loopback,
+        Self::External,
+    ];
+
+    /// The name policies, JSON and alerts use (the serde name), without building a JSON
+    /// value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ApiServer => "api-server",
+            Self::Cluster => "cluster",
+            Self::Dns => "dns",
+            Self::Metadata => "metadata",
+            Self::Loopback => "loopback",
+            Self::External => "external",
+        }
+    }
+}
+
 /// An agent's tier in the two-tier layout: one tightly scoped `agent-proxy` talking to
 /// the API server on behalf of many `agent-worker-N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -176,6 +201,14 @@ pub fn crd_yaml() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destination_class_names_are_the_serde_names() {
+        for class in DestinationClass::ALL {
+            let json = serde_json::to_value(class).expect("serialize");
+            assert_eq!(json.as_str(), Some(class.name()), "{class:?}");
+        }
+    }
 
     #[test]
     fn crd_is_generated() {

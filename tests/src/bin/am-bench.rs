@@ -485,7 +485,7 @@ mod workload {
             exe: Some(exe.to_owned()),
             cgroup_id: pod.cgroup_id,
             start_ns: u64::from(pid) * 1_000_000,
-            workload: pod.workload.clone(),
+            workload: pod.workload.clone().into(),
         }
     }
 

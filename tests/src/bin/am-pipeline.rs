@@ -50,7 +50,7 @@ use agent_monitor::{
     detect::Engine,
     events::decode::decode,
     identity::{pods::PodStore, watched::kernel_dev_of_st_dev},
-    monitor::{Enricher, SEND_BATCH},
+    monitor::{send_all, Enricher, SEND_BATCH},
     outputs::{
         falco::FalcoLines,
         fanout::{Counters, HubSink, Observer},
@@ -533,21 +533,23 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
                 },
             ))
     });
+    // The lane consumer runs on the daemon's runtime; here on one of its own.
+    let consumer = tokio::runtime::Builder::new_current_thread().build()?;
     let now = Instant::now();
     for r in records {
         enricher.feed(r, now, &mut ready);
-        // Handed over in batches, as the lane consumer's drain does.
+        // Handed over in batches, with the lane consumer's own send.
         if ready.len() >= SEND_BATCH {
-            for rec in ready.drain(..) {
-                out += 1;
-                tx.blocking_send(rec).context("output thread gone")?;
+            out += ready.len() as u64;
+            if !consumer.block_on(send_all(&mut ready, &tx)) {
+                bail!("output thread gone");
             }
         }
     }
     enricher.finish(&mut ready);
-    for rec in ready.drain(..) {
-        out += 1;
-        tx.blocking_send(rec).context("output thread gone")?;
+    out += ready.len() as u64;
+    if !consumer.block_on(send_all(&mut ready, &tx)) {
+        bail!("output thread gone");
     }
     drop(tx);
     output

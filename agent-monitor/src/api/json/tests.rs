@@ -494,7 +494,7 @@ fn task(workload: Workload) -> Task {
         exe: Some("/usr/bin/python3".into()),
         cgroup_id: 777,
         start_ns: 99,
-        workload,
+        workload: workload.into(),
     }
 }
 

@@ -266,7 +266,7 @@ mod tests {
                 exe: None,
                 cgroup_id: 0,
                 start_ns: 0,
-                workload: w,
+                workload: w.into(),
             },
         })
     }

@@ -37,16 +37,24 @@ pub enum Delivery<T> {
 /// Per-client state shared between the publisher and the client's stream.
 #[derive(Debug, Default)]
 struct Shared {
-    /// Items dropped since the last gap was queued or delivered. Locked by the publisher
-    /// around each offer and by the stream when it flushes a trailing gap, so that "queue
-    /// empty, take the count" is atomic with respect to publishing.
-    pending: Mutex<u64>,
+    /// Items dropped since the last gap was queued or delivered. Changed only with
+    /// `lock` held: by the publisher when an offer fails or its gap is queued, by the
+    /// stream when it flushes a trailing gap, so that "queue empty, take the count" is
+    /// atomic with respect to publishing.
+    ///
+    /// Read without the lock on the common path (nothing lost): only the publisher (one
+    /// at a time, under the hub's client list lock) makes it non-zero, so a publisher
+    /// that reads 0 may queue its item without the lock, and a stream that reads 0 has no
+    /// gap to flush. Locking on every item made the publisher and a client draining its
+    /// queue on another CPU wait for each other (a futex sleep and wake per item).
+    pending: AtomicU64,
+    lock: Mutex<()>,
 }
 
 impl Shared {
-    fn pending(&self) -> MutexGuard<'_, u64> {
+    fn lock(&self) -> MutexGuard<'_, ()> {
         // A poisoned lock only means a panic elsewhere; the count is still right.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -365,9 +373,21 @@ fn publish<T>(
 
 /// Offers one item to one subscriber; false when its stream is gone.
 fn offer<T>(sub: &Subscriber<T>, item: Arc<T>, counters: &Counters) -> bool {
-    let mut pending = sub.shared.pending();
-    let sent = if *pending == 0 {
-        match sub.tx.try_send(Delivery::Item(item)) {
+    // Nothing lost: the item goes straight in (see `Shared::pending`).
+    let item = Delivery::Item(item);
+    let item = if sub.shared.pending.load(Ordering::Acquire) == 0 {
+        match sub.tx.try_send(item) {
+            Ok(()) => return true,
+            Err(TrySendError::Closed(_)) => return false,
+            Err(TrySendError::Full(item)) => item,
+        }
+    } else {
+        item
+    };
+    let _guard = sub.shared.lock();
+    let pending = sub.shared.pending.load(Ordering::Acquire);
+    let sent = if pending == 0 {
+        match sub.tx.try_send(item) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(false),
             Err(TrySendError::Closed(_)) => Err(true),
@@ -378,10 +398,10 @@ fn offer<T>(sub: &Subscriber<T>, item: Arc<T>, counters: &Counters) -> bool {
         match sub.tx.try_reserve_many(2) {
             Ok(mut permits) => {
                 if let (Some(gap), Some(next)) = (permits.next(), permits.next()) {
-                    gap.send(Delivery::Gap(*pending));
-                    next.send(Delivery::Item(item));
+                    gap.send(Delivery::Gap(pending));
+                    next.send(item);
                     counters.gaps_sent.fetch_add(1, Ordering::Relaxed);
-                    *pending = 0;
+                    sub.shared.pending.store(0, Ordering::Release);
                 }
                 Ok(())
             }
@@ -393,7 +413,7 @@ fn offer<T>(sub: &Subscriber<T>, item: Arc<T>, counters: &Counters) -> bool {
         Ok(()) => true,
         Err(closed) => {
             if !closed {
-                *pending += 1;
+                sub.shared.pending.store(pending + 1, Ordering::Release);
                 counters.missed.fetch_add(1, Ordering::Relaxed);
             }
             !closed
@@ -422,11 +442,15 @@ impl<T> Subscription<T> {
     /// Takes the pending loss count if the queue is empty (so the gap lands after every
     /// item published before the losses).
     fn trailing_gap(&mut self) -> Option<u64> {
-        let mut pending = self.shared.pending();
-        if *pending == 0 || !self.rx.is_empty() {
+        // Nothing lost: no lock (see `Shared::pending`).
+        if self.shared.pending.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let missed = std::mem::take(&mut *pending);
+        let _guard = self.shared.lock();
+        if self.shared.pending.load(Ordering::Acquire) == 0 || !self.rx.is_empty() {
+            return None;
+        }
+        let missed = self.shared.pending.swap(0, Ordering::AcqRel);
         if let Some(hub) = self.hub.upgrade() {
             hub.counters.gaps_sent.fetch_add(1, Ordering::Relaxed);
         }
@@ -499,7 +523,8 @@ mod tests {
                     namespace: Some(ns.into()),
                     pod: Some("p".into()),
                     ..Workload::default()
-                },
+                }
+                .into(),
             },
         })
     }
