@@ -996,6 +996,47 @@ mod tests {
         );
     }
 
+    fn lost(seq: u64) -> Record {
+        Record::Lost(LostRecord {
+            seq,
+            time: String::new(),
+            lane: "network".into(),
+            count: 1,
+            total: seq,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn batches_larger_than_the_channel_arrive_whole_and_in_order() {
+        // A channel smaller than a batch, drained while the sender waits for room.
+        let (tx, mut rx) = mpsc::channel::<Record>(3);
+        let total = 2 * SEND_BATCH as u64 + 5;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(r) = rx.recv().await {
+                got.push(r.seq());
+            }
+            got
+        });
+        let mut ready: Vec<Record> = (1..=total).map(lost).collect();
+        assert!(send_all(&mut ready, &tx).await);
+        assert!(ready.is_empty());
+        drop(tx);
+        let got = reader.await.expect("reader");
+        assert_eq!(got, (1..=total).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_ends_the_send_and_empties_what_was_ready() {
+        let (tx, rx) = mpsc::channel(4);
+        drop(rx);
+        let mut ready: Vec<Record> = (1..=10).map(lost).collect();
+        assert!(!send_all(&mut ready, &tx).await);
+        assert!(ready.is_empty());
+    }
+
     #[test]
     fn wall_times_are_written_as_humantime_writes_them() {
         let mut clock = Clock::new();
