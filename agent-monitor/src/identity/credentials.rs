@@ -26,10 +26,18 @@ pub fn normalize(path: &str) -> String {
             c => parts.push(c),
         }
     }
-    if parts.first() == Some(&"var") && parts.get(1) == Some(&"run") {
-        parts.remove(0);
+    // `/var/run` is `/run`.
+    let skip = usize::from(parts.first() == Some(&"var") && parts.get(1) == Some(&"run"));
+    // Built in one allocation: this runs for every open.
+    let mut out = String::with_capacity(path.len() + 1);
+    for part in &parts[skip..] {
+        out.push('/');
+        out.push_str(part);
     }
-    format!("/{}", parts.join("/"))
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 /// Where the kubelet keeps pods, normalized, without a trailing slash.

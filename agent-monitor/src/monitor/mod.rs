@@ -75,17 +75,23 @@ pub enum MonitorError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Length of `YYYY-MM-DDTHH:MM:SS.` in humantime's RFC 3339 form (years 0-9999).
+const SECOND_PREFIX: usize = 20;
+
 /// Converts kernel CLOCK_BOOTTIME stamps to wall-clock time.
-#[derive(Clone, Copy)]
 struct Clock {
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, in nanoseconds, when the daemon started.
     offset_ns: i128,
+    /// The wall-clock second last formatted and its `YYYY-MM-DDTHH:MM:SS.`: records come
+    /// many to a second, and only their nanoseconds differ.
+    second: Option<(u64, String)>,
 }
 
 impl Clock {
     fn new() -> Self {
         Self {
             offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
+            second: None,
         }
     }
 
@@ -94,8 +100,40 @@ impl Clock {
         SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
     }
 
-    fn rfc3339(&self, boot_ns: u64) -> String {
-        humantime::format_rfc3339_nanos(self.wall(boot_ns)).to_string()
+    /// The wall-clock time of `boot_ns` as humantime's `format_rfc3339_nanos` writes it
+    /// (`2026-11-23T07:00:00.000000001Z`), the date and time formatted once per second.
+    fn rfc3339(&mut self, boot_ns: u64) -> String {
+        let since_epoch = self
+            .wall(boot_ns)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let (secs, nanos) = (since_epoch.as_secs(), since_epoch.subsec_nanos());
+        let prefix = match &self.second {
+            Some((s, prefix)) if *s == secs => prefix,
+            _ => {
+                let full = humantime::format_rfc3339_nanos(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+                )
+                .to_string();
+                // Past year 9999 the form is not fixed-width: formatted whole, every time.
+                let Some(prefix) = full.get(..SECOND_PREFIX).filter(|p| p.ends_with('.')) else {
+                    return humantime::format_rfc3339_nanos(self.wall(boot_ns)).to_string();
+                };
+                &self.second.insert((secs, prefix.to_owned())).1
+            }
+        };
+        // Nine digits and the zone, as humantime writes them.
+        let mut digits = [b'0'; 9];
+        let mut n = nanos;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let mut out = String::with_capacity(SECOND_PREFIX + digits.len() + 1);
+        out.push_str(prefix);
+        out.extend(digits.iter().map(|&d| char::from(d)));
+        out.push('Z');
+        out
     }
 }
 
@@ -956,6 +994,66 @@ mod tests {
             o.owner.as_ref().and_then(|w| w.pod_uid.as_deref()),
             Some(UID)
         );
+    }
+
+    fn lost(seq: u64) -> Record {
+        Record::Lost(LostRecord {
+            seq,
+            time: String::new(),
+            lane: "network".into(),
+            count: 1,
+            total: seq,
+            reason: crate::events::LostReason::RingFull,
+            workload: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn batches_larger_than_the_channel_arrive_whole_and_in_order() {
+        // A channel smaller than a batch, drained while the sender waits for room.
+        let (tx, mut rx) = mpsc::channel::<Record>(3);
+        let total = 2 * SEND_BATCH as u64 + 5;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(r) = rx.recv().await {
+                got.push(r.seq());
+            }
+            got
+        });
+        let mut ready: Vec<Record> = (1..=total).map(lost).collect();
+        assert!(send_all(&mut ready, &tx).await);
+        assert!(ready.is_empty());
+        drop(tx);
+        let got = reader.await.expect("reader");
+        assert_eq!(got, (1..=total).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_ends_the_send_and_empties_what_was_ready() {
+        let (tx, rx) = mpsc::channel(4);
+        drop(rx);
+        let mut ready: Vec<Record> = (1..=10).map(lost).collect();
+        assert!(!send_all(&mut ready, &tx).await);
+        assert!(ready.is_empty());
+    }
+
+    #[test]
+    fn wall_times_are_written_as_humantime_writes_them() {
+        let mut clock = Clock::new();
+        // Across second boundaries, back and forth, at the ends of a second.
+        let boot = [
+            5_000_000_000,
+            5_000_000_001,
+            5_999_999_999,
+            6_000_000_000,
+            5_123_456_789,
+            86_400_000_000_007,
+            86_400_000_000_000,
+        ];
+        for ns in boot {
+            let want = humantime::format_rfc3339_nanos(clock.wall(ns)).to_string();
+            assert_eq!(clock.rfc3339(ns), want, "boot {ns}");
+        }
     }
 
     #[test]
