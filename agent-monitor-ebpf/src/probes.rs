@@ -191,12 +191,22 @@ fn count_drop(lane: Lane) {
 /// update admits one record more, never fewer.
 #[inline(always)]
 fn admit(lane: Lane, ring: &RingBuf) -> bool {
-    let budget = BUDGETS.load()[lane as usize];
-    if budget.interval_ns == 0 {
+    if BUDGETS.load()[lane as usize].interval_ns == 0 {
         return true;
     }
     // SAFETY: helpers without memory arguments.
     let (cgroup, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
+    admit_at(lane, ring, cgroup, now)
+}
+
+/// [`admit`] for a caller that already read the task's cgroup and the clock (for its
+/// record's header): each is a helper call, which is most of what a check costs.
+#[inline(always)]
+fn admit_at(lane: Lane, ring: &RingBuf, cgroup: u64, now: u64) -> bool {
+    let budget = BUDGETS.load()[lane as usize];
+    if budget.interval_ns == 0 {
+        return true;
+    }
     let Some(state) = BUDGET_STATE.get_ptr_mut(&cgroup) else {
         let mut fresh = BudgetState {
             tat_ns: [0; LANE_COUNT as usize],
@@ -285,7 +295,7 @@ fn task_is_monitored(tgid: u32) -> bool {
 /// # Safety
 /// `h` points to a reserved, writable ring-buffer record.
 #[inline(always)]
-unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64) {
+unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64, cgroup_id: u64) {
     let id = bpf_get_current_pid_tgid();
     let ug = bpf_get_current_uid_gid();
     // SAFETY: the caller guarantees `h` is valid for writes.
@@ -297,7 +307,7 @@ unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64) {
         (*h).tgid = (id >> 32) as u32;
         (*h).uid = ug as u32;
         (*h).gid = (ug >> 32) as u32;
-        (*h).cgroup_id = bpf_get_current_cgroup_id();
+        (*h).cgroup_id = cgroup_id;
         (*h).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*h).start_ns = process_start_ns();
     }
@@ -820,8 +830,9 @@ extern "C" fn walk_dentry(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// Reports an open whose match is decided. `file` is the opened file (0 for a failed
-/// open); the path as passed is in `s.key` (`path_len`, `pflags`).
+/// Reports an open whose match is decided and which [`admit_at`] admitted at `now` for
+/// `cgroup`. `file` is the opened file (0 for a failed open); the path as passed is in
+/// `s.key` (`path_len`, `pflags`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn emit_open(
@@ -834,6 +845,8 @@ fn emit_open(
     args: [u64; 3],
     path_len: usize,
     pflags: u16,
+    now: u64,
+    cgroup: u64,
 ) -> Result<u32, u32> {
     let rec = OPEN_RECORD.get_ptr_mut(0).ok_or(0u32)?;
     let bytes = rec as *mut u8;
@@ -871,9 +884,6 @@ fn emit_open(
             pflags |= path_flags::DPATH_TRUNCATED;
         }
     }
-    if !admit(Lane::Credential, &CRED_EVENTS) {
-        return Err(0);
-    }
     let dpath_len = (s.dpath_len as usize).min(DPATH_CAP);
     let (dirfd, flags, mode) = match syscall {
         Syscall::Open => (AT_FDCWD, args[1] as u32, args[2] as u32),
@@ -887,11 +897,9 @@ fn emit_open(
         Syscall::OpenByHandleAt => (args[0] as i32, args[2] as u32, 0),
         _ => (AT_FDCWD, 0, 0),
     };
-    // SAFETY: helper without memory arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     // SAFETY: `rec` is this CPU's record buffer, exclusively ours while this program runs.
     unsafe {
-        fill_header(addr_of_mut!((*rec).header), EventKind::Open, now);
+        fill_header(addr_of_mut!((*rec).header), EventKind::Open, now, cgroup);
         (*rec).ret = ret;
         (*rec).ino = id.map_or(0, |i| i.ino);
         (*rec).dev = id.map_or(0, |i| i.dev);
@@ -1036,6 +1044,18 @@ fn decide_open(
     let s = OPEN_SCRATCH.get_ptr_mut(0).ok_or(0u32)?;
     // SAFETY: per-CPU scratch slot, exclusively ours while this program runs.
     let s = unsafe { &mut *s };
+    // The budget is asked as soon as the record is known to be wanted, before the path and
+    // the dentry names are read for it: a refused record costs no more than the decision.
+    // A matched file decides here; a failed open once its path has matched. Nothing after
+    // the check can drop the record but the ring, so what a budget refuses is unchanged.
+    let mut who = None;
+    if file_id.is_some() {
+        let (now, cgroup) = now_and_cgroup();
+        if !admit_at(Lane::Credential, &CRED_EVENTS, cgroup, now) {
+            return Err(0);
+        }
+        who = Some((now, cgroup));
+    }
     let ((len, pflags), args) = fill_path(s);
     let matched = match file_id {
         Some(f) => f.matched,
@@ -1045,7 +1065,27 @@ fn decide_open(
     if matched == 0 {
         return Ok(0);
     }
-    emit_open(ctx, s, file_id, matched, ret, syscall, args, len, pflags)
+    let (now, cgroup) = match who {
+        Some(w) => w,
+        None => {
+            let (now, cgroup) = now_and_cgroup();
+            if !admit_at(Lane::Credential, &CRED_EVENTS, cgroup, now) {
+                return Err(0);
+            }
+            (now, cgroup)
+        }
+    };
+    emit_open(
+        ctx, s, file_id, matched, ret, syscall, args, len, pflags, now, cgroup,
+    )
+}
+
+/// The clock (the record's time stamp and the budget's now) and the task's cgroup (its
+/// header and the budget's key), read once for both.
+#[inline(always)]
+fn now_and_cgroup() -> (u64, u64) {
+    // SAFETY: helpers without memory arguments.
+    unsafe { (bpf_ktime_get_boot_ns(), bpf_get_current_cgroup_id()) }
 }
 
 // ------------------------------------------------------------------ io_uring
@@ -1343,7 +1383,12 @@ fn emit_net(ctx: &TracePointContext, args: &ConnectArgs, ret: i64) {
             // SAFETY: `ev` is the reserved record.
             unsafe {
                 (*ev).args = *args;
-                fill_header(addr_of_mut!((*ev).header), EventKind::Connect, args.ts_ns);
+                fill_header(
+                    addr_of_mut!((*ev).header),
+                    EventKind::Connect,
+                    args.ts_ns,
+                    bpf_get_current_cgroup_id(),
+                );
                 (*ev).ret = ret;
             }
             entry.submit(wakeup_flag(&NET_EVENTS, Lane::Network));
@@ -1448,7 +1493,12 @@ fn reserve_proc(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntr
     // SAFETY: `ev` is the reserved record.
     unsafe {
         // SAFETY: helper without memory arguments.
-        fill_header(addr_of_mut!((*ev).header), kind, bpf_ktime_get_boot_ns());
+        fill_header(
+            addr_of_mut!((*ev).header),
+            kind,
+            bpf_ktime_get_boot_ns(),
+            bpf_get_current_cgroup_id(),
+        );
         (*ev).child_pid = 0;
         (*ev).group_dead = GROUP_UNKNOWN;
         (*ev)._pad = 0;
