@@ -3,7 +3,7 @@
 use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
     mem::size_of,
-    ptr::addr_of_mut,
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
 };
 
 use agent_monitor_common::{
@@ -831,13 +831,14 @@ extern "C" fn walk_dentry(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 /// Reports an open whose match is decided and which [`admit_at`] admitted at `now` for
-/// `cgroup`. `file` is the opened file (0 for a failed open); the path as passed is in
-/// `s.key` (`path_len`, `pflags`).
+/// `cgroup`. `file` is the opened file (0 for a failed open); the path as passed is
+/// already in `rec.path` (`path_len`, `pflags`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn emit_open(
     ctx: &TracePointContext,
-    s: &mut OpenScratch,
+    s: *mut OpenScratch,
+    rec: *mut OpenEvent,
     id: Option<FileId>,
     matched: u8,
     ret: i64,
@@ -848,43 +849,43 @@ fn emit_open(
     now: u64,
     cgroup: u64,
 ) -> Result<u32, u32> {
-    let rec = OPEN_RECORD.get_ptr_mut(0).ok_or(0u32)?;
     let bytes = rec as *mut u8;
     let mut pflags = pflags;
     // The path first (the names follow it): only the bytes in use, no NUL.
-    let mut path_len = path_len & (PATH_CAP - 1);
-    // SAFETY: `OPEN_FIXED + path_len < OPEN_FIXED + PATH_CAP`, inside the record; the
-    // source is this CPU's scratch.
-    if unsafe {
-        bpf_probe_read_kernel(
-            bytes.add(OPEN_FIXED).cast(),
-            path_len as u32,
-            s.key.data.as_ptr().cast(),
-        )
-    } != 0
-    {
-        path_len = 0;
+    let path_len = path_len & (PATH_CAP - 1);
+    // The walk's state is written here, updated by `walk_dentry` inside `bpf_loop` through
+    // its own lookup of the same slot, and read back here: raw volatile accesses, so the
+    // compiler can neither keep it in registers across the call nor assume the call
+    // leaves it alone (a `&mut` here let it forward the zeros past the walk once the
+    // surrounding code changed, and every record came out without its names).
+    // SAFETY (all accesses to `s` below): `s` is this CPU's scratch slot, exclusively ours
+    // while this program runs.
+    let (mut depth, mut dpath_len) = (0u64, 0u64);
+    unsafe {
+        write_volatile(addr_of_mut!((*s).path_len), path_len as u64);
+        write_volatile(addr_of_mut!((*s).dpath_len), 0);
+        write_volatile(addr_of_mut!((*s).depth), 0);
+        write_volatile(addr_of_mut!((*s).truncated), 0);
     }
-    s.path_len = path_len as u64;
-    s.dpath_len = 0;
-    s.depth = 0;
-    s.truncated = 0;
     if let Some(id) = id {
-        s.dentry = id.dentry;
-        // SAFETY: the callback takes no context.
+        // SAFETY: as above; the callback takes no context.
         unsafe {
+            write_volatile(addr_of_mut!((*s).dentry), id.dentry);
             bpf_loop(
                 MAX_DENTRY_DEPTH,
                 walk_dentry as *mut _,
                 core::ptr::null_mut(),
                 0,
-            )
-        };
-        if s.truncated != 0 || s.depth >= u64::from(MAX_DENTRY_DEPTH) {
-            pflags |= path_flags::DPATH_TRUNCATED;
+            );
+            depth = read_volatile(addr_of!((*s).depth));
+            dpath_len = read_volatile(addr_of!((*s).dpath_len));
+            if read_volatile(addr_of!((*s).truncated)) != 0 || depth >= u64::from(MAX_DENTRY_DEPTH)
+            {
+                pflags |= path_flags::DPATH_TRUNCATED;
+            }
         }
     }
-    let dpath_len = (s.dpath_len as usize).min(DPATH_CAP);
+    let dpath_len = (dpath_len as usize).min(DPATH_CAP);
     let (dirfd, flags, mode) = match syscall {
         Syscall::Open => (AT_FDCWD, args[1] as u32, args[2] as u32),
         Syscall::Creat => (
@@ -909,7 +910,7 @@ fn emit_open(
         (*rec).flags = flags;
         (*rec).mode = mode;
         (*rec).matched = matched;
-        (*rec).depth = s.depth as u8;
+        (*rec).depth = depth as u8;
         (*rec).path_len = path_len as u16;
         (*rec).dpath_len = dpath_len as u16;
         (*rec)._pad = [0; 6];
@@ -956,23 +957,19 @@ fn remember_reader(now: u64) {
     }
 }
 
-/// Reads the user path at `ptr` into the scratch key; returns (length, path flags).
+/// Reads the user path at `ptr` into `dst`; returns (length, path flags).
 #[inline(always)]
-fn read_user_path(s: &mut OpenScratch, ptr: u64) -> (usize, u16) {
-    s.key.data[0] = 0;
+fn read_user_path(dst: &mut [u8; PATH_CAP], ptr: u64) -> (usize, u16) {
+    dst[0] = 0;
     if ptr == 0 {
         return (0, path_flags::NO_PATH);
     }
     // SAFETY: the helper checks the user pointer and bounds the copy by the buffer size.
     let n = unsafe {
-        bpf_probe_read_user_str(
-            s.key.data.as_mut_ptr().cast(),
-            PATH_CAP as u32,
-            ptr as *const _,
-        )
+        bpf_probe_read_user_str(dst.as_mut_ptr().cast(), PATH_CAP as u32, ptr as *const _)
     };
     if n <= 1 {
-        s.key.data[0] = 0;
+        dst[0] = 0;
         return (0, path_flags::NO_PATH);
     }
     let len = (n as usize - 1) & (PATH_CAP - 1);
@@ -980,7 +977,7 @@ fn read_user_path(s: &mut OpenScratch, ptr: u64) -> (usize, u16) {
     if n as usize >= PATH_CAP {
         pflags |= path_flags::TRUNCATED;
     }
-    if s.key.data[0] != b'/' {
+    if dst[0] != b'/' {
         pflags |= path_flags::RELATIVE;
     }
     (len, pflags)
@@ -1009,12 +1006,12 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         _ => return Ok(0),
     };
     let ret: i64 = field(ctx, EXIT_RET);
-    decide_open(ctx, ret, syscall, |s| {
+    decide_open(ctx, ret, syscall, |dst| {
         let args = syscall_args();
         let path = if path_arg < 3 {
-            read_user_path(s, args[path_arg & 1])
+            read_user_path(dst, args[path_arg & 1])
         } else {
-            s.key.data[0] = 0;
+            dst[0] = 0;
             (0, path_flags::NO_PATH)
         };
         (path, args)
@@ -1022,7 +1019,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
 }
 
 /// Decides an open that returned `ret` (a descriptor of the current task, or `-errno`)
-/// and reports it when watched. `fill_path` puts the path as passed into the scratch key
+/// and reports it when watched. `fill_path` puts the path as passed into its buffer
 /// and returns (its length, path flags) and the syscall arguments; it runs only when the
 /// file alone does not already say "not watched".
 #[inline(always)]
@@ -1030,7 +1027,7 @@ fn decide_open(
     ctx: &TracePointContext,
     ret: i64,
     syscall: Syscall,
-    fill_path: impl FnOnce(&mut OpenScratch) -> ((usize, u16), [u64; 3]),
+    fill_path: impl FnOnce(&mut [u8; PATH_CAP]) -> ((usize, u16), [u64; 3]),
 ) -> Result<u32, u32> {
     let file_id = if ret >= 0 {
         match_file(fd_file(ret))
@@ -1056,7 +1053,16 @@ fn decide_open(
         }
         who = Some((now, cgroup));
     }
-    let ((len, pflags), args) = fill_path(s);
+    let rec = OPEN_RECORD.get_ptr_mut(0).ok_or(0u32)?;
+    // A matched file's path goes straight into its record; a failed open's into the
+    // scratch key, which the prefix trie needs, and into the record only if it matches.
+    let ((len, pflags), args) = fill_path(if file_id.is_some() {
+        // SAFETY: `rec` is this CPU's record buffer, exclusively ours while this program
+        // runs.
+        unsafe { &mut (*rec).path }
+    } else {
+        &mut s.key.data
+    });
     let matched = match file_id {
         Some(f) => f.matched,
         None if len > 0 => match_path(&mut s.key, len),
@@ -1075,8 +1081,22 @@ fn decide_open(
             (now, cgroup)
         }
     };
+    let mut len = len & (PATH_CAP - 1);
+    // SAFETY: `rec.path` and the scratch key are both PATH_CAP bytes and `len` is below
+    // that; the helper checks the copy.
+    if file_id.is_none()
+        && unsafe {
+            bpf_probe_read_kernel(
+                addr_of_mut!((*rec).path).cast(),
+                len as u32,
+                s.key.data.as_ptr().cast(),
+            )
+        } != 0
+    {
+        len = 0;
+    }
     emit_open(
-        ctx, s, file_id, matched, ret, syscall, args, len, pflags, now, cgroup,
+        ctx, s, rec, file_id, matched, ret, syscall, args, len, pflags, now, cgroup,
     )
 }
 
@@ -1173,8 +1193,8 @@ fn try_io_uring_complete(ctx: &TracePointContext) -> Result<u32, u32> {
     } else {
         Syscall::IoUringOpenat
     };
-    decide_open(ctx, i64::from(res), syscall, |s| {
-        s.key.data = io.path;
+    decide_open(ctx, i64::from(res), syscall, |path| {
+        *path = io.path;
         (
             (usize::from(io.path_len) & (PATH_CAP - 1), io.path_flags),
             [0; 3],
