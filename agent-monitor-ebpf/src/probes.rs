@@ -290,13 +290,14 @@ fn task_is_monitored(tgid: u32) -> bool {
     false
 }
 
-/// Fills the header of a reserved record for the current task.
+/// Fills the header of a reserved record for the current task, whose
+/// `bpf_get_current_pid_tgid()` (`id`) and cgroup id the caller read: callers need them
+/// for their own checks too, and each is a helper call.
 ///
 /// # Safety
 /// `h` points to a reserved, writable ring-buffer record.
 #[inline(always)]
-unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64, cgroup_id: u64) {
-    let id = bpf_get_current_pid_tgid();
+unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64, id: u64, cgroup_id: u64) {
     let ug = bpf_get_current_uid_gid();
     // SAFETY: the caller guarantees `h` is valid for writes.
     unsafe {
@@ -850,6 +851,8 @@ fn emit_open(
     cgroup: u64,
 ) -> Result<u32, u32> {
     let bytes = rec as *mut u8;
+    // Read once for the header, a ring-full warning and the reader table.
+    let pid_tgid = bpf_get_current_pid_tgid();
     let mut pflags = pflags;
     // The path first (the names follow it): only the bytes in use, no NUL.
     let path_len = path_len & (PATH_CAP - 1);
@@ -900,7 +903,13 @@ fn emit_open(
     };
     // SAFETY: `rec` is this CPU's record buffer, exclusively ours while this program runs.
     unsafe {
-        fill_header(addr_of_mut!((*rec).header), EventKind::Open, now, cgroup);
+        fill_header(
+            addr_of_mut!((*rec).header),
+            EventKind::Open,
+            now,
+            pid_tgid,
+            cgroup,
+        );
         (*rec).ret = ret;
         (*rec).ino = id.map_or(0, |i| i.ino);
         (*rec).dev = id.map_or(0, |i| i.dev);
@@ -926,22 +935,19 @@ fn emit_open(
         count_drop(Lane::Credential);
         warn!(
             ctx,
-            "credential ring full: open by tid {} lost",
-            bpf_get_current_pid_tgid() as u32
+            "credential ring full: open by tid {} lost", pid_tgid as u32
         );
         return Err(0);
     }
     if ret >= 0 {
-        remember_reader(now);
+        remember_reader((pid_tgid >> 32) as u32, now);
     }
     Ok(0)
 }
 
-/// Notes that the current process read a watched file at `now` (boot ns), for
-/// [`sock_send`].
+/// Notes that process `tgid` read a watched file at `now` (boot ns), for [`sock_send`].
 #[inline(always)]
-fn remember_reader(now: u64) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+fn remember_reader(tgid: u32, now: u64) {
     // An LRU insert takes the map's lock (~0.5 µs here); a process that read before only
     // gets its stamp refreshed in place.
     match CRED_READERS.get_ptr_mut(&tgid) {
@@ -952,8 +958,14 @@ fn remember_reader(now: u64) {
         }
     }
     if let Some(n) = CRED_READERS_ACTIVE.get_ptr_mut(0) {
-        // SAFETY: a valid map value; a plain store of a flag.
-        unsafe { *n = 1 };
+        // SAFETY: a valid map value; a plain load and store of a flag. Stored only when it
+        // changes: the flag is one cache line shared by every CPU, and a store on each
+        // watched open would take that line from the CPUs that read it on every send.
+        unsafe {
+            if *n == 0 {
+                *n = 1;
+            }
+        }
     }
 }
 
@@ -1407,6 +1419,7 @@ fn emit_net(ctx: &TracePointContext, args: &ConnectArgs, ret: i64) {
                     addr_of_mut!((*ev).header),
                     EventKind::Connect,
                     args.ts_ns,
+                    bpf_get_current_pid_tgid(),
                     bpf_get_current_cgroup_id(),
                 );
                 (*ev).ret = ret;
@@ -1517,6 +1530,7 @@ fn reserve_proc(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntr
             addr_of_mut!((*ev).header),
             kind,
             bpf_ktime_get_boot_ns(),
+            id,
             bpf_get_current_cgroup_id(),
         );
         (*ev).child_pid = 0;
