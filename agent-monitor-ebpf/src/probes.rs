@@ -3,7 +3,7 @@
 use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
     mem::size_of,
-    ptr::addr_of_mut,
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
 };
 
 use agent_monitor_common::{
@@ -191,12 +191,22 @@ fn count_drop(lane: Lane) {
 /// update admits one record more, never fewer.
 #[inline(always)]
 fn admit(lane: Lane, ring: &RingBuf) -> bool {
-    let budget = BUDGETS.load()[lane as usize];
-    if budget.interval_ns == 0 {
+    if BUDGETS.load()[lane as usize].interval_ns == 0 {
         return true;
     }
     // SAFETY: helpers without memory arguments.
     let (cgroup, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
+    admit_at(lane, ring, cgroup, now)
+}
+
+/// [`admit`] for a caller that already read the task's cgroup and the clock (for its
+/// record's header): each is a helper call, which is most of what a check costs.
+#[inline(always)]
+fn admit_at(lane: Lane, ring: &RingBuf, cgroup: u64, now: u64) -> bool {
+    let budget = BUDGETS.load()[lane as usize];
+    if budget.interval_ns == 0 {
+        return true;
+    }
     let Some(state) = BUDGET_STATE.get_ptr_mut(&cgroup) else {
         let mut fresh = BudgetState {
             tat_ns: [0; LANE_COUNT as usize],
@@ -280,13 +290,14 @@ fn task_is_monitored(tgid: u32) -> bool {
     false
 }
 
-/// Fills the header of a reserved record for the current task.
+/// Fills the header of a reserved record for the current task, whose
+/// `bpf_get_current_pid_tgid()` (`id`) and cgroup id the caller read: callers need them
+/// for their own checks too, and each is a helper call.
 ///
 /// # Safety
 /// `h` points to a reserved, writable ring-buffer record.
 #[inline(always)]
-unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64) {
-    let id = bpf_get_current_pid_tgid();
+unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64, id: u64, cgroup_id: u64) {
     let ug = bpf_get_current_uid_gid();
     // SAFETY: the caller guarantees `h` is valid for writes.
     unsafe {
@@ -297,7 +308,7 @@ unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, ts_ns: u64) {
         (*h).tgid = (id >> 32) as u32;
         (*h).uid = ug as u32;
         (*h).gid = (ug >> 32) as u32;
-        (*h).cgroup_id = bpf_get_current_cgroup_id();
+        (*h).cgroup_id = cgroup_id;
         (*h).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*h).start_ns = process_start_ns();
     }
@@ -820,13 +831,15 @@ extern "C" fn walk_dentry(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// Reports an open whose match is decided. `file` is the opened file (0 for a failed
-/// open); the path as passed is in `s.key` (`path_len`, `pflags`).
+/// Reports an open whose match is decided and which [`admit_at`] admitted at `now` for
+/// `cgroup`. `file` is the opened file (0 for a failed open); the path as passed is
+/// already in `rec.path` (`path_len`, `pflags`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn emit_open(
     ctx: &TracePointContext,
-    s: &mut OpenScratch,
+    s: *mut OpenScratch,
+    rec: *mut OpenEvent,
     id: Option<FileId>,
     matched: u8,
     ret: i64,
@@ -834,47 +847,48 @@ fn emit_open(
     args: [u64; 3],
     path_len: usize,
     pflags: u16,
+    now: u64,
+    cgroup: u64,
 ) -> Result<u32, u32> {
-    let rec = OPEN_RECORD.get_ptr_mut(0).ok_or(0u32)?;
     let bytes = rec as *mut u8;
+    // Read once for the header, a ring-full warning and the reader table.
+    let pid_tgid = bpf_get_current_pid_tgid();
     let mut pflags = pflags;
     // The path first (the names follow it): only the bytes in use, no NUL.
-    let mut path_len = path_len & (PATH_CAP - 1);
-    // SAFETY: `OPEN_FIXED + path_len < OPEN_FIXED + PATH_CAP`, inside the record; the
-    // source is this CPU's scratch.
-    if unsafe {
-        bpf_probe_read_kernel(
-            bytes.add(OPEN_FIXED).cast(),
-            path_len as u32,
-            s.key.data.as_ptr().cast(),
-        )
-    } != 0
-    {
-        path_len = 0;
+    let path_len = path_len & (PATH_CAP - 1);
+    // The walk's state is written here, updated by `walk_dentry` inside `bpf_loop` through
+    // its own lookup of the same slot, and read back here: raw volatile accesses, so the
+    // compiler can neither keep it in registers across the call nor assume the call
+    // leaves it alone (a `&mut` here let it forward the zeros past the walk once the
+    // surrounding code changed, and every record came out without its names).
+    // SAFETY (all accesses to `s` below): `s` is this CPU's scratch slot, exclusively ours
+    // while this program runs.
+    let (mut depth, mut dpath_len) = (0u64, 0u64);
+    unsafe {
+        write_volatile(addr_of_mut!((*s).path_len), path_len as u64);
+        write_volatile(addr_of_mut!((*s).dpath_len), 0);
+        write_volatile(addr_of_mut!((*s).depth), 0);
+        write_volatile(addr_of_mut!((*s).truncated), 0);
     }
-    s.path_len = path_len as u64;
-    s.dpath_len = 0;
-    s.depth = 0;
-    s.truncated = 0;
     if let Some(id) = id {
-        s.dentry = id.dentry;
-        // SAFETY: the callback takes no context.
+        // SAFETY: as above; the callback takes no context.
         unsafe {
+            write_volatile(addr_of_mut!((*s).dentry), id.dentry);
             bpf_loop(
                 MAX_DENTRY_DEPTH,
                 walk_dentry as *mut _,
                 core::ptr::null_mut(),
                 0,
-            )
-        };
-        if s.truncated != 0 || s.depth >= u64::from(MAX_DENTRY_DEPTH) {
-            pflags |= path_flags::DPATH_TRUNCATED;
+            );
+            depth = read_volatile(addr_of!((*s).depth));
+            dpath_len = read_volatile(addr_of!((*s).dpath_len));
+            if read_volatile(addr_of!((*s).truncated)) != 0 || depth >= u64::from(MAX_DENTRY_DEPTH)
+            {
+                pflags |= path_flags::DPATH_TRUNCATED;
+            }
         }
     }
-    if !admit(Lane::Credential, &CRED_EVENTS) {
-        return Err(0);
-    }
-    let dpath_len = (s.dpath_len as usize).min(DPATH_CAP);
+    let dpath_len = (dpath_len as usize).min(DPATH_CAP);
     let (dirfd, flags, mode) = match syscall {
         Syscall::Open => (AT_FDCWD, args[1] as u32, args[2] as u32),
         Syscall::Creat => (
@@ -887,11 +901,15 @@ fn emit_open(
         Syscall::OpenByHandleAt => (args[0] as i32, args[2] as u32, 0),
         _ => (AT_FDCWD, 0, 0),
     };
-    // SAFETY: helper without memory arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     // SAFETY: `rec` is this CPU's record buffer, exclusively ours while this program runs.
     unsafe {
-        fill_header(addr_of_mut!((*rec).header), EventKind::Open, now);
+        fill_header(
+            addr_of_mut!((*rec).header),
+            EventKind::Open,
+            now,
+            pid_tgid,
+            cgroup,
+        );
         (*rec).ret = ret;
         (*rec).ino = id.map_or(0, |i| i.ino);
         (*rec).dev = id.map_or(0, |i| i.dev);
@@ -901,7 +919,7 @@ fn emit_open(
         (*rec).flags = flags;
         (*rec).mode = mode;
         (*rec).matched = matched;
-        (*rec).depth = s.depth as u8;
+        (*rec).depth = depth as u8;
         (*rec).path_len = path_len as u16;
         (*rec).dpath_len = dpath_len as u16;
         (*rec)._pad = [0; 6];
@@ -917,22 +935,19 @@ fn emit_open(
         count_drop(Lane::Credential);
         warn!(
             ctx,
-            "credential ring full: open by tid {} lost",
-            bpf_get_current_pid_tgid() as u32
+            "credential ring full: open by tid {} lost", pid_tgid as u32
         );
         return Err(0);
     }
     if ret >= 0 {
-        remember_reader(now);
+        remember_reader((pid_tgid >> 32) as u32, now);
     }
     Ok(0)
 }
 
-/// Notes that the current process read a watched file at `now` (boot ns), for
-/// [`sock_send`].
+/// Notes that process `tgid` read a watched file at `now` (boot ns), for [`sock_send`].
 #[inline(always)]
-fn remember_reader(now: u64) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+fn remember_reader(tgid: u32, now: u64) {
     // An LRU insert takes the map's lock (~0.5 µs here); a process that read before only
     // gets its stamp refreshed in place.
     match CRED_READERS.get_ptr_mut(&tgid) {
@@ -943,28 +958,30 @@ fn remember_reader(now: u64) {
         }
     }
     if let Some(n) = CRED_READERS_ACTIVE.get_ptr_mut(0) {
-        // SAFETY: a valid map value; a plain store of a flag.
-        unsafe { *n = 1 };
+        // SAFETY: a valid map value; a plain load and store of a flag. Stored only when it
+        // changes: the flag is one cache line shared by every CPU, and a store on each
+        // watched open would take that line from the CPUs that read it on every send.
+        unsafe {
+            if *n == 0 {
+                *n = 1;
+            }
+        }
     }
 }
 
-/// Reads the user path at `ptr` into the scratch key; returns (length, path flags).
+/// Reads the user path at `ptr` into `dst`; returns (length, path flags).
 #[inline(always)]
-fn read_user_path(s: &mut OpenScratch, ptr: u64) -> (usize, u16) {
-    s.key.data[0] = 0;
+fn read_user_path(dst: &mut [u8; PATH_CAP], ptr: u64) -> (usize, u16) {
+    dst[0] = 0;
     if ptr == 0 {
         return (0, path_flags::NO_PATH);
     }
     // SAFETY: the helper checks the user pointer and bounds the copy by the buffer size.
     let n = unsafe {
-        bpf_probe_read_user_str(
-            s.key.data.as_mut_ptr().cast(),
-            PATH_CAP as u32,
-            ptr as *const _,
-        )
+        bpf_probe_read_user_str(dst.as_mut_ptr().cast(), PATH_CAP as u32, ptr as *const _)
     };
     if n <= 1 {
-        s.key.data[0] = 0;
+        dst[0] = 0;
         return (0, path_flags::NO_PATH);
     }
     let len = (n as usize - 1) & (PATH_CAP - 1);
@@ -972,7 +989,7 @@ fn read_user_path(s: &mut OpenScratch, ptr: u64) -> (usize, u16) {
     if n as usize >= PATH_CAP {
         pflags |= path_flags::TRUNCATED;
     }
-    if s.key.data[0] != b'/' {
+    if dst[0] != b'/' {
         pflags |= path_flags::RELATIVE;
     }
     (len, pflags)
@@ -1001,12 +1018,12 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         _ => return Ok(0),
     };
     let ret: i64 = field(ctx, EXIT_RET);
-    decide_open(ctx, ret, syscall, |s| {
+    decide_open(ctx, ret, syscall, |dst| {
         let args = syscall_args();
         let path = if path_arg < 3 {
-            read_user_path(s, args[path_arg & 1])
+            read_user_path(dst, args[path_arg & 1])
         } else {
-            s.key.data[0] = 0;
+            dst[0] = 0;
             (0, path_flags::NO_PATH)
         };
         (path, args)
@@ -1014,7 +1031,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<u32, u32> {
 }
 
 /// Decides an open that returned `ret` (a descriptor of the current task, or `-errno`)
-/// and reports it when watched. `fill_path` puts the path as passed into the scratch key
+/// and reports it when watched. `fill_path` puts the path as passed into its buffer
 /// and returns (its length, path flags) and the syscall arguments; it runs only when the
 /// file alone does not already say "not watched".
 #[inline(always)]
@@ -1022,7 +1039,7 @@ fn decide_open(
     ctx: &TracePointContext,
     ret: i64,
     syscall: Syscall,
-    fill_path: impl FnOnce(&mut OpenScratch) -> ((usize, u16), [u64; 3]),
+    fill_path: impl FnOnce(&mut [u8; PATH_CAP]) -> ((usize, u16), [u64; 3]),
 ) -> Result<u32, u32> {
     let file_id = if ret >= 0 {
         match_file(fd_file(ret))
@@ -1036,7 +1053,28 @@ fn decide_open(
     let s = OPEN_SCRATCH.get_ptr_mut(0).ok_or(0u32)?;
     // SAFETY: per-CPU scratch slot, exclusively ours while this program runs.
     let s = unsafe { &mut *s };
-    let ((len, pflags), args) = fill_path(s);
+    // The budget is asked as soon as the record is known to be wanted, before the path and
+    // the dentry names are read for it: a refused record costs no more than the decision.
+    // A matched file decides here; a failed open once its path has matched. Nothing after
+    // the check can drop the record but the ring, so what a budget refuses is unchanged.
+    let mut who = None;
+    if file_id.is_some() {
+        let (now, cgroup) = now_and_cgroup();
+        if !admit_at(Lane::Credential, &CRED_EVENTS, cgroup, now) {
+            return Err(0);
+        }
+        who = Some((now, cgroup));
+    }
+    let rec = OPEN_RECORD.get_ptr_mut(0).ok_or(0u32)?;
+    // A matched file's path goes straight into its record; a failed open's into the
+    // scratch key, which the prefix trie needs, and into the record only if it matches.
+    let ((len, pflags), args) = fill_path(if file_id.is_some() {
+        // SAFETY: `rec` is this CPU's record buffer, exclusively ours while this program
+        // runs.
+        unsafe { &mut (*rec).path }
+    } else {
+        &mut s.key.data
+    });
     let matched = match file_id {
         Some(f) => f.matched,
         None if len > 0 => match_path(&mut s.key, len),
@@ -1045,7 +1083,41 @@ fn decide_open(
     if matched == 0 {
         return Ok(0);
     }
-    emit_open(ctx, s, file_id, matched, ret, syscall, args, len, pflags)
+    let (now, cgroup) = match who {
+        Some(w) => w,
+        None => {
+            let (now, cgroup) = now_and_cgroup();
+            if !admit_at(Lane::Credential, &CRED_EVENTS, cgroup, now) {
+                return Err(0);
+            }
+            (now, cgroup)
+        }
+    };
+    let mut len = len & (PATH_CAP - 1);
+    // SAFETY: `rec.path` and the scratch key are both PATH_CAP bytes and `len` is below
+    // that; the helper checks the copy.
+    if file_id.is_none()
+        && unsafe {
+            bpf_probe_read_kernel(
+                addr_of_mut!((*rec).path).cast(),
+                len as u32,
+                s.key.data.as_ptr().cast(),
+            )
+        } != 0
+    {
+        len = 0;
+    }
+    emit_open(
+        ctx, s, rec, file_id, matched, ret, syscall, args, len, pflags, now, cgroup,
+    )
+}
+
+/// The clock (the record's time stamp and the budget's now) and the task's cgroup (its
+/// header and the budget's key), read once for both.
+#[inline(always)]
+fn now_and_cgroup() -> (u64, u64) {
+    // SAFETY: helpers without memory arguments.
+    unsafe { (bpf_ktime_get_boot_ns(), bpf_get_current_cgroup_id()) }
 }
 
 // ------------------------------------------------------------------ io_uring
@@ -1133,8 +1205,8 @@ fn try_io_uring_complete(ctx: &TracePointContext) -> Result<u32, u32> {
     } else {
         Syscall::IoUringOpenat
     };
-    decide_open(ctx, i64::from(res), syscall, |s| {
-        s.key.data = io.path;
+    decide_open(ctx, i64::from(res), syscall, |path| {
+        *path = io.path;
         (
             (usize::from(io.path_len) & (PATH_CAP - 1), io.path_flags),
             [0; 3],
@@ -1343,7 +1415,13 @@ fn emit_net(ctx: &TracePointContext, args: &ConnectArgs, ret: i64) {
             // SAFETY: `ev` is the reserved record.
             unsafe {
                 (*ev).args = *args;
-                fill_header(addr_of_mut!((*ev).header), EventKind::Connect, args.ts_ns);
+                fill_header(
+                    addr_of_mut!((*ev).header),
+                    EventKind::Connect,
+                    args.ts_ns,
+                    bpf_get_current_pid_tgid(),
+                    bpf_get_current_cgroup_id(),
+                );
                 (*ev).ret = ret;
             }
             entry.submit(wakeup_flag(&NET_EVENTS, Lane::Network));
@@ -1448,7 +1526,13 @@ fn reserve_proc(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntr
     // SAFETY: `ev` is the reserved record.
     unsafe {
         // SAFETY: helper without memory arguments.
-        fill_header(addr_of_mut!((*ev).header), kind, bpf_ktime_get_boot_ns());
+        fill_header(
+            addr_of_mut!((*ev).header),
+            kind,
+            bpf_ktime_get_boot_ns(),
+            id,
+            bpf_get_current_cgroup_id(),
+        );
         (*ev).child_pid = 0;
         (*ev).group_dead = GROUP_UNKNOWN;
         (*ev)._pad = 0;
