@@ -31,6 +31,9 @@ const READ_GAP_US: u64 = 500;
 /// Opens per connect in the flooder's loop: a connect costs ten times an open, so this
 /// keeps both lanes busy.
 const OPENS_PER_CONNECT: u32 = 16;
+/// The credential ring: 64 KiB holds ~340 open records, a quarter of them (what stays
+/// free for workloads within their share) ~85, some 40 ms of the victim's reads.
+const CREDENTIAL_RING_BYTES: u32 = 64 * 1024;
 /// The CPU the flooder is pinned to.
 const FLOOD_CPU: usize = 0;
 /// How long the flood runs before the victim starts, so the credential ring is under
@@ -58,6 +61,9 @@ fn a_flooding_pod_costs_another_pod_none_of_its_credential_reads() {
     config.identity.pods.source = PodSourceKind::File;
     config.identity.pods.file = Some(pods.clone());
     config.cgroups = vec![top.path.clone()];
+    // A small credential ring, so that the flood puts it under pressure however fast this
+    // machine drains it: the budget then has to hold, and its drops to be reported.
+    config.lanes.credential.ring_bytes = CREDENTIAL_RING_BYTES;
     let (mut h, _store) = Harness::start_with_pods_file(&config, &pods, 2);
 
     // The listener accepts and drops, so the flooder's connects never wait for a backlog.
