@@ -256,6 +256,21 @@ fn local_listener() -> Result<std::net::SocketAddr> {
     Ok(target)
 }
 
+/// Writes a daemon config for a benchmark: the default config watching only `watched`
+/// (a directory), every record as a JSON line to `output`, no alerts, no listeners, and
+/// `extra` (more YAML, e.g. lanes) appended.
+fn write_config(config: &Path, watched: &Path, output: &Path, extra: &str) -> Result<()> {
+    std::fs::write(
+        config,
+        format!(
+            "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\nalerts: {{output: none}}\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n{extra}",
+            watched.display(),
+            output.display()
+        ),
+    )
+    .with_context(|| format!("writing {}", config.display()))
+}
+
 pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
     let (bin, kid) = build_release(root, env)?;
     let dir = std::env::temp_dir().join(format!("am-bench-{}", std::process::id()));
@@ -267,14 +282,7 @@ pub fn overhead(root: &Path, env: &Env, iterations: u64) -> Result<()> {
     std::fs::write(&unwatched, b"x")?;
     let output = dir.join("events.jsonl");
     let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\nalerts: {{output: none}}\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n",
-            watched_dir.display(),
-            output.display()
-        ),
-    )?;
+    write_config(&config, &watched_dir, &output, "")?;
 
     let target = local_listener()?;
     let connects = (iterations / 10).max(1);
@@ -662,13 +670,11 @@ fn flood_scenario(
         let off = "{ring_bytes: 1048576, budget: {per_second: 0}}";
         format!("lanes: {{credential: {off}, network: {off}, process: {off}}}\n")
     };
-    std::fs::write(
+    write_config(
         &config,
-        format!(
-            "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\nalerts: {{output: none}}\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n{lanes}",
-            victim_file.parent().unwrap_or(dir).display(),
-            output.display()
-        ),
+        victim_file.parent().unwrap_or(dir),
+        &output,
+        &lanes,
     )?;
     let victim_cg = BenchCgroup::create(&format!("am-bench-victim-{}", std::process::id()))?;
     let flood_cg = BenchCgroup::create(&flood_cgroup_name())?;
@@ -768,14 +774,7 @@ pub fn flood(root: &Path, env: &Env, paced_opens: u64) -> Result<()> {
     for rate in PACED_RATES {
         let output = dir.join(format!("paced-{rate}.jsonl"));
         let config = dir.join("paced.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "watch:\n  prefixes: [\"{}/\"]\n  basenames: []\noutput: \"{}\"\nalerts: {{output: none}}\ngrpc: {{listen: none}}\nadmin: {{listen: none}}\n",
-                watched.display(),
-                output.display()
-            ),
-        )?;
+        write_config(&config, &watched, &output, "")?;
         let cg_name = format!("am-bench-paced-{}", std::process::id());
         let cg = BenchCgroup::create(&cg_name)?;
         let daemon = Daemon::start(&bin, &config)?;
