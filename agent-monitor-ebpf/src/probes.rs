@@ -238,8 +238,16 @@ fn admit_at(lane: Lane, ring: &RingBuf, cgroup: u64, now: u64) -> bool {
 #[inline(always)]
 fn count_budget_drop(cgroup: u64, lane: Lane) {
     if BUDGET_DROPS.get_ptr_mut(&cgroup).is_none() {
+        // Zeroes written on the stack, one by one: a literal `&[0; N]` is promoted to a
+        // constant in a read-only data section, and the value the kernel then copied held
+        // 262,144 in every lane (every new workload started with that many drops).
+        let mut zero = [1u64; LANE_COUNT as usize];
+        for slot in &mut zero {
+            // SAFETY: a valid, aligned slot of a local array.
+            unsafe { core::ptr::write_volatile(slot, 0) };
+        }
         // NOEXIST: a CPU that inserts at the same moment keeps its count.
-        let _ = BUDGET_DROPS.insert(&cgroup, &[0; LANE_COUNT as usize], BPF_NOEXIST as u64);
+        let _ = BUDGET_DROPS.insert(&cgroup, &zero, BPF_NOEXIST as u64);
     }
     if let Some(counts) = BUDGET_DROPS.get_ptr_mut(&cgroup) {
         // SAFETY: a valid, aligned map value; the atomic add (see `inflight_add`) keeps

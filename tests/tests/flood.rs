@@ -196,6 +196,21 @@ fn a_flooding_pod_costs_another_pod_none_of_its_credential_reads() {
         0,
         "the victim stayed within budget"
     );
+    // The flooder never forks or exits while it floods: its process lane has nothing for
+    // a budget to drop, and a count there is a miscounted one.
+    let process_drops: u64 = lost
+        .iter()
+        .filter(|l| {
+            l.reason == LostReason::Budget
+                && l.lane == "process"
+                && l.workload.as_ref().and_then(|w| w.pod.as_deref()) == Some(flooder.name.as_str())
+        })
+        .map(|l| l.count)
+        .sum();
+    assert_eq!(
+        process_drops, 0,
+        "process-lane budget drops of the flooder: {lost:?}"
+    );
     let named = lost
         .iter()
         .find(|l| l.reason == LostReason::Budget)
