@@ -418,6 +418,9 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+    // Empty until the probes are loaded; the once-a-second copy below starts after that,
+    // and /metrics may be scraped before (a slow load on a busy node took over a second).
+    metrics.set_queue_depth("pipeline", 0);
     // Weak: a strong sender here would keep the pipeline from ever seeing the end.
     let depth_tx = tx.downgrade();
     let pipeline_depth = depth_tx.clone();
