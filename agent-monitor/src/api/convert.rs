@@ -170,6 +170,11 @@ impl Origin {
 
     /// `r` as the wire event of this run.
     pub fn event(&self, r: &Record) -> pb::Event {
+        self.event_of(r.clone())
+    }
+
+    /// `r` as the wire event of this run, its strings moved into it.
+    pub fn event_of(&self, r: Record) -> pb::Event {
         let mut e = pb::Event::from(r);
         e.run_id = self.run_id.to_string();
         e.node = self.node.to_string();
@@ -247,6 +252,18 @@ const FAMILIES: Names<pb::AddressFamily> = Names {
     ],
     unspecified: pb::AddressFamily::Unspecified,
 };
+
+/// The lane an event travelled in: its kind's, or for a loss report the lane it counts.
+pub fn event_lane(e: &pb::Event) -> &'static str {
+    use pb::event::Kind;
+    match &e.kind {
+        Some(Kind::Open(_)) => "credential",
+        Some(Kind::Connect(_)) => "network",
+        Some(Kind::Exec(_) | Kind::Fork(_) | Kind::Exit(_)) => "process",
+        Some(Kind::Lost(l)) => LANES.name(l.lane()),
+        None => "",
+    }
+}
 
 const LANES: Names<pb::Lane> = Names {
     table: &[
@@ -399,27 +416,6 @@ impl From<&pb::Workload> for Workload {
 }
 
 /// The process of `t`; the key's boot id is the [`Origin`]'s to fill.
-impl From<&Task> for pb::Process {
-    fn from(t: &Task) -> Self {
-        pb::Process {
-            pid: t.pid,
-            tgid: t.tgid,
-            ppid: t.ppid,
-            uid: t.uid,
-            gid: t.gid,
-            comm: t.comm.clone(),
-            exe: t.exe.clone(),
-            cgroup_id: t.cgroup_id,
-            ts_boot_ns: t.ts_boot_ns,
-            key: Some(pb::ProcessKey {
-                boot_id: String::new(),
-                pid: t.tgid,
-                start_time_ns: t.start_ns,
-            }),
-        }
-    }
-}
-
 impl From<&Owner> for pb::Owner {
     fn from(o: &Owner) -> Self {
         pb::Owner {
@@ -443,71 +439,116 @@ impl From<&pb::Owner> for Owner {
 }
 
 /// The event of `r`, without its [`Origin`] (run, node, boot id): [`Origin::event`] is
-/// what the daemon hands out.
+/// what the daemon hands out. A copy of [`From<Record>`], for callers that keep the record.
 impl From<&Record> for pb::Event {
     fn from(r: &Record) -> Self {
+        pb::Event::from(r.clone())
+    }
+}
+
+impl From<Task> for pb::Process {
+    fn from(t: Task) -> Self {
+        pb::Process {
+            pid: t.pid,
+            tgid: t.tgid,
+            ppid: t.ppid,
+            uid: t.uid,
+            gid: t.gid,
+            comm: t.comm,
+            exe: t.exe,
+            cgroup_id: t.cgroup_id,
+            ts_boot_ns: t.ts_boot_ns,
+            key: Some(pb::ProcessKey {
+                boot_id: String::new(),
+                pid: t.tgid,
+                start_time_ns: t.start_ns,
+            }),
+        }
+    }
+}
+
+/// The event of `r`, its strings moved, not copied: the pipeline converts each record once
+/// and keeps only the wire form.
+impl From<Record> for pb::Event {
+    fn from(r: Record) -> Self {
         use pb::event::Kind;
-        let kind = match r {
-            Record::Open(o) => Kind::Open(pb::CredentialAccess {
-                path: o.path.clone(),
-                raw_path: o.raw_path.clone(),
-                syscall: SYSCALLS.to_pb(&o.syscall) as i32,
-                flags: o.flags,
-                mode: o.mode,
-                dirfd: o.dirfd,
-                result: o.result,
-                error: o.error.clone(),
-                class: class_to_pb(o.class) as i32,
-                owner: o.owner.as_ref().map(pb::Owner::from),
-                matched_by: MATCH_KINDS.to_pb(&o.matched_by) as i32,
-                path_resolved: o.path_resolved,
-                path_truncated: o.path_truncated,
-                host_path: o.host_path.clone(),
-                device: o.device.clone(),
-                inode: o.inode,
-            }),
-            Record::Connect(c) => Kind::Connect(pb::Connect {
-                syscall: SYSCALLS.to_pb(&c.syscall) as i32,
-                family: FAMILIES.to_pb(&c.family) as i32,
-                dst_addr: c.dst_addr.clone(),
-                dst_port: u32::from(c.dst_port),
-                fd: c.fd,
-                result: c.result,
-                error: c.error.clone(),
-                attempted: c.attempted,
-            }),
-            Record::Exec(e) => Kind::Exec(pb::Exec {
-                filename: e.filename.clone(),
-                old_pid: e.old_pid,
-            }),
-            Record::Fork(f) => Kind::Fork(pb::Fork {
-                child_pid: f.child_pid,
-            }),
-            Record::Exit(_) => Kind::Exit(pb::Exit {}),
-            Record::Lost(l) => Kind::Lost(pb::Lost {
-                lane: LANES.to_pb(&l.lane) as i32,
-                count: l.count,
-                total: l.total,
-                reason: match l.reason {
-                    LostReason::RingFull => pb::LostReason::RingFull,
-                    LostReason::Budget => pb::LostReason::Budget,
-                } as i32,
-            }),
-        };
-        let time = match r {
-            Record::Lost(l) => &l.time,
-            _ => r.task().map_or("", |t| t.time.as_str()),
+        let seq = r.seq();
+        let (task, kind) = match r {
+            Record::Open(o) => (
+                o.task,
+                Kind::Open(pb::CredentialAccess {
+                    path: o.path,
+                    raw_path: o.raw_path,
+                    syscall: SYSCALLS.to_pb(&o.syscall) as i32,
+                    flags: o.flags,
+                    mode: o.mode,
+                    dirfd: o.dirfd,
+                    result: o.result,
+                    error: o.error,
+                    class: class_to_pb(o.class) as i32,
+                    owner: o.owner.as_ref().map(pb::Owner::from),
+                    matched_by: MATCH_KINDS.to_pb(&o.matched_by) as i32,
+                    path_resolved: o.path_resolved,
+                    path_truncated: o.path_truncated,
+                    host_path: o.host_path,
+                    device: o.device,
+                    inode: o.inode,
+                }),
+            ),
+            Record::Connect(c) => (
+                c.task,
+                Kind::Connect(pb::Connect {
+                    syscall: SYSCALLS.to_pb(&c.syscall) as i32,
+                    family: FAMILIES.to_pb(&c.family) as i32,
+                    dst_addr: c.dst_addr,
+                    dst_port: u32::from(c.dst_port),
+                    fd: c.fd,
+                    result: c.result,
+                    error: c.error,
+                    attempted: c.attempted,
+                }),
+            ),
+            Record::Exec(e) => (
+                e.task,
+                Kind::Exec(pb::Exec {
+                    filename: e.filename,
+                    old_pid: e.old_pid,
+                }),
+            ),
+            Record::Fork(f) => (
+                f.task,
+                Kind::Fork(pb::Fork {
+                    child_pid: f.child_pid,
+                }),
+            ),
+            Record::Exit(e) => (e.task, Kind::Exit(pb::Exit {})),
+            Record::Lost(l) => {
+                return pb::Event {
+                    seq,
+                    process: None,
+                    workload: l.workload.as_ref().map(pb::Workload::from),
+                    run_id: String::new(),
+                    node: String::new(),
+                    time: timestamp(&l.time),
+                    kind: Some(Kind::Lost(pb::Lost {
+                        lane: LANES.to_pb(&l.lane) as i32,
+                        count: l.count,
+                        total: l.total,
+                        reason: match l.reason {
+                            LostReason::RingFull => pb::LostReason::RingFull,
+                            LostReason::Budget => pb::LostReason::Budget,
+                        } as i32,
+                    })),
+                };
+            }
         };
         pb::Event {
-            seq: r.seq(),
-            process: r.task().map(pb::Process::from),
-            workload: match r {
-                Record::Lost(l) => l.workload.as_ref().map(pb::Workload::from),
-                _ => r.task().map(|t| pb::Workload::from(&*t.workload)),
-            },
+            seq,
+            workload: Some(pb::Workload::from(&*task.workload)),
+            time: timestamp(&task.time),
+            process: Some(pb::Process::from(task)),
             run_id: String::new(),
             node: String::new(),
-            time: timestamp(time),
             kind: Some(kind),
         }
     }

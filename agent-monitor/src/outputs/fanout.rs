@@ -14,20 +14,9 @@ use super::{
     AlertItem, EventItem, Sink,
 };
 use crate::{
-    api::{pb, priority_name},
-    events::{LostReason, Record},
+    api::{event_lane, pb, priority_name},
     policy::sources::PolicySources,
 };
-
-/// The lane a record came through.
-pub fn lane_of(record: &Record) -> &str {
-    match record {
-        Record::Open(_) => "credential",
-        Record::Connect(_) => "network",
-        Record::Exec(_) | Record::Fork(_) | Record::Exit(_) => "process",
-        Record::Lost(l) => l.lane.as_str(),
-    }
-}
 
 /// Items held by a [`HubSink`] before they are published together.
 const HUB_BATCH: usize = 256;
@@ -106,30 +95,32 @@ fn bump(map: &mut BTreeMap<String, u64>, key: &str, by: u64) {
 
 impl Sink<EventItem> for Observer {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
-        let r = &e.item;
-        let lane = lane_of(r);
+        let e = &*e.api;
+        let lane = event_lane(e);
+        let lost = match &e.kind {
+            Some(pb::event::Kind::Lost(l)) => Some(l),
+            _ => None,
+        };
         self.health.mark_kernel_activity();
         if let Ok(mut c) = self.counters.lock() {
-            match r {
-                Record::Lost(l) => bump(&mut c.drops, lane, l.count),
-                _ => bump(&mut c.events, lane, 1),
+            match lost {
+                Some(l) => bump(&mut c.drops, lane, l.count),
+                None => bump(&mut c.events, lane, 1),
             }
         }
-        match r {
-            Record::Lost(l) => match (&l.reason, &l.workload) {
-                (LostReason::Budget, Some(w)) => self.metrics.record_budget_drop(
-                    lane,
-                    w.namespace.as_deref().unwrap_or(""),
-                    w.pod.as_deref().unwrap_or(""),
-                    l.count,
-                ),
+        match lost {
+            Some(l) => match (l.reason(), &e.workload) {
+                (pb::LostReason::Budget, Some(w)) => {
+                    self.metrics
+                        .record_budget_drop(lane, &w.namespace, &w.pod, l.count)
+                }
                 _ => self.metrics.record_lost(lane, l.count),
             },
-            _ => self.metrics.record_event(lane),
+            None => self.metrics.record_event(lane),
         }
-        if let Some(t) = r.task() {
+        if let Some(p) = &e.process {
             let now = crate::events::clock_ns(libc::CLOCK_BOOTTIME);
-            let age = now - i128::from(t.ts_boot_ns);
+            let age = now - i128::from(p.ts_boot_ns);
             if age >= 0 {
                 self.metrics
                     .observe_latency(Duration::from_nanos(age as u64));
@@ -216,7 +207,7 @@ mod tests {
     use crate::{
         api::Origin,
         detect::Anomaly,
-        events::LostRecord,
+        events::{LostReason, LostRecord, Record},
         outputs::grpc::{Delivery, Matcher},
     };
 

@@ -6,6 +6,7 @@
 //! object. SIGHUP reopens the file at its path, for log rotation ([`Reopen`]).
 
 use std::{
+    collections::HashMap,
     fs::{File, OpenOptions},
     io::{BufWriter, Write},
     os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _},
@@ -13,9 +14,11 @@ use std::{
 };
 
 use serde::Serialize as _;
+use serde_json::value::RawValue;
 use tracing::{info, warn};
 
 use super::{EventItem, Sink};
+use crate::api::pb;
 
 /// Mode of the output files the daemon creates.
 pub const OUTPUT_MODE: u32 = 0o600;
@@ -220,25 +223,117 @@ impl<W: Write, T: serde::Serialize> Sink<T> for JsonLines<W> {
     }
 }
 
+/// Workloads whose JSON [`EventLines`] keeps; past this many the cache starts again empty
+/// (a node runs at most a few hundred pods' containers).
+const WORKLOAD_CACHE: usize = 1024;
+
 /// Writes each record as one line of the proto3 JSON form of `agent_monitor.v1.Event`
 /// (the wire event the pipeline converted once), serialized straight into the buffered
 /// writer (no intermediate JSON value), its fields in the schema's order.
+///
+/// The workload is most of a line (a dozen names and the pod's labels, each escaped) and
+/// the same for every event of a container, so its JSON is kept per workload and written
+/// as it is when the event's workload equals the kept one (compared whole, field for field).
 pub struct EventLines<W: Write> {
     lines: JsonLines<W>,
+    /// Keyed by the workload's cgroup (its pod UID when it has none).
+    workloads: HashMap<String, (pb::Workload, Box<RawValue>)>,
 }
 
 impl<W: Write> EventLines<W> {
     pub fn new(out: W) -> Self {
         Self {
             lines: JsonLines::new(out),
+            workloads: HashMap::new(),
         }
+    }
+}
+
+/// The JSON of `w`, from `cache` when it holds an equal workload.
+fn workload_json<'c>(
+    cache: &'c mut HashMap<String, (pb::Workload, Box<RawValue>)>,
+    w: &pb::Workload,
+) -> serde_json::Result<&'c RawValue> {
+    let key = if w.cgroup.is_empty() {
+        &w.pod_uid
+    } else {
+        &w.cgroup
+    };
+    let fresh = !cache.get(key.as_str()).is_some_and(|(kept, _)| kept == w);
+    if fresh {
+        if cache.len() >= WORKLOAD_CACHE {
+            cache.clear();
+        }
+        let json = serde_json::value::to_raw_value(w)?;
+        cache.insert(key.clone(), (w.clone(), json));
+    }
+    Ok(&cache.get(key.as_str()).expect("present: inserted above").1)
+}
+
+/// An event serialized exactly as its generated `Serialize` impl (pbjson) does, field for
+/// field and in the same order, but with the workload's JSON given ready-made. The test
+/// `event_json_is_byte_for_byte_the_generated_serialization` holds the two together.
+struct EventJson<'a> {
+    e: &'a pb::Event,
+    workload: Option<&'a RawValue>,
+}
+
+impl serde::Serialize for EventJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use pb::event::Kind;
+        use serde::ser::SerializeStruct as _;
+        let e = self.e;
+        let len = usize::from(e.seq != 0)
+            + usize::from(e.process.is_some())
+            + usize::from(self.workload.is_some())
+            + usize::from(!e.run_id.is_empty())
+            + usize::from(!e.node.is_empty())
+            + usize::from(e.time.is_some())
+            + usize::from(e.kind.is_some());
+        let mut s = serializer.serialize_struct("agent_monitor.v1.Event", len)?;
+        if e.seq != 0 {
+            s.serialize_field("seq", itoa::Buffer::new().format(e.seq))?;
+        }
+        if let Some(v) = &e.process {
+            s.serialize_field("process", v)?;
+        }
+        if let Some(v) = self.workload {
+            s.serialize_field("workload", v)?;
+        }
+        if !e.run_id.is_empty() {
+            s.serialize_field("run_id", &e.run_id)?;
+        }
+        if !e.node.is_empty() {
+            s.serialize_field("node", &e.node)?;
+        }
+        if let Some(v) = &e.time {
+            s.serialize_field("time", v)?;
+        }
+        match &e.kind {
+            Some(Kind::Open(v)) => s.serialize_field("open", v)?,
+            Some(Kind::Connect(v)) => s.serialize_field("connect", v)?,
+            Some(Kind::Exec(v)) => s.serialize_field("exec", v)?,
+            Some(Kind::Fork(v)) => s.serialize_field("fork", v)?,
+            Some(Kind::Exit(v)) => s.serialize_field("exit", v)?,
+            Some(Kind::Lost(v)) => s.serialize_field("lost", v)?,
+            None => {}
+        }
+        s.end()
     }
 }
 
 impl<W: Write + Reopen> Sink<EventItem> for EventLines<W> {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
-        self.lines
-            .line(|s| e.api.serialize(s).map_err(std::io::Error::other))
+        let e = &*e.api;
+        let workload = match &e.workload {
+            Some(w) => Some(workload_json(&mut self.workloads, w).map_err(std::io::Error::other)?),
+            None => None,
+        };
+        self.lines.line(|s| {
+            EventJson { e, workload }
+                .serialize(s)
+                .map_err(std::io::Error::other)
+        })
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -280,6 +375,105 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(lines[1]).expect("json");
         assert_eq!(v["type"], "lost");
         assert_eq!(v["total"], 2);
+    }
+
+    /// The event lines' own serialization, with the workload's JSON kept per workload, is
+    /// byte for byte the generated one: for every kind of event, with and without a
+    /// workload, for a workload seen before and for one that changed under the same key.
+    #[test]
+    fn event_json_is_byte_for_byte_the_generated_serialization() {
+        use pb::event::Kind;
+        let workload = |pod: &str, label: &str| pb::Workload {
+            namespace: "agents".into(),
+            pod: pod.into(),
+            pod_uid: "0b0e-uid".into(),
+            container: "worker".into(),
+            container_id: "c0ffee".into(),
+            service_account: "agent-worker-1".into(),
+            agent: "researcher \"quoted\" \u{e9}".into(),
+            tier: pb::Tier::Worker as i32,
+            labels: [
+                ("app".to_owned(), label.to_owned()),
+                ("z/y".into(), "\n".into()),
+            ]
+            .into_iter()
+            .collect(),
+            cgroup: "kubepods.slice/pod.slice/cri-containerd-c0ffee.scope".into(),
+            truncated: pod.len() > 8,
+            labels_truncated: 2,
+            host: false,
+        };
+        let kinds = [
+            Some(Kind::Open(pb::CredentialAccess {
+                path: "/var/lib/kubelet/pods/x/token".into(),
+                raw_path: "token".into(),
+                ..Default::default()
+            })),
+            Some(Kind::Connect(pb::Connect {
+                dst_addr: "10.0.0.1".into(),
+                dst_port: 443,
+                ..Default::default()
+            })),
+            Some(Kind::Exec(pb::Exec {
+                filename: "/bin/sh".into(),
+                ..Default::default()
+            })),
+            Some(Kind::Fork(pb::Fork { child_pid: 7 })),
+            Some(Kind::Exit(pb::Exit {})),
+            Some(Kind::Lost(pb::Lost {
+                count: 3,
+                total: 9,
+                ..Default::default()
+            })),
+            None,
+        ];
+        let workloads = [
+            None,
+            Some(workload("agent-a", "one")),
+            Some(workload("agent-a", "one")),
+            // Same cgroup, changed pod metadata: the kept JSON must not be reused.
+            Some(workload("agent-a", "two")),
+            Some(workload("agent-a-renamed", "two")),
+        ];
+        let mut cache = HashMap::new();
+        let mut seq = 0;
+        for kind in &kinds {
+            for w in &workloads {
+                seq += 1;
+                let e = pb::Event {
+                    seq: if seq % 5 == 0 { 0 } else { seq },
+                    process: (seq % 3 != 0).then(|| pb::Process {
+                        pid: 42,
+                        comm: "cat".into(),
+                        ..Default::default()
+                    }),
+                    workload: w.clone(),
+                    run_id: if seq % 4 == 0 {
+                        String::new()
+                    } else {
+                        "run-1".into()
+                    },
+                    node: "node-a".into(),
+                    time: (seq % 2 == 0).then_some(agent_monitor_api::wkt::Timestamp {
+                        seconds: 1_790_000_000,
+                        nanos: 5,
+                    }),
+                    kind: kind.clone(),
+                };
+                let json = e.workload.as_ref().map(|w| {
+                    workload_json(&mut cache, w)
+                        .expect("workload json")
+                        .to_owned()
+                });
+                let ours = serde_json::to_string(&EventJson {
+                    e: &e,
+                    workload: json.as_deref(),
+                })
+                .expect("ours");
+                let generated = serde_json::to_string(&e).expect("generated");
+                assert_eq!(ours, generated, "event {seq}");
+            }
+        }
     }
 
     /// The event output prints each item's wire event, one line each: the bytes of its

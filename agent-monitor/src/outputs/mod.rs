@@ -28,17 +28,22 @@ pub struct Converted<T, P> {
     pub api: Arc<P>,
 }
 
-/// A record and its `agent_monitor.v1.Event`.
-pub type EventItem = Converted<Record, pb::Event>;
+/// A record as its `agent_monitor.v1.Event`, converted once (by the pipeline, after
+/// detection read the record) and shared by every event sink: the record's strings are
+/// moved into it, not copied, so the record itself is gone.
+#[derive(Debug, Clone)]
+pub struct EventItem {
+    /// The wire form, stamped with the run's [`Origin`].
+    pub api: Arc<pb::Event>,
+}
 /// An anomaly and its `agent_monitor.v1.Anomaly`.
 pub type AlertItem = Converted<Anomaly, pb::Anomaly>;
 
 impl Origin {
-    /// `r` with its wire event of this run.
+    /// `r` as the wire event of this run.
     pub fn event_item(&self, r: Record) -> EventItem {
-        Converted {
-            api: Arc::new(self.event(&r)),
-            item: r,
+        EventItem {
+            api: Arc::new(self.event_of(r)),
         }
     }
 
