@@ -231,14 +231,12 @@ impl Engine {
             .and_then(|o| o.priority)
             .or(hit.priority)
             .unwrap_or(info.priority);
-        let key = workload.pod_uid.clone().unwrap_or_else(|| {
-            if workload.host {
-                "host".to_owned()
-            } else {
-                "unknown".to_owned()
-            }
-        });
-        let suppressed_before = match self.limiter.check(hit.rule, &key, ts) {
+        let key =
+            workload
+                .pod_uid
+                .as_deref()
+                .unwrap_or(if workload.host { "host" } else { "unknown" });
+        let suppressed_before = match self.limiter.check(hit.rule, key, ts) {
             Limit::Suppressed => return None,
             Limit::Pass { suppressed_before } => suppressed_before,
         };

@@ -193,11 +193,13 @@ struct Window {
 }
 
 /// At most `per_window` alerts per (rule, workload) per window; the excess is counted and
-/// reported, never dropped silently.
+/// reported, never dropped silently. Checked for every hit, most of which it suppresses
+/// under a flood: a check allocates nothing once the workload is known.
 pub struct RateLimiter {
     per_window: u32,
     window_ns: u64,
-    map: HashMap<(String, String), Window>,
+    /// By workload key, each rule's window (a workload trips a handful of rules).
+    map: HashMap<String, Vec<(&'static str, Window)>>,
 }
 
 impl RateLimiter {
@@ -209,19 +211,45 @@ impl RateLimiter {
         }
     }
 
-    pub fn check(&mut self, rule: &str, key: &str, ts: u64) -> Limit {
-        let k = (rule.to_owned(), key.to_owned());
-        let window_ns = self.window_ns;
-        if !self.map.contains_key(&k) && self.map.len() >= MAX_LIMIT_KEYS {
-            // Keys whose window ended with nothing suppressed carry no information.
-            self.map
-                .retain(|_, w| w.suppressed > 0 || ts.saturating_sub(w.start) < window_ns);
+    pub fn check(&mut self, rule: &'static str, key: &str, ts: u64) -> Limit {
+        let (per_window, window_ns) = (self.per_window, self.window_ns);
+        if let Some(windows) = self.map.get_mut(key) {
+            return Self::count(windows, rule, ts, per_window, window_ns);
         }
-        let w = self.map.entry(k).or_insert(Window {
-            start: ts,
-            count: 0,
-            suppressed: 0,
-        });
+        if self.map.len() >= MAX_LIMIT_KEYS {
+            // Windows that ended with nothing suppressed carry no information.
+            self.map.retain(|_, windows| {
+                windows.retain(|(_, w)| w.suppressed > 0 || ts.saturating_sub(w.start) < window_ns);
+                !windows.is_empty()
+            });
+        }
+        let windows = self.map.entry(key.to_owned()).or_default();
+        Self::count(windows, rule, ts, per_window, window_ns)
+    }
+
+    /// Counts a hit of `rule` at `ts` in a workload's `windows`.
+    fn count(
+        windows: &mut Vec<(&'static str, Window)>,
+        rule: &'static str,
+        ts: u64,
+        per_window: u32,
+        window_ns: u64,
+    ) -> Limit {
+        let i = match windows.iter().position(|(r, _)| *r == rule) {
+            Some(i) => i,
+            None => {
+                windows.push((
+                    rule,
+                    Window {
+                        start: ts,
+                        count: 0,
+                        suppressed: 0,
+                    },
+                ));
+                windows.len() - 1
+            }
+        };
+        let w = &mut windows[i].1;
         let mut suppressed_before = 0;
         if ts.saturating_sub(w.start) >= window_ns {
             suppressed_before = w.suppressed;
@@ -231,7 +259,7 @@ impl RateLimiter {
                 suppressed: 0,
             };
         }
-        if w.count < self.per_window {
+        if w.count < per_window {
             w.count += 1;
             Limit::Pass { suppressed_before }
         } else {
@@ -244,18 +272,21 @@ impl RateLimiter {
     /// reset, so each suppression is reported once.
     pub fn expired(&mut self, ts: u64) -> Vec<(String, String, u64)> {
         let mut out = Vec::new();
-        for ((rule, key), w) in self.map.iter_mut() {
-            if w.suppressed > 0 && ts.saturating_sub(w.start) >= self.window_ns {
-                out.push((rule.clone(), key.clone(), w.suppressed));
-                w.suppressed = 0;
+        for (key, windows) in self.map.iter_mut() {
+            for (rule, w) in windows.iter_mut() {
+                if w.suppressed > 0 && ts.saturating_sub(w.start) >= self.window_ns {
+                    out.push(((*rule).to_owned(), key.clone(), w.suppressed));
+                    w.suppressed = 0;
+                }
             }
         }
         out.sort();
         out
     }
 
+    /// (rule, workload) pairs with a window.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -6,11 +6,13 @@
 //! object. SIGHUP reopens the file at its path, for log rotation ([`Reopen`]).
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     fs::{File, OpenOptions},
     io::{BufWriter, Write},
     os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Serialize as _;
@@ -18,7 +20,7 @@ use serde_json::value::RawValue;
 use tracing::{info, warn};
 
 use super::{EventItem, Sink};
-use crate::api::pb;
+use crate::{api::pb, events::Workload};
 
 /// Mode of the output files the daemon creates.
 pub const OUTPUT_MODE: u32 = 0o600;
@@ -232,42 +234,47 @@ const WORKLOAD_CACHE: usize = 1024;
 /// writer (no intermediate JSON value), its fields in the schema's order.
 ///
 /// The workload is most of a line (a dozen names and the pod's labels, each escaped) and
-/// the same for every event of a container, so its JSON is kept per workload and written
-/// as it is when the event's workload equals the kept one (compared whole, field for field).
+/// the same for every event of a container, so its JSON is kept per shared workload
+/// ([`EventItem::workload`]) and written as it is.
 pub struct EventLines<W: Write> {
     lines: JsonLines<W>,
-    /// Keyed by the workload's cgroup (its pod UID when it has none).
-    workloads: HashMap<String, (pb::Workload, Box<RawValue>)>,
+    workloads: WorkloadJson,
 }
 
 impl<W: Write> EventLines<W> {
     pub fn new(out: W) -> Self {
         Self {
             lines: JsonLines::new(out),
-            workloads: HashMap::new(),
+            workloads: WorkloadJson::default(),
         }
     }
 }
 
-/// The JSON of `w`, from `cache` when it holds an equal workload.
-fn workload_json<'c>(
-    cache: &'c mut HashMap<String, (pb::Workload, Box<RawValue>)>,
-    w: &pb::Workload,
-) -> serde_json::Result<&'c RawValue> {
-    let key = if w.cgroup.is_empty() {
-        &w.pod_uid
-    } else {
-        &w.cgroup
-    };
-    let fresh = !cache.get(key.as_str()).is_some_and(|(kept, _)| kept == w);
-    if fresh {
-        if cache.len() >= WORKLOAD_CACHE {
-            cache.clear();
+/// The JSON of shared workloads, by the workload's address. Each entry holds its workload,
+/// so no other workload can be allocated at that address while the entry is kept.
+#[derive(Default)]
+struct WorkloadJson(HashMap<usize, (Arc<Workload>, Box<RawValue>)>);
+
+impl WorkloadJson {
+    /// The JSON of `wire`, the wire form of `shared` (when the event has one).
+    fn get(
+        &mut self,
+        shared: Option<&Arc<Workload>>,
+        wire: &pb::Workload,
+    ) -> serde_json::Result<Cow<'_, RawValue>> {
+        let Some(shared) = shared else {
+            return serde_json::value::to_raw_value(wire).map(Cow::Owned);
+        };
+        let key = Arc::as_ptr(shared) as usize;
+        if !self.0.contains_key(&key) {
+            if self.0.len() >= WORKLOAD_CACHE {
+                self.0.clear();
+            }
+            let json = serde_json::value::to_raw_value(wire)?;
+            self.0.insert(key, (shared.clone(), json));
         }
-        let json = serde_json::value::to_raw_value(w)?;
-        cache.insert(key.clone(), (w.clone(), json));
+        Ok(Cow::Borrowed(&self.0[&key].1))
     }
-    Ok(&cache.get(key.as_str()).expect("present: inserted above").1)
 }
 
 /// An event serialized exactly as its generated `Serialize` impl (pbjson) does, field for
@@ -324,15 +331,22 @@ impl serde::Serialize for EventJson<'_> {
 
 impl<W: Write + Reopen> Sink<EventItem> for EventLines<W> {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
-        let e = &*e.api;
+        let (shared, e) = (e.workload.as_ref(), &*e.api);
         let workload = match &e.workload {
-            Some(w) => Some(workload_json(&mut self.workloads, w).map_err(std::io::Error::other)?),
+            Some(w) => Some(
+                self.workloads
+                    .get(shared, w)
+                    .map_err(std::io::Error::other)?,
+            ),
             None => None,
         };
         self.lines.line(|s| {
-            EventJson { e, workload }
-                .serialize(s)
-                .map_err(std::io::Error::other)
+            EventJson {
+                e,
+                workload: workload.as_deref(),
+            }
+            .serialize(s)
+            .map_err(std::io::Error::other)
         })
     }
 
@@ -427,18 +441,21 @@ mod tests {
             })),
             None,
         ];
-        let workloads = [
-            None,
-            Some(workload("agent-a", "one")),
-            Some(workload("agent-a", "one")),
-            // Same cgroup, changed pod metadata: the kept JSON must not be reused.
-            Some(workload("agent-a", "two")),
-            Some(workload("agent-a-renamed", "two")),
-        ];
-        let mut cache = HashMap::new();
+        // One shared workload per distinct wire form, as identity builds them.
+        let shared: Vec<(Arc<Workload>, pb::Workload)> = [
+            workload("agent-a", "one"),
+            // Changed pod metadata: a new shared workload, whose JSON is its own.
+            workload("agent-a", "two"),
+            workload("agent-a-renamed", "two"),
+        ]
+        .into_iter()
+        .map(|w| (Arc::new(Workload::default()), w))
+        .collect();
+        let choices = [None, Some(0), Some(0), Some(1), Some(2), Some(0)];
+        let mut items = Vec::new();
         let mut seq = 0;
         for kind in &kinds {
-            for w in &workloads {
+            for choice in choices {
                 seq += 1;
                 let e = pb::Event {
                     seq: if seq % 5 == 0 { 0 } else { seq },
@@ -447,7 +464,7 @@ mod tests {
                         comm: "cat".into(),
                         ..Default::default()
                     }),
-                    workload: w.clone(),
+                    workload: choice.map(|i: usize| shared[i].1.clone()),
                     run_id: if seq % 4 == 0 {
                         String::new()
                     } else {
@@ -460,20 +477,36 @@ mod tests {
                     }),
                     kind: kind.clone(),
                 };
-                let json = e.workload.as_ref().map(|w| {
-                    workload_json(&mut cache, w)
-                        .expect("workload json")
-                        .to_owned()
+                items.push(EventItem {
+                    api: Arc::new(e),
+                    workload: choice.map(|i| shared[i].0.clone()),
                 });
-                let ours = serde_json::to_string(&EventJson {
-                    e: &e,
-                    workload: json.as_deref(),
-                })
-                .expect("ours");
-                let generated = serde_json::to_string(&e).expect("generated");
-                assert_eq!(ours, generated, "event {seq}");
             }
         }
+        // A loss report that names a workload has no shared one.
+        items.push(EventItem {
+            api: Arc::new(pb::Event {
+                seq: 9_999,
+                workload: Some(shared[1].1.clone()),
+                kind: kinds[5].clone(),
+                ..Default::default()
+            }),
+            workload: None,
+        });
+        let mut buf = Vec::new();
+        {
+            let mut lines = EventLines::new(&mut buf);
+            for item in &items {
+                lines.write(item).expect("write");
+            }
+            lines.flush().expect("flush");
+        }
+        let ours = String::from_utf8(buf).expect("UTF-8");
+        for (line, item) in ours.lines().zip(&items) {
+            let generated = serde_json::to_string(&*item.api).expect("generated");
+            assert_eq!(line, generated, "event {}", item.api.seq);
+        }
+        assert_eq!(ours.lines().count(), items.len());
     }
 
     /// The event output prints each item's wire event, one line each: the bytes of its

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::{
     api::{pb, Origin},
     detect::Anomaly,
-    events::Record,
+    events::{Record, Workload},
 };
 
 /// An item together with its API form, converted once (by the pipeline) and shared by
@@ -35,6 +35,11 @@ pub struct Converted<T, P> {
 pub struct EventItem {
     /// The wire form, stamped with the run's [`Origin`].
     pub api: Arc<pb::Event>,
+    /// The shared workload `api.workload` was converted from (`None` for a loss report).
+    /// It is never changed once built (identity builds a new one when a pod changes), so
+    /// a sink may keep what it derives from a workload by this pointer, as long as it
+    /// keeps the pointer alive with it.
+    pub workload: Option<Arc<Workload>>,
 }
 /// An anomaly and its `agent_monitor.v1.Anomaly`.
 pub type AlertItem = Converted<Anomaly, pb::Anomaly>;
@@ -43,6 +48,7 @@ impl Origin {
     /// `r` as the wire event of this run.
     pub fn event_item(&self, r: Record) -> EventItem {
         EventItem {
+            workload: r.task().map(|t| t.workload.clone()),
             api: Arc::new(self.event_of(r)),
         }
     }
