@@ -15,8 +15,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::Stream;
-use tokio::sync::mpsc::{self, error::TrySendError};
+use futures::{task::AtomicWaker, Stream};
+use tokio::sync::mpsc::{
+    self,
+    error::{TryRecvError, TrySendError},
+};
 
 use super::{filter::Matcher, resume::JournalSource};
 use crate::{
@@ -49,6 +52,12 @@ struct Shared {
     /// queue on another CPU wait for each other (a futex sleep and wake per item).
     pending: AtomicU64,
     lock: Mutex<()>,
+    /// The client's stream, waiting for items: woken by the publisher once per publish
+    /// (a batch of items), not by the channel once per item. A client that drains as fast
+    /// as items arrive would otherwise go to sleep and be woken again every few items, a
+    /// futex wake and two context switches each, which under load cost more than the
+    /// items themselves.
+    waker: AtomicWaker,
 }
 
 impl Shared {
@@ -162,7 +171,16 @@ impl Hub {
         // Dropping the senders ends each subscription once its queue is read.
         let events = std::mem::take(&mut *lock(&self.inner.events));
         let anomalies = std::mem::take(&mut *lock(&self.inner.anomalies));
+        let streams: Vec<Arc<Shared>> = events
+            .iter()
+            .map(|s| s.shared.clone())
+            .chain(anomalies.iter().map(|s| s.shared.clone()))
+            .collect();
         drop((events, anomalies));
+        // Each stream then finds its channel closed.
+        for shared in streams {
+            shared.waker.wake();
+        }
         self.inner.clients_changed();
     }
 
@@ -194,6 +212,7 @@ impl Hub {
                 || e.clone(),
             );
         }
+        wake(&subs);
     }
 
     fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<pb::Event>) {
@@ -208,6 +227,7 @@ impl Hub {
             |m| m.record(record),
             convert,
         );
+        wake(&subs);
     }
 
     /// Offers an anomaly to every anomaly client whose filter matches, converted here
@@ -232,6 +252,7 @@ impl Hub {
                 || a.clone(),
             );
         }
+        wake(&subs);
     }
 
     fn publish_anomaly_with(&self, anomaly: &Anomaly, convert: impl FnOnce() -> Arc<pb::Anomaly>) {
@@ -246,6 +267,7 @@ impl Hub {
             |m| m.anomaly(anomaly),
             convert,
         );
+        wake(&subs);
     }
 
     /// Lets clients resume from `journal` (the daemon's journal of this run). Only the
@@ -339,6 +361,14 @@ impl Hub {
     /// Per-client queue capacity.
     pub fn queue_per_client(&self) -> usize {
         self.inner.queue
+    }
+}
+
+/// Wakes the streams of `subs` that wait for items (see `Shared::waker`): called after
+/// each publish, whether an item was queued or lost (a trailing gap is then due).
+fn wake<T>(subs: &[Subscriber<T>]) {
+    for sub in subs {
+        sub.shared.waker.wake();
     }
 }
 
@@ -466,17 +496,30 @@ impl<T> Stream for Subscription<T> {
         if this.flushed {
             return Poll::Ready(None);
         }
-        match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(d)) => Poll::Ready(Some(d)),
-            Poll::Ready(None) => {
-                let gap = this.trailing_gap();
-                this.flushed = gap.is_none();
-                Poll::Ready(gap.map(Delivery::Gap))
+        // The channel is read without registering with it (its sends would wake this
+        // stream per item); the publisher wakes it through `Shared::waker` instead. After
+        // registering, the queue is looked at once more, so an item sent in between is
+        // not left waiting for the next publish.
+        let mut registered = false;
+        loop {
+            match this.rx.try_recv() {
+                Ok(d) => return Poll::Ready(Some(d)),
+                Err(TryRecvError::Disconnected) => {
+                    let gap = this.trailing_gap();
+                    this.flushed = gap.is_none();
+                    return Poll::Ready(gap.map(Delivery::Gap));
+                }
+                Err(TryRecvError::Empty) => {
+                    if let Some(missed) = this.trailing_gap() {
+                        return Poll::Ready(Some(Delivery::Gap(missed)));
+                    }
+                    if registered {
+                        return Poll::Pending;
+                    }
+                    this.shared.waker.register(cx.waker());
+                    registered = true;
+                }
             }
-            Poll::Pending => match this.trailing_gap() {
-                Some(missed) => Poll::Ready(Some(Delivery::Gap(missed))),
-                None => Poll::Pending,
-            },
         }
     }
 }
@@ -535,6 +578,74 @@ mod tests {
             out.push(d);
         }
         out
+    }
+
+    /// A client that drains its stream as soon as it is woken, as a client on another
+    /// CPU does: its waker polls the stream itself, until the stream is empty again.
+    struct EagerClient {
+        sub: Mutex<Subscription<pb::Event>>,
+        got: Mutex<Vec<u64>>,
+        wakes: AtomicU64,
+        ended: AtomicBool,
+    }
+
+    impl EagerClient {
+        fn drain(this: &Arc<Self>) {
+            let waker = futures::task::waker(this.clone());
+            let mut cx = Context::from_waker(&waker);
+            let Ok(mut sub) = this.sub.try_lock() else {
+                return;
+            };
+            loop {
+                match Pin::new(&mut *sub).poll_next(&mut cx) {
+                    Poll::Ready(Some(Delivery::Item(e))) => lock(&this.got).push(e.seq),
+                    Poll::Ready(Some(Delivery::Gap(_))) => {}
+                    Poll::Ready(None) => {
+                        this.ended.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Poll::Pending => return,
+                }
+            }
+        }
+    }
+
+    impl futures::task::ArcWake for EagerClient {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.wakes.fetch_add(1, Ordering::SeqCst);
+            Self::drain(this);
+        }
+    }
+
+    /// A client that drains as fast as items come is woken once for a published batch,
+    /// not once per item (a wake per item is what a channel's own waker gives it), gets
+    /// the whole batch in order, and is woken to find its stream's end at shutdown.
+    #[test]
+    fn an_eager_client_is_woken_once_per_batch_and_at_shutdown() {
+        let hub = Hub::new(1024, Origin::default());
+        let client = Arc::new(EagerClient {
+            sub: Mutex::new(hub.subscribe_events(Matcher::default())),
+            got: Mutex::new(Vec::new()),
+            wakes: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+        });
+        EagerClient::drain(&client);
+        let origin = Origin::default();
+        for round in 0..3u64 {
+            let batch: Vec<_> = (1..=100)
+                .map(|i| Arc::new(origin.event(&exit(round * 100 + i, "a"))))
+                .collect();
+            hub.publish_events(&batch);
+            assert_eq!(
+                client.wakes.load(Ordering::SeqCst),
+                round + 1,
+                "one wake per batch"
+            );
+        }
+        assert_eq!(*lock(&client.got), (1..=300).collect::<Vec<_>>());
+        hub.shut_down();
+        assert_eq!(client.wakes.load(Ordering::SeqCst), 4);
+        assert!(client.ended.load(Ordering::SeqCst), "the stream ended");
     }
 
     #[test]
