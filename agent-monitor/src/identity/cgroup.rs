@@ -14,7 +14,6 @@
 //! | cgroupfs| any        | `kubepods/burstable/pod<uid>/<id>` (CRI-O: `crio-<id>`) |
 
 use std::{
-    collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -189,7 +188,7 @@ pub fn cgroup2_root(configured: Option<&Path>) -> Result<Option<PathBuf>, Cgroup
 /// Cached cgroup id → [`CgroupInfo`].
 pub struct CgroupResolver {
     root: Option<PathBuf>,
-    cache: HashMap<u64, Arc<CgroupInfo>>,
+    cache: foldhash::HashMap<u64, Arc<CgroupInfo>>,
     last_scan: Option<Instant>,
 }
 
@@ -199,7 +198,7 @@ impl CgroupResolver {
     pub fn with_root(root: Option<PathBuf>) -> Self {
         Self {
             root,
-            cache: HashMap::new(),
+            cache: foldhash::HashMap::default(),
             last_scan: None,
         }
     }

@@ -85,7 +85,7 @@ pub struct Identity {
     cgroups: CgroupResolver,
     /// The workload last built per cgroup id: every record of a cgroup shares it instead
     /// of copying a dozen strings and the pod's labels.
-    built: std::collections::HashMap<u64, BuiltWorkload>,
+    built: foldhash::HashMap<u64, BuiltWorkload>,
     pods: Arc<PodStore>,
     config: IdentitySettings,
     /// Whether pod metadata can arrive at all (a pod source is configured).
@@ -102,7 +102,7 @@ impl Identity {
     ) -> Self {
         Self {
             cgroups: CgroupResolver::with_root(cgroup_root),
-            built: std::collections::HashMap::new(),
+            built: foldhash::HashMap::default(),
             pods,
             config,
             has_pod_source,

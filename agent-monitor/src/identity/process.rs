@@ -5,7 +5,6 @@
 //! before the others, so an exec is applied before the opens that follow it.
 
 use std::{
-    collections::HashMap,
     num::NonZeroUsize,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -34,9 +33,9 @@ pub struct ProcInfo {
 
 /// Process id to [`ProcInfo`], bounded, least recently used first out.
 pub struct ProcessTable {
-    procs: LruCache<u32, ProcInfo>,
+    procs: LruCache<u32, ProcInfo, foldhash::fast::RandomState>,
     /// Processes that exited, with when we learned it; removed after [`EXIT_GRACE`].
-    exited: HashMap<u32, Instant>,
+    exited: foldhash::HashMap<u32, Instant>,
     proc_root: PathBuf,
 }
 
@@ -49,8 +48,11 @@ impl ProcessTable {
     /// An empty table reading another procfs mount (a host's /proc mounted in a container).
     pub fn with_proc_root(capacity: usize, proc_root: PathBuf) -> Self {
         Self {
-            procs: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
-            exited: HashMap::new(),
+            procs: LruCache::with_hasher(
+                NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
+                foldhash::fast::RandomState::default(),
+            ),
+            exited: foldhash::HashMap::default(),
             proc_root,
         }
     }

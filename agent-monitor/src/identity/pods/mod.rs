@@ -310,7 +310,7 @@ impl PodMeta {
 /// ([`PodMeta::bounded`]) on its way in, whichever source it comes from.
 #[derive(Debug)]
 pub struct PodStore {
-    pods: RwLock<HashMap<String, Arc<PodMeta>>>,
+    pods: RwLock<foldhash::HashMap<String, Arc<PodMeta>>>,
     version: watch::Sender<u64>,
     /// Label keys kept before any other when a pod has too many labels.
     keep_labels: Vec<String>,
@@ -335,7 +335,7 @@ impl PodStore {
     /// any other when a pod has more labels than are kept.
     pub fn with_keep_labels(keep_labels: Vec<String>) -> Self {
         Self {
-            pods: RwLock::new(HashMap::new()),
+            pods: RwLock::new(foldhash::HashMap::default()),
             version: watch::channel(0).0,
             keep_labels,
         }
