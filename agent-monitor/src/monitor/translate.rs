@@ -234,15 +234,12 @@ pub(super) fn by_identity(matched_by: &str) -> bool {
 /// each NUL-terminated).
 fn within_fs_path(dpath: &[u8], len: usize) -> String {
     let bytes = &dpath[..len.min(dpath.len())];
-    let names: Vec<String> = bytes
-        .split(|&b| b == 0)
-        .filter(|n| !n.is_empty())
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-        .collect();
-    let mut out = String::new();
-    for n in names.iter().rev() {
+    let mut out = String::with_capacity(bytes.len() + 1);
+    // Root first: the names come leaf first. A valid name is copied as it is, without an
+    // allocation of its own.
+    for name in bytes.rsplit(|&b| b == 0).filter(|n| !n.is_empty()) {
         out.push('/');
-        out.push_str(n);
+        out.push_str(&String::from_utf8_lossy(name));
     }
     if out.is_empty() {
         out.push('/');
@@ -264,6 +261,8 @@ mod tests {
         // A length past the buffer is clamped; nothing read is the filesystem's root.
         assert_eq!(within_fs_path(b"a\0", 99), "/a");
         assert_eq!(within_fs_path(b"", 0), "/");
+        // A name that is not UTF-8 is written with replacement characters, in its place.
+        assert_eq!(within_fs_path(b"f\xff\0d\0", 5), "/d/f\u{fffd}");
     }
 
     #[test]
