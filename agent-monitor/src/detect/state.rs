@@ -22,7 +22,7 @@ pub const MAX_ANCESTRY: usize = 8;
 pub const MAX_BASELINES: usize = 4_096;
 /// Most items remembered per baseline set.
 pub const MAX_BASELINE_ITEMS: usize = 256;
-/// Most (rule, workload) rate-limit windows.
+/// Most workloads with rate-limit windows (each keeps one window per rule it tripped).
 pub const MAX_LIMIT_KEYS: usize = 16_384;
 
 /// tgid → (ppid, last seen).
