@@ -72,6 +72,9 @@ struct Subscriber<T> {
     tx: mpsc::Sender<Delivery<T>>,
     matcher: Matcher,
     shared: Arc<Shared>,
+    /// Offered an item (queued or lost) since its stream was last woken: a client whose
+    /// filter matched nothing in a publish is not woken for it.
+    due: bool,
 }
 
 #[derive(Default)]
@@ -212,7 +215,7 @@ impl Hub {
                 || e.clone(),
             );
         }
-        wake(&subs);
+        wake(&mut subs);
     }
 
     fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<pb::Event>) {
@@ -227,7 +230,7 @@ impl Hub {
             |m| m.record(record),
             convert,
         );
-        wake(&subs);
+        wake(&mut subs);
     }
 
     /// Offers an anomaly to every anomaly client whose filter matches, converted here
@@ -252,7 +255,7 @@ impl Hub {
                 || a.clone(),
             );
         }
-        wake(&subs);
+        wake(&mut subs);
     }
 
     fn publish_anomaly_with(&self, anomaly: &Anomaly, convert: impl FnOnce() -> Arc<pb::Anomaly>) {
@@ -267,7 +270,7 @@ impl Hub {
             |m| m.anomaly(anomaly),
             convert,
         );
-        wake(&subs);
+        wake(&mut subs);
     }
 
     /// Lets clients resume from `journal` (the daemon's journal of this run). Only the
@@ -316,6 +319,7 @@ impl Hub {
                     tx,
                     matcher,
                     shared: shared.clone(),
+                    due: false,
                 });
             }
         }
@@ -364,10 +368,12 @@ impl Hub {
     }
 }
 
-/// Wakes the streams of `subs` that wait for items (see `Shared::waker`): called after
-/// each publish, whether an item was queued or lost (a trailing gap is then due).
-fn wake<T>(subs: &[Subscriber<T>]) {
-    for sub in subs {
+/// Wakes the streams of `subs` that were offered an item since they were last woken (see
+/// `Shared::waker`), whether it was queued or lost (a trailing gap is then due): called
+/// after each publish.
+fn wake<T>(subs: &mut [Subscriber<T>]) {
+    for sub in subs.iter_mut().filter(|s| s.due) {
+        sub.due = false;
         sub.shared.waker.wake();
     }
 }
@@ -381,13 +387,14 @@ fn publish<T>(
 ) {
     let mut convert = Some(convert);
     let mut item: Option<Arc<T>> = None;
-    subs.retain(|sub| {
+    subs.retain_mut(|sub| {
         if sub.tx.is_closed() {
             return false;
         }
         if !matches(&sub.matcher) {
             return true;
         }
+        sub.due = true;
         let item = match &item {
             Some(i) => i.clone(),
             None => {
@@ -619,7 +626,8 @@ mod tests {
 
     /// A client that drains as fast as items come is woken once for a published batch,
     /// not once per item (a wake per item is what a channel's own waker gives it), gets
-    /// the whole batch in order, and is woken to find its stream's end at shutdown.
+    /// the whole batch in order, and is woken to find its stream's end at shutdown; a
+    /// client whose filter matches nothing in a batch is not woken for it.
     #[test]
     fn an_eager_client_is_woken_once_per_batch_and_at_shutdown() {
         let hub = Hub::new(1024, Origin::default());
@@ -643,9 +651,40 @@ mod tests {
             );
         }
         assert_eq!(*lock(&client.got), (1..=300).collect::<Vec<_>>());
-        hub.shut_down();
+        // A client whose filter matches none of a batch is not woken for it.
+        let elsewhere = Arc::new(EagerClient {
+            sub: Mutex::new(
+                hub.subscribe_events(
+                    Matcher::new(Some(&pb::Filter {
+                        allow: Some(pb::Selector {
+                            namespaces: vec!["b".into()],
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }))
+                    .expect("filter"),
+                ),
+            ),
+            got: Mutex::new(Vec::new()),
+            wakes: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+        });
+        EagerClient::drain(&elsewhere);
+        let batch: Vec<_> = (301..=310)
+            .map(|i| Arc::new(origin.event(&exit(i, "a"))))
+            .collect();
+        hub.publish_events(&batch);
+        assert_eq!(elsewhere.wakes.load(Ordering::SeqCst), 0, "nothing for it");
         assert_eq!(client.wakes.load(Ordering::SeqCst), 4);
+        hub.shut_down();
+        assert_eq!(client.wakes.load(Ordering::SeqCst), 5);
         assert!(client.ended.load(Ordering::SeqCst), "the stream ended");
+        assert_eq!(
+            elsewhere.wakes.load(Ordering::SeqCst),
+            1,
+            "woken at shutdown"
+        );
+        assert!(elsewhere.ended.load(Ordering::SeqCst));
     }
 
     #[test]
