@@ -256,13 +256,13 @@ const FAMILIES: Names<pb::AddressFamily> = Names {
 /// The lane an event travelled in: its kind's, or for a loss report the lane it counts.
 pub fn event_lane(e: &pb::Event) -> &'static str {
     use pb::event::Kind;
-    match &e.kind {
-        Some(Kind::Open(_)) => "credential",
-        Some(Kind::Connect(_)) => "network",
-        Some(Kind::Exec(_) | Kind::Fork(_) | Kind::Exit(_)) => "process",
-        Some(Kind::Lost(l)) => LANES.name(l.lane()),
-        None => "",
-    }
+    LANES.name(match &e.kind {
+        Some(Kind::Open(_)) => pb::Lane::Credential,
+        Some(Kind::Connect(_)) => pb::Lane::Network,
+        Some(Kind::Exec(_) | Kind::Fork(_) | Kind::Exit(_)) => pb::Lane::Process,
+        Some(Kind::Lost(l)) => l.lane(),
+        None => pb::Lane::Unspecified,
+    })
 }
 
 const LANES: Names<pb::Lane> = Names {
@@ -415,7 +415,6 @@ impl From<&pb::Workload> for Workload {
     }
 }
 
-/// The process of `t`; the key's boot id is the [`Origin`]'s to fill.
 impl From<&Owner> for pb::Owner {
     fn from(o: &Owner) -> Self {
         pb::Owner {
@@ -446,6 +445,7 @@ impl From<&Record> for pb::Event {
     }
 }
 
+/// The process of `t`; the key's boot id is the [`Origin`]'s to fill.
 impl From<Task> for pb::Process {
     fn from(t: Task) -> Self {
         pb::Process {
