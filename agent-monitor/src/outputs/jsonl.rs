@@ -7,7 +7,7 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    collections::hash_map::Entry,
     fs::{File, OpenOptions},
     io::{BufWriter, Write},
     os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _},
@@ -253,7 +253,7 @@ impl<W: Write> EventLines<W> {
 /// The JSON of shared workloads, by the workload's address. Each entry holds its workload,
 /// so no other workload can be allocated at that address while the entry is kept.
 #[derive(Default)]
-struct WorkloadJson(HashMap<usize, (Arc<Workload>, Box<RawValue>)>);
+struct WorkloadJson(foldhash::HashMap<usize, (Arc<Workload>, Box<RawValue>)>);
 
 impl WorkloadJson {
     /// The JSON of `wire`, the wire form of `shared` (when the event has one).
@@ -266,14 +266,16 @@ impl WorkloadJson {
             return serde_json::value::to_raw_value(wire).map(Cow::Owned);
         };
         let key = Arc::as_ptr(shared) as usize;
-        if !self.0.contains_key(&key) {
-            if self.0.len() >= WORKLOAD_CACHE {
-                self.0.clear();
-            }
-            let json = serde_json::value::to_raw_value(wire)?;
-            self.0.insert(key, (shared.clone(), json));
+        if self.0.len() >= WORKLOAD_CACHE && !self.0.contains_key(&key) {
+            self.0.clear();
         }
-        Ok(Cow::Borrowed(&self.0[&key].1))
+        let (_, json) = match self.0.entry(key) {
+            Entry::Occupied(kept) => kept.into_mut(),
+            Entry::Vacant(slot) => {
+                slot.insert((shared.clone(), serde_json::value::to_raw_value(wire)?))
+            }
+        };
+        Ok(Cow::Borrowed(json))
     }
 }
 
