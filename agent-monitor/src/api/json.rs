@@ -27,4 +27,4 @@ pub fn anomaly(a: &pb::Anomaly) -> std::io::Result<serde_json::Value> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

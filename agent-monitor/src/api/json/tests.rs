@@ -827,7 +827,7 @@ fn arb_kind() -> impl Strategy<Value = pb::event::Kind> {
     ]
 }
 
-fn arb_event() -> impl Strategy<Value = pb::Event> {
+pub(crate) fn arb_event() -> impl Strategy<Value = pb::Event> {
     (
         (any::<u64>(), prop::option::of(arb_process())),
         (prop::option::of(arb_workload()), text(), text()),

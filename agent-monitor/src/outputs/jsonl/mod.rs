@@ -15,11 +15,12 @@ use std::{
     sync::Arc,
 };
 
-use serde::Serialize as _;
 use serde_json::value::RawValue;
 use tracing::{info, warn};
 
 use super::{EventItem, Sink};
+
+mod event;
 use crate::{api::pb, events::Workload};
 
 /// Mode of the output files the daemon creates.
@@ -200,8 +201,17 @@ impl<W: Write> JsonLines<W> {
         &mut self,
         serialize: impl FnOnce(&mut serde_json::Serializer<&mut Vec<u8>>) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
+        self.raw_line(|line| serialize(&mut serde_json::Serializer::new(line)))
+    }
+
+    /// Writes one line that `write` appends to the (cleared) line buffer; when `write`
+    /// fails nothing of the line is written.
+    fn raw_line(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         self.line.clear();
-        serialize(&mut serde_json::Serializer::new(&mut self.line))?;
+        write(&mut self.line)?;
         self.line.push(b'\n');
         self.out.write_all(&self.line)
     }
@@ -279,58 +289,6 @@ impl WorkloadJson {
     }
 }
 
-/// An event serialized exactly as its generated `Serialize` impl (pbjson) does, field for
-/// field and in the same order, but with the workload's JSON given ready-made. The test
-/// `event_json_is_byte_for_byte_the_generated_serialization` holds the two together.
-struct EventJson<'a> {
-    e: &'a pb::Event,
-    workload: Option<&'a RawValue>,
-}
-
-impl serde::Serialize for EventJson<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use pb::event::Kind;
-        use serde::ser::SerializeStruct as _;
-        let e = self.e;
-        let len = usize::from(e.seq != 0)
-            + usize::from(e.process.is_some())
-            + usize::from(self.workload.is_some())
-            + usize::from(!e.run_id.is_empty())
-            + usize::from(!e.node.is_empty())
-            + usize::from(e.time.is_some())
-            + usize::from(e.kind.is_some());
-        let mut s = serializer.serialize_struct("agent_monitor.v1.Event", len)?;
-        if e.seq != 0 {
-            s.serialize_field("seq", itoa::Buffer::new().format(e.seq))?;
-        }
-        if let Some(v) = &e.process {
-            s.serialize_field("process", v)?;
-        }
-        if let Some(v) = self.workload {
-            s.serialize_field("workload", v)?;
-        }
-        if !e.run_id.is_empty() {
-            s.serialize_field("run_id", &e.run_id)?;
-        }
-        if !e.node.is_empty() {
-            s.serialize_field("node", &e.node)?;
-        }
-        if let Some(v) = &e.time {
-            s.serialize_field("time", v)?;
-        }
-        match &e.kind {
-            Some(Kind::Open(v)) => s.serialize_field("open", v)?,
-            Some(Kind::Connect(v)) => s.serialize_field("connect", v)?,
-            Some(Kind::Exec(v)) => s.serialize_field("exec", v)?,
-            Some(Kind::Fork(v)) => s.serialize_field("fork", v)?,
-            Some(Kind::Exit(v)) => s.serialize_field("exit", v)?,
-            Some(Kind::Lost(v)) => s.serialize_field("lost", v)?,
-            None => {}
-        }
-        s.end()
-    }
-}
-
 impl<W: Write + Reopen> Sink<EventItem> for EventLines<W> {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
         let (shared, e) = (e.workload.as_ref(), &*e.api);
@@ -342,14 +300,8 @@ impl<W: Write + Reopen> Sink<EventItem> for EventLines<W> {
             ),
             None => None,
         };
-        self.lines.line(|s| {
-            EventJson {
-                e,
-                workload: workload.as_deref(),
-            }
-            .serialize(s)
-            .map_err(std::io::Error::other)
-        })
+        self.lines
+            .raw_line(|line| event::write_event(line, e, workload.as_deref()))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
