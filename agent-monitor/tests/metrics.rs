@@ -82,12 +82,12 @@ async fn admin_endpoints_over_http() {
 
     // --- /metrics ---
     for _ in 0..3 {
-        metrics.record_event("credential");
+        metrics.record_events("credential", 1);
     }
     for _ in 0..2 {
-        metrics.record_event("network");
+        metrics.record_events("network", 1);
     }
-    metrics.record_event("process");
+    metrics.record_events("process", 1);
     metrics.record_lost("network", 7);
     metrics.record_lost("process", 1);
     metrics.record_lost("process", 4);

@@ -367,16 +367,16 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
         config.health.loop_stall_ms,
     )));
     let counters = Arc::new(Mutex::new(Counters::default()));
-    events.push(Box::new(Observer {
-        metrics: metrics.clone(),
-        health: health.clone(),
-        counters: counters.clone(),
-    }));
-    alerts.push(Box::new(Observer {
-        metrics: metrics.clone(),
-        health: health.clone(),
-        counters: counters.clone(),
-    }));
+    events.push(Box::new(Observer::new(
+        metrics.clone(),
+        health.clone(),
+        counters.clone(),
+    )));
+    alerts.push(Box::new(Observer::new(
+        metrics.clone(),
+        health.clone(),
+        counters.clone(),
+    )));
 
     // The journal: opened (and a torn tail cut off) before the first record can reach it.
     let journal = match &config.journal.dir {

@@ -47,7 +47,7 @@ use crate::{
 /// output thread, woken by the first, finds the rest queued, instead of being woken (a
 /// futex wake and two context switches) for every record. At most this many records'
 /// enrichment (a few hundred microseconds) is added to their latency.
-pub const SEND_BATCH: usize = 64;
+pub const SEND_BATCH: usize = 256;
 /// How often dead processes are pruned from the process table.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the node credential inventory is walked again (rewritten kubeconfigs and

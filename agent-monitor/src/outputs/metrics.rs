@@ -345,11 +345,11 @@ impl Metrics {
         self.journal_truncated_bytes.inc_by(truncated_bytes);
     }
 
-    /// Counts one decoded record in `lane` (`credential`, `network` or `process`).
-    pub fn record_event(&self, lane: &str) {
+    /// Counts `count` decoded records in `lane` (`credential`, `network` or `process`).
+    pub fn record_events(&self, lane: &str, count: u64) {
         self.events
             .get_or_create(&[("lane", lane_value(lane))])
-            .inc();
+            .inc_by(count);
     }
 
     /// Counts `count` records the kernel dropped in `lane`.
@@ -805,7 +805,7 @@ mod tests {
     #[test]
     fn known_lanes_start_at_zero_and_unknown_lanes_are_kept() {
         let m = Metrics::new();
-        m.record_event("other");
+        m.record_events("other", 1);
         let text = m.render();
         for lane in LANES {
             assert!(text.contains(&format!(

@@ -501,16 +501,12 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
             Arc::new(Health::new(Duration::from_secs(10))),
         );
         let counters = Arc::new(Mutex::new(Counters::default()));
-        events.push(Box::new(Observer {
-            metrics: metrics.clone(),
-            health: health.clone(),
-            counters: counters.clone(),
-        }));
-        alerts.push(Box::new(Observer {
-            metrics,
-            health,
-            counters,
-        }));
+        events.push(Box::new(Observer::new(
+            metrics.clone(),
+            health.clone(),
+            counters.clone(),
+        )));
+        alerts.push(Box::new(Observer::new(metrics, health, counters)));
     }
     let c = config.clone();
     let engine = Engine::new(
