@@ -82,7 +82,7 @@ fn opens_by_absolute_cwd_relative_dirfd_relative_and_openat2_path() {
     let opens = opens_of(&h.records, kid.pid);
     let summary: Vec<_> = opens
         .iter()
-        .map(|o| (o.syscall.as_str(), o.path.as_str(), o.result))
+        .map(|o| (&*o.syscall, o.path.as_str(), o.result))
         .collect();
     assert_eq!(opens.len(), 6, "exactly the six watched opens: {summary:?}");
     for o in &opens {
@@ -170,8 +170,8 @@ fn connects_over_ipv4_ipv6_and_udp_sendto() {
         .iter()
         .map(|c| {
             (
-                c.syscall.as_str(),
-                c.family.as_str(),
+                &*c.syscall,
+                &*c.family,
                 c.dst_addr.as_str(),
                 c.dst_port,
                 c.result,

@@ -594,12 +594,12 @@ impl TryFrom<&pb::Event> for Record {
             Kind::Open(o) => Record::Open(OpenRecord {
                 seq,
                 task: task()?,
-                syscall: SYSCALLS.name(o.syscall()).to_owned(),
+                syscall: SYSCALLS.name(o.syscall()).into(),
                 path: o.path.clone(),
                 raw_path: o.raw_path.clone(),
                 path_resolved: o.path_resolved,
                 path_truncated: o.path_truncated,
-                matched_by: MATCH_KINDS.name(o.matched_by()).to_owned(),
+                matched_by: MATCH_KINDS.name(o.matched_by()).into(),
                 dirfd: o.dirfd,
                 flags: o.flags,
                 mode: o.mode,
@@ -614,8 +614,8 @@ impl TryFrom<&pb::Event> for Record {
             Kind::Connect(c) => Record::Connect(ConnectRecord {
                 seq,
                 task: task()?,
-                syscall: SYSCALLS.name(c.syscall()).to_owned(),
-                family: FAMILIES.name(c.family()).to_owned(),
+                syscall: SYSCALLS.name(c.syscall()).into(),
+                family: FAMILIES.name(c.family()).into(),
                 dst_addr: c.dst_addr.clone(),
                 dst_port: u16::try_from(c.dst_port).map_err(|_| {
                     Malformed(format!("event {seq}: port {} out of range", c.dst_port))

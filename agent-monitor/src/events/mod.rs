@@ -6,6 +6,8 @@
 pub mod decode;
 pub mod errno;
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 pub use decode::{decode, DecodeError, RawEvent};
@@ -179,7 +181,7 @@ pub struct OpenRecord {
     #[serde(flatten)]
     pub task: Task,
     /// `open`, `openat`, `openat2`, `creat`, `open_by_handle_at`, `io_uring_openat(2)`.
-    pub syscall: String,
+    pub syscall: Cow<'static, str>,
     /// The file's path on the node: the kernel's host path when the open succeeded, else
     /// the path as passed (a relative one resolved against the cwd or dirfd).
     pub path: String,
@@ -192,7 +194,7 @@ pub struct OpenRecord {
     pub path_truncated: bool,
     /// Why it matched: `volume`, `inode`, `prefix`, `basename` or
     /// `proc_environ`.
-    pub matched_by: String,
+    pub matched_by: Cow<'static, str>,
     pub dirfd: i32,
     pub flags: u32,
     pub mode: u32,
@@ -223,9 +225,9 @@ pub struct ConnectRecord {
     #[serde(flatten)]
     pub task: Task,
     /// `connect`, `sendto` or `sendmsg`.
-    pub syscall: String,
+    pub syscall: Cow<'static, str>,
     /// `inet` or `inet6`.
-    pub family: String,
+    pub family: Cow<'static, str>,
     pub dst_addr: String,
     pub dst_port: u16,
     pub fd: i32,

@@ -123,14 +123,14 @@ impl Enricher {
                     task: self.task(&ev.header),
                     syscall: Syscall::from_u16(ev.syscall)
                         .map_or("open", Syscall::name)
-                        .to_owned(),
+                        .into(),
                     path_resolved,
                     path,
                     raw_path,
                     path_truncated: ev.path_flags
                         & (path_flags::TRUNCATED | path_flags::DPATH_TRUNCATED)
                         != 0,
-                    matched_by: matched_by.to_owned(),
+                    matched_by: matched_by.into(),
                     dirfd: ev.dirfd,
                     flags: ev.flags,
                     mode: ev.mode,
@@ -156,8 +156,8 @@ impl Enricher {
                     task: self.task(&ev.header),
                     syscall: Syscall::from_u16(a.syscall)
                         .map_or("connect", Syscall::name)
-                        .to_owned(),
-                    family: family.to_owned(),
+                        .into(),
+                    family: family.into(),
                     dst_addr: addr,
                     dst_port: a.port,
                     fd: a.fd,
