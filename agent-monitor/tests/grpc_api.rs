@@ -428,6 +428,54 @@ async fn event_filters_select_namespace_pod_and_agent() {
     server.stop().await;
 }
 
+/// The pipeline hands the hub its events with the workload kept apart (shared, not
+/// copied into each); a client still receives the whole event, workload included, the
+/// same message the record converts to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_event_carries_its_whole_workload() {
+    let origin = Origin {
+        run_id: "run-1".into(),
+        node: "node-a".into(),
+        boot_id: "boot-1".into(),
+    };
+    let hub = Hub::new(16, origin.clone());
+    let server = start(tcp_config(16), hub.clone()).await;
+    let mut client = connect(&server.http(), None).await.expect("connect");
+    let mut stream = client
+        .stream_events(pb::StreamEventsRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    wait_clients(&hub, 1).await;
+    let mut w = workload("prod", "a", "coder");
+    w.labels = BTreeMap::from([("team".to_owned(), "research".to_owned())]);
+    let record = exit(1, w);
+    let (api, shared) = origin.event_parts(record.clone());
+    assert!(api.workload.is_none() && shared.is_some(), "kept apart");
+    hub.publish_events(&[Arc::new(agent_monitor::outputs::EventItem {
+        api: Arc::new(api),
+        workload: shared,
+    })]);
+    use pb::stream_events_response::Item;
+    let got = timeout(PATIENCE, stream.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .and_then(|m| m.item);
+    let Some(Item::Event(e)) = got else {
+        panic!("expected the event, got {got:?}");
+    };
+    let w = e.workload.as_ref().expect("workload");
+    assert_eq!(
+        (w.namespace.as_str(), w.pod.as_str(), w.agent.as_str()),
+        ("prod", "a", "coder")
+    );
+    assert_eq!(w.labels.get("team").map(String::as_str), Some("research"));
+    assert_eq!(e, origin.event(&record));
+    drop(stream);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_delays_neither_fast_client_nor_publisher_and_gets_exact_gap() {
     const TOTAL: u64 = 100_000;

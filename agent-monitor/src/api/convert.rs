@@ -175,13 +175,26 @@ impl Origin {
 
     /// `r` as the wire event of this run, its strings moved into it.
     pub fn event_of(&self, r: Record) -> pb::Event {
-        let mut e = pb::Event::from(r);
+        let (mut e, shared) = self.event_parts(r);
+        if let Some(w) = shared {
+            e.workload = Some(pb::Workload::from(&*w));
+        }
+        e
+    }
+
+    /// `r` as the wire event of this run, its strings moved into it, but for the shared
+    /// workload of a kernel event, which is returned beside it unconverted (the wire
+    /// event's `workload` is then empty): the pipeline's sinks take its wire form, or its
+    /// JSON, from what they keep per shared workload, instead of a copy of a dozen
+    /// strings and the pod's labels in every event.
+    pub fn event_parts(&self, r: Record) -> (pb::Event, Option<Arc<Workload>>) {
+        let (mut e, shared) = split(r);
         e.run_id = self.run_id.to_string();
         e.node = self.node.to_string();
         if let Some(key) = e.process.as_mut().and_then(|p| p.key.as_mut()) {
             key.boot_id = self.boot_id.to_string();
         }
-        e
+        (e, shared)
     }
 
     /// `a` as the wire anomaly of this run.
@@ -471,87 +484,101 @@ impl From<Task> for pb::Process {
 /// and keeps only the wire form.
 impl From<Record> for pb::Event {
     fn from(r: Record) -> Self {
-        use pb::event::Kind;
-        let seq = r.seq();
-        let (task, kind) = match r {
-            Record::Open(o) => (
-                o.task,
-                Kind::Open(pb::CredentialAccess {
-                    path: o.path,
-                    raw_path: o.raw_path,
-                    syscall: SYSCALLS.to_pb(&o.syscall) as i32,
-                    flags: o.flags,
-                    mode: o.mode,
-                    dirfd: o.dirfd,
-                    result: o.result,
-                    error: o.error,
-                    class: class_to_pb(o.class) as i32,
-                    owner: o.owner.as_ref().map(pb::Owner::from),
-                    matched_by: MATCH_KINDS.to_pb(&o.matched_by) as i32,
-                    path_resolved: o.path_resolved,
-                    path_truncated: o.path_truncated,
-                    host_path: o.host_path,
-                    device: o.device,
-                    inode: o.inode,
-                }),
-            ),
-            Record::Connect(c) => (
-                c.task,
-                Kind::Connect(pb::Connect {
-                    syscall: SYSCALLS.to_pb(&c.syscall) as i32,
-                    family: FAMILIES.to_pb(&c.family) as i32,
-                    dst_addr: c.dst_addr,
-                    dst_port: u32::from(c.dst_port),
-                    fd: c.fd,
-                    result: c.result,
-                    error: c.error,
-                    attempted: c.attempted,
-                }),
-            ),
-            Record::Exec(e) => (
-                e.task,
-                Kind::Exec(pb::Exec {
-                    filename: e.filename,
-                    old_pid: e.old_pid,
-                }),
-            ),
-            Record::Fork(f) => (
-                f.task,
-                Kind::Fork(pb::Fork {
-                    child_pid: f.child_pid,
-                }),
-            ),
-            Record::Exit(e) => (e.task, Kind::Exit(pb::Exit {})),
-            Record::Lost(l) => {
-                return pb::Event {
-                    seq,
-                    process: None,
-                    workload: l.workload.as_ref().map(pb::Workload::from),
-                    run_id: String::new(),
-                    node: String::new(),
-                    time: timestamp(&l.time),
-                    kind: Some(Kind::Lost(pb::Lost {
-                        lane: LANES.to_pb(&l.lane) as i32,
-                        count: l.count,
-                        total: l.total,
-                        reason: match l.reason {
-                            LostReason::RingFull => pb::LostReason::RingFull,
-                            LostReason::Budget => pb::LostReason::Budget,
-                        } as i32,
-                    })),
-                };
-            }
-        };
-        pb::Event {
-            seq,
-            workload: Some(pb::Workload::from(&*task.workload)),
-            time: timestamp(&task.time),
-            process: Some(pb::Process::from(task)),
-            run_id: String::new(),
-            node: String::new(),
-            kind: Some(kind),
+        let (mut e, shared) = split(r);
+        if let Some(w) = shared {
+            e.workload = Some(pb::Workload::from(&*w));
         }
+        e
     }
+}
+
+/// The event of `r` with its strings moved, and apart from it the shared workload of a
+/// kernel event (the event's `workload` left empty); a loss report's workload, which is
+/// not shared, is in the event.
+fn split(r: Record) -> (pb::Event, Option<Arc<Workload>>) {
+    use pb::event::Kind;
+    let seq = r.seq();
+    let (task, kind) = match r {
+        Record::Open(o) => (
+            o.task,
+            Kind::Open(pb::CredentialAccess {
+                path: o.path,
+                raw_path: o.raw_path,
+                syscall: SYSCALLS.to_pb(&o.syscall) as i32,
+                flags: o.flags,
+                mode: o.mode,
+                dirfd: o.dirfd,
+                result: o.result,
+                error: o.error,
+                class: class_to_pb(o.class) as i32,
+                owner: o.owner.as_ref().map(pb::Owner::from),
+                matched_by: MATCH_KINDS.to_pb(&o.matched_by) as i32,
+                path_resolved: o.path_resolved,
+                path_truncated: o.path_truncated,
+                host_path: o.host_path,
+                device: o.device,
+                inode: o.inode,
+            }),
+        ),
+        Record::Connect(c) => (
+            c.task,
+            Kind::Connect(pb::Connect {
+                syscall: SYSCALLS.to_pb(&c.syscall) as i32,
+                family: FAMILIES.to_pb(&c.family) as i32,
+                dst_addr: c.dst_addr,
+                dst_port: u32::from(c.dst_port),
+                fd: c.fd,
+                result: c.result,
+                error: c.error,
+                attempted: c.attempted,
+            }),
+        ),
+        Record::Exec(e) => (
+            e.task,
+            Kind::Exec(pb::Exec {
+                filename: e.filename,
+                old_pid: e.old_pid,
+            }),
+        ),
+        Record::Fork(f) => (
+            f.task,
+            Kind::Fork(pb::Fork {
+                child_pid: f.child_pid,
+            }),
+        ),
+        Record::Exit(e) => (e.task, Kind::Exit(pb::Exit {})),
+        Record::Lost(l) => {
+            let e = pb::Event {
+                seq,
+                process: None,
+                workload: l.workload.as_ref().map(pb::Workload::from),
+                run_id: String::new(),
+                node: String::new(),
+                time: timestamp(&l.time),
+                kind: Some(Kind::Lost(pb::Lost {
+                    lane: LANES.to_pb(&l.lane) as i32,
+                    count: l.count,
+                    total: l.total,
+                    reason: match l.reason {
+                        LostReason::RingFull => pb::LostReason::RingFull,
+                        LostReason::Budget => pb::LostReason::Budget,
+                    } as i32,
+                })),
+            };
+            return (e, None);
+        }
+    };
+    let shared = Some(task.workload.clone());
+    let e = pb::Event {
+        seq,
+        workload: None,
+        time: timestamp(&task.time),
+        process: Some(pb::Process::from(task)),
+        run_id: String::new(),
+        node: String::new(),
+        kind: Some(kind),
+    };
+    (e, shared)
 }
 
 impl TryFrom<&pb::Event> for Record {

@@ -411,7 +411,7 @@ pub async fn run(config: Config, policies: PolicySet) -> Result<(), AppError> {
             metrics.set_grpc_clients(i64::try_from(n).unwrap_or(i64::MAX));
         });
     }
-    events.push(Box::new(HubSink::<pb::Event>::new(hub.clone())));
+    events.push(Box::new(HubSink::<EventItem>::new(hub.clone())));
     alerts.push(Box::new(HubSink::<pb::Anomaly>::new(hub.clone())));
 
     let mut term =

@@ -52,9 +52,9 @@ impl<P> HubSink<P> {
     }
 }
 
-impl Sink<EventItem> for HubSink<pb::Event> {
+impl Sink<EventItem> for HubSink<EventItem> {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
-        self.held.push(e.api.clone());
+        self.held.push(Arc::new(e.clone()));
         if self.held.len() >= HUB_BATCH {
             self.flush()?;
         }
@@ -287,14 +287,14 @@ mod tests {
     async fn events_reach_clients_at_a_flush_or_a_full_batch_and_anomalies_at_once() {
         let hub = Hub::new(2 * HUB_BATCH, Origin::default());
         let mut sub = hub.subscribe_events(Matcher::new(None).expect("no filter"));
-        let mut events = HubSink::<pb::Event>::new(hub.clone());
+        let mut events = HubSink::<EventItem>::new(hub.clone());
         let origin = Origin::default();
         events.write(&origin.event_item(lost(1))).expect("write");
         assert_eq!(hub.events_published(), 0, "held until the flush");
         events.flush().expect("flush");
         assert_eq!(hub.events_published(), 1);
         match sub.next().await {
-            Some(Delivery::Item(e)) => assert_eq!(e.seq, 1),
+            Some(Delivery::Item(e)) => assert_eq!(e.api.seq, 1),
             other => panic!("expected the event, got {other:?}"),
         }
         // A busy pipeline that never runs empty still publishes every batch.
@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(hub.events_published(), 1 + HUB_BATCH as u64);
         for want in 2..2 + HUB_BATCH as u64 {
             match sub.next().await {
-                Some(Delivery::Item(e)) => assert_eq!(e.seq, want),
+                Some(Delivery::Item(e)) => assert_eq!(e.api.seq, want),
                 other => panic!("expected event {want}, got {other:?}"),
             }
         }

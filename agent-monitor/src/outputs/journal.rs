@@ -376,10 +376,9 @@ impl JournalSink {
 
 impl Sink<EventItem> for JournalSink {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
-        // The converted event carries the workload as it was when the event was seen.
-        // The journal record owns its body: a copy of the shared message, not a second
-        // conversion.
-        self.send(Body::Event(pb::Event::clone(&e.api)));
+        // The event with the workload as it was when the event was seen. The journal
+        // record owns its body: a copy of the shared message, not a second conversion.
+        self.send(Body::Event(e.wire()));
         Ok(())
     }
 

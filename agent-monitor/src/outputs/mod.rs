@@ -31,15 +31,36 @@ pub struct Converted<T, P> {
 /// A record as its `agent_monitor.v1.Event`, converted once (by the pipeline, after
 /// detection read the record) and shared by every event sink: the record's strings are
 /// moved into it, not copied, so the record itself is gone.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventItem {
-    /// The wire form, stamped with the run's [`Origin`].
+    /// The wire form, stamped with the run's [`Origin`]; without its workload when the
+    /// event has a shared one (`workload`), whose wire form [`EventItem::wire`] fills in.
     pub api: Arc<pb::Event>,
-    /// The shared workload `api.workload` was converted from (`None` for a loss report).
-    /// It is never changed once built (identity builds a new one when a pod changes), so
-    /// a sink may keep what it derives from a workload by this pointer, as long as it
-    /// keeps the pointer alive with it.
+    /// The shared workload of a kernel event (`None` for a loss report, whose workload is
+    /// in `api`). It is never changed once built (identity builds a new one when a pod
+    /// changes), so a sink may keep what it derives from a workload by this pointer, as
+    /// long as it keeps the pointer alive with it.
     pub workload: Option<Arc<Workload>>,
+}
+
+impl EventItem {
+    /// A wire event of its own (not shared), as it is: its workload in it.
+    pub fn of_wire(e: pb::Event) -> Self {
+        Self {
+            api: Arc::new(e),
+            workload: None,
+        }
+    }
+
+    /// The whole wire event, its workload filled in: a copy, for a sink that sends or
+    /// stores the message itself (a gRPC client's stream, the journal).
+    pub fn wire(&self) -> pb::Event {
+        let mut e = pb::Event::clone(&self.api);
+        if let Some(w) = &self.workload {
+            e.workload = Some(pb::Workload::from(&**w));
+        }
+        e
+    }
 }
 /// An anomaly and its `agent_monitor.v1.Anomaly`.
 pub type AlertItem = Converted<Anomaly, pb::Anomaly>;
@@ -47,9 +68,10 @@ pub type AlertItem = Converted<Anomaly, pb::Anomaly>;
 impl Origin {
     /// `r` as the wire event of this run.
     pub fn event_item(&self, r: Record) -> EventItem {
+        let (api, workload) = self.event_parts(r);
         EventItem {
-            workload: r.task().map(|t| t.workload.clone()),
-            api: Arc::new(self.event_of(r)),
+            api: Arc::new(api),
+            workload,
         }
     }
 

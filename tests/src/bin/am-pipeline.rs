@@ -491,7 +491,7 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
         let hub = Hub::new(CLIENT_QUEUE, origin.clone());
         let ev = hub.subscribe_events(Matcher::new(None).map_err(anyhow::Error::msg)?);
         let an = hub.subscribe_anomalies(Matcher::new(None).map_err(anyhow::Error::msg)?);
-        events.push(Box::new(HubSink::<pb::Event>::new(hub.clone())));
+        events.push(Box::new(HubSink::<EventItem>::new(hub.clone())));
         alerts.push(Box::new(HubSink::<pb::Anomaly>::new(hub.clone())));
         clients = Some((hub, spawn_clients(ev, an)));
     }
@@ -570,7 +570,7 @@ fn run_stage(stage: Stage, node: &Node, config: &Config, records: &[Vec<u8>]) ->
 
 /// Drains both subscriptions until the hub shuts down; returns the items received.
 fn spawn_clients(
-    mut events: agent_monitor::outputs::grpc::Subscription<pb::Event>,
+    mut events: agent_monitor::outputs::grpc::Subscription<agent_monitor::outputs::EventItem>,
     mut anomalies: agent_monitor::outputs::grpc::Subscription<pb::Anomaly>,
 ) -> std::thread::JoinHandle<(u64, u64)> {
     std::thread::spawn(move || {

@@ -11,6 +11,7 @@ use crate::{
     detect::Anomaly,
     events::Record,
     identity::Workload,
+    outputs::EventItem,
     policy::Priority,
 };
 
@@ -212,6 +213,19 @@ impl Matcher {
             priority: Some(a.priority),
             ..View::default()
         })
+    }
+
+    /// An event as the pipeline converted it: by its shared workload when it has one,
+    /// else as [`Matcher::pb_event`].
+    pub fn event_item(&self, e: &EventItem) -> bool {
+        match &e.workload {
+            Some(w) => self.matches(&View {
+                workload: Some(WorkloadView::of(w)),
+                kind: kind_of_pb(&e.api),
+                ..View::default()
+            }),
+            None => self.pb_event(&e.api),
+        }
     }
 
     /// A journaled event.

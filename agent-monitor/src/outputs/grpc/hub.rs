@@ -26,6 +26,7 @@ use crate::{
     api::{pb, Origin},
     detect::Anomaly,
     events::Record,
+    outputs::EventItem,
 };
 
 /// What a client's queue carries.
@@ -93,7 +94,7 @@ struct Inner {
     /// Stamped on every item.
     origin: Origin,
     next_id: AtomicU64,
-    events: Mutex<Vec<Subscriber<pb::Event>>>,
+    events: Mutex<Vec<Subscriber<EventItem>>>,
     anomalies: Mutex<Vec<Subscriber<pb::Anomaly>>>,
     counters: Counters,
     /// Set by [`Hub::shut_down`]: no new clients; the streams of the others end.
@@ -195,13 +196,15 @@ impl Hub {
     /// Offers a record to every event client whose filter matches, converted here (with
     /// the hub's origin) only if one does. Never blocks on a client and never awaits.
     pub fn publish_event(&self, record: &Record) {
-        self.publish_event_with(record, || Arc::new(self.inner.origin.event(record)));
+        self.publish_event_with(record, || {
+            Arc::new(self.inner.origin.event_item(record.clone()))
+        });
     }
 
     /// Offers wire events the pipeline already made (shared, not copied), in order, to
     /// every event client whose filter matches, taking the client list once for all of
     /// them: a client woken by the first finds the others queued.
-    pub fn publish_events(&self, events: &[Arc<pb::Event>]) {
+    pub fn publish_events(&self, events: &[Arc<EventItem>]) {
         self.inner
             .counters
             .events_published
@@ -211,14 +214,14 @@ impl Hub {
             publish(
                 &mut subs,
                 &self.inner.counters,
-                |m| m.pb_event(e),
+                |m| m.event_item(e),
                 || e.clone(),
             );
         }
         wake(&mut subs);
     }
 
-    fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<pb::Event>) {
+    fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<EventItem>) {
         self.inner
             .counters
             .events_published
@@ -290,7 +293,7 @@ impl Hub {
     }
 
     /// A new event client.
-    pub fn subscribe_events(&self, matcher: Matcher) -> Subscription<pb::Event> {
+    pub fn subscribe_events(&self, matcher: Matcher) -> Subscription<EventItem> {
         self.subscribe(matcher, &self.inner.events, Kind::Events)
     }
 
@@ -590,7 +593,7 @@ mod tests {
     /// A client that drains its stream as soon as it is woken, as a client on another
     /// CPU does: its waker polls the stream itself, until the stream is empty again.
     struct EagerClient {
-        sub: Mutex<Subscription<pb::Event>>,
+        sub: Mutex<Subscription<EventItem>>,
         got: Mutex<Vec<u64>>,
         wakes: AtomicU64,
         ended: AtomicBool,
@@ -605,7 +608,7 @@ mod tests {
             };
             loop {
                 match Pin::new(&mut *sub).poll_next(&mut cx) {
-                    Poll::Ready(Some(Delivery::Item(e))) => lock(&this.got).push(e.seq),
+                    Poll::Ready(Some(Delivery::Item(e))) => lock(&this.got).push(e.api.seq),
                     Poll::Ready(Some(Delivery::Gap(_))) => {}
                     Poll::Ready(None) => {
                         this.ended.store(true, Ordering::SeqCst);
@@ -641,7 +644,7 @@ mod tests {
         let origin = Origin::default();
         for round in 0..3u64 {
             let batch: Vec<_> = (1..=100)
-                .map(|i| Arc::new(origin.event(&exit(round * 100 + i, "a"))))
+                .map(|i| Arc::new(origin.event_item(exit(round * 100 + i, "a"))))
                 .collect();
             hub.publish_events(&batch);
             assert_eq!(
@@ -671,7 +674,7 @@ mod tests {
         });
         EagerClient::drain(&elsewhere);
         let batch: Vec<_> = (301..=310)
-            .map(|i| Arc::new(origin.event(&exit(i, "a"))))
+            .map(|i| Arc::new(origin.event_item(exit(i, "a"))))
             .collect();
         hub.publish_events(&batch);
         assert_eq!(elsewhere.wakes.load(Ordering::SeqCst), 0, "nothing for it");
@@ -697,13 +700,13 @@ mod tests {
         assert_eq!(hub.missed(), 6);
         // Read two, publish one more: room for gap + item.
         let first: Vec<_> = (0..2).map(|_| sub.rx.try_recv().expect("queued")).collect();
-        assert!(matches!(&first[0], Delivery::Item(e) if e.seq == 0));
+        assert!(matches!(&first[0], Delivery::Item(e) if e.api.seq == 0));
         hub.publish_event(&exit(10, "a"));
         let rest = drain(&mut sub);
         let kinds: Vec<String> = rest
             .iter()
             .map(|d| match d {
-                Delivery::Item(e) => format!("e{}", e.seq),
+                Delivery::Item(e) => format!("e{}", e.api.seq),
                 Delivery::Gap(n) => format!("g{n}"),
             })
             .collect();
@@ -743,7 +746,7 @@ mod tests {
         // What was queued is still delivered, then the stream ends.
         let got = drain(&mut a);
         assert!(
-            matches!(&got[..], [Delivery::Item(e)] if e.seq == 1),
+            matches!(&got[..], [Delivery::Item(e)] if e.api.seq == 1),
             "{got:?}"
         );
         assert!(matches!(a.next().now_or_never(), Some(None)));
@@ -780,18 +783,21 @@ mod tests {
         }));
         hub.publish_event(&exit(1, "a"));
         hub.publish_event(&exit(2, "b"));
-        let seqs = |v: Vec<Delivery<pb::Event>>| {
+        let seqs = |v: Vec<Delivery<EventItem>>| {
             v.into_iter()
                 .map(|d| match d {
-                    Delivery::Item(e) => e.seq,
+                    Delivery::Item(e) => e.api.seq,
                     Delivery::Gap(_) => u64::MAX,
                 })
                 .collect::<Vec<_>>()
         };
         let got = drain(&mut pods);
         if let Some(Delivery::Item(e)) = got.first() {
-            assert_eq!((e.run_id.as_str(), e.node.as_str()), ("run-1", "node-a"));
-            let key = e.process.as_ref().and_then(|p| p.key.as_ref());
+            assert_eq!(
+                (e.api.run_id.as_str(), e.api.node.as_str()),
+                ("run-1", "node-a")
+            );
+            let key = e.api.process.as_ref().and_then(|p| p.key.as_ref());
             assert_eq!(key.map(|k| k.boot_id.as_str()), Some("boot-1"));
         }
         assert_eq!(seqs(drain(&mut a)), [1]);

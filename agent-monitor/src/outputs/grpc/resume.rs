@@ -37,6 +37,7 @@ use super::{
 use crate::{
     api::pb,
     journal::{journal_record::Body, Item, Reader},
+    outputs::EventItem,
 };
 
 /// The daemon's journal, as resumed streams read it.
@@ -64,19 +65,27 @@ const SEEN_MIN: usize = 65_536;
 
 /// An event or an anomaly: what a resumable stream carries.
 pub trait Resumable: Clone + Send + Sync + 'static {
+    /// What the hub hands a live client.
+    type Live: Send + Sync + 'static;
     /// The item a journal record holds, if it holds one of this kind.
     fn from_body(body: Body) -> Option<Self>;
+    /// The message a live item is sent as.
+    fn from_live(live: &Self::Live) -> Self;
     fn seq(&self) -> u64;
     fn run_id(&self) -> &str;
     fn selected(&self, m: &Matcher) -> bool;
 }
 
 impl Resumable for pb::Event {
+    type Live = EventItem;
     fn from_body(body: Body) -> Option<Self> {
         match body {
             Body::Event(e) => Some(e),
             _ => None,
         }
+    }
+    fn from_live(live: &EventItem) -> Self {
+        live.wire()
     }
     fn seq(&self) -> u64 {
         self.seq
@@ -90,11 +99,15 @@ impl Resumable for pb::Event {
 }
 
 impl Resumable for pb::Anomaly {
+    type Live = pb::Anomaly;
     fn from_body(body: Body) -> Option<Self> {
         match body {
             Body::Anomaly(a) => Some(a),
             _ => None,
         }
+    }
+    fn from_live(live: &pb::Anomaly) -> Self {
+        live.clone()
     }
     fn seq(&self) -> u64 {
         self.seq
@@ -355,7 +368,7 @@ fn scan_journal<T: Resumable>(
 /// caller before this is called) without what the journal already served.
 pub fn resumed<T: Resumable>(
     journal: Arc<dyn JournalSource>,
-    live: Subscription<T>,
+    live: Subscription<T::Live>,
     after: pb::Cursor,
     matcher: Matcher,
     current_run: Arc<str>,
@@ -383,6 +396,7 @@ pub fn resumed<T: Resumable>(
             let Some(delivery) = delivery else { return };
             let out = match delivery {
                 Delivery::Item(item) => {
+                    let item = T::from_live(&item);
                     let own_run = item.run_id() == &*current_run;
                     let seq = item.seq();
                     if own_run
@@ -391,7 +405,7 @@ pub fn resumed<T: Resumable>(
                     {
                         continue;
                     }
-                    Out::Item((*item).clone())
+                    Out::Item(item)
                 }
                 Delivery::Gap(missed) => Out::Gap(slow_client_gap(missed)),
             };
@@ -561,7 +575,7 @@ mod tests {
         let hub = super::super::Hub::new(16, crate::api::Origin::new_run("node-a"));
         let live = hub.subscribe_anomalies(Matcher::default());
         assert_eq!(hub.clients(), 1);
-        let mut stream = Box::pin(resumed(
+        let mut stream = Box::pin(resumed::<pb::Anomaly>(
             Arc::new(j),
             live,
             pb::Cursor {

@@ -146,7 +146,7 @@ impl AgentMonitorService {
         &self,
         filter: Option<&pb::Filter>,
         resume_after: Option<pb::Cursor>,
-        subscribe: impl FnOnce(&Hub, Matcher) -> Subscription<T>,
+        subscribe: impl FnOnce(&Hub, Matcher) -> Subscription<T::Live>,
         wrap: fn(Out<T>) -> Result<R, Status>,
     ) -> Result<BoxStream<R>, Status> {
         if self.hub.is_shut_down() {
@@ -156,7 +156,7 @@ impl AgentMonitorService {
         let ending = ending(self.hub.clone());
         let Some(after) = resume_after else {
             let live = subscribe(&self.hub, matcher).map(|d| match d {
-                Delivery::Item(item) => Out::Item((*item).clone()),
+                Delivery::Item(item) => Out::Item(T::from_live(&item)),
                 Delivery::Gap(missed) => Out::Gap(resume::slow_client_gap(missed)),
             });
             return Ok(Box::pin(live.map(wrap).chain(ending)));

@@ -270,14 +270,17 @@ impl<W: Write> EventLines<W> {
 struct WorkloadJson(foldhash::HashMap<usize, (Arc<Workload>, Box<RawValue>)>);
 
 impl WorkloadJson {
-    /// The JSON of `wire`, the wire form of `shared` (when the event has one).
-    fn get(
-        &mut self,
+    /// The JSON of the workload of an event: its shared workload's, kept, or the one in
+    /// its wire form (a loss report's).
+    fn get<'a>(
+        &'a mut self,
         shared: Option<&Arc<Workload>>,
-        wire: &pb::Workload,
-    ) -> serde_json::Result<Cow<'_, RawValue>> {
+        wire: Option<&pb::Workload>,
+    ) -> serde_json::Result<Option<Cow<'a, RawValue>>> {
         let Some(shared) = shared else {
-            return serde_json::value::to_raw_value(wire).map(Cow::Owned);
+            return wire
+                .map(|w| serde_json::value::to_raw_value(w).map(Cow::Owned))
+                .transpose();
         };
         let key = Arc::as_ptr(shared) as usize;
         if self.0.len() >= WORKLOAD_CACHE && !self.0.contains_key(&key) {
@@ -286,24 +289,21 @@ impl WorkloadJson {
         let (_, json) = match self.0.entry(key) {
             Entry::Occupied(kept) => kept.into_mut(),
             Entry::Vacant(slot) => {
-                slot.insert((shared.clone(), serde_json::value::to_raw_value(wire)?))
+                let json = serde_json::value::to_raw_value(&pb::Workload::from(&**shared))?;
+                slot.insert((shared.clone(), json))
             }
         };
-        Ok(Cow::Borrowed(json))
+        Ok(Some(Cow::Borrowed(json)))
     }
 }
 
 impl<W: Write + Reopen> Sink<EventItem> for EventLines<W> {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
         let (shared, e) = (e.workload.as_ref(), &*e.api);
-        let workload = match &e.workload {
-            Some(w) => Some(
-                self.workloads
-                    .get(shared, w)
-                    .map_err(std::io::Error::other)?,
-            ),
-            None => None,
-        };
+        let workload = self
+            .workloads
+            .get(shared, e.workload.as_ref())
+            .map_err(std::io::Error::other)?;
         self.lines
             .raw_line(|line| event::write_event(line, e, workload.as_deref()))
     }
@@ -349,28 +349,28 @@ mod tests {
         assert_eq!(v["total"], 2);
     }
 
-    /// The event lines' own serialization, with the workload's JSON kept per workload, is
-    /// byte for byte the generated one: for every kind of event, with and without a
+    /// The event lines' own serialization, with the workload's JSON kept per shared
+    /// workload, is byte for byte the generated one of the whole wire event: for every kind of event, with and without a
     /// workload, for a workload seen before and for one that changed under the same key.
     #[test]
     fn event_json_is_byte_for_byte_the_generated_serialization() {
         use pb::event::Kind;
-        let workload = |pod: &str, label: &str| pb::Workload {
-            namespace: "agents".into(),
-            pod: pod.into(),
-            pod_uid: "0b0e-uid".into(),
-            container: "worker".into(),
-            container_id: "c0ffee".into(),
-            service_account: "agent-worker-1".into(),
-            agent: "researcher \"quoted\" \u{e9}".into(),
-            tier: pb::Tier::Worker as i32,
+        let workload = |pod: &str, label: &str| Workload {
+            namespace: Some("agents".into()),
+            pod: Some(pod.into()),
+            pod_uid: Some("0b0e-uid".into()),
+            container: Some("worker".into()),
+            container_id: Some("c0ffee".into()),
+            service_account: Some("agent-worker-1".into()),
+            agent: Some("researcher \"quoted\" \u{e9}".into()),
+            tier: Some("worker".into()),
             labels: [
                 ("app".to_owned(), label.to_owned()),
                 ("z/y".into(), "\n".into()),
             ]
             .into_iter()
             .collect(),
-            cgroup: "kubepods.slice/pod.slice/cri-containerd-c0ffee.scope".into(),
+            cgroup: Some("kubepods.slice/pod.slice/cri-containerd-c0ffee.scope".into()),
             truncated: pod.len() > 8,
             labels_truncated: 2,
             host: false,
@@ -399,15 +399,15 @@ mod tests {
             })),
             None,
         ];
-        // One shared workload per distinct wire form, as identity builds them.
-        let shared: Vec<(Arc<Workload>, pb::Workload)> = [
+        // One shared workload per distinct pod metadata, as identity builds them.
+        let shared: Vec<Arc<Workload>> = [
             workload("agent-a", "one"),
             // Changed pod metadata: a new shared workload, whose JSON is its own.
             workload("agent-a", "two"),
             workload("agent-a-renamed", "two"),
         ]
         .into_iter()
-        .map(|w| (Arc::new(Workload::default()), w))
+        .map(Arc::new)
         .collect();
         let choices = [None, Some(0), Some(0), Some(1), Some(2), Some(0)];
         let mut items = Vec::new();
@@ -422,7 +422,8 @@ mod tests {
                         comm: "cat".into(),
                         ..Default::default()
                     }),
-                    workload: choice.map(|i: usize| shared[i].1.clone()),
+                    // In the shared workload, not in the wire event.
+                    workload: None,
                     run_id: if seq % 4 == 0 {
                         String::new()
                     } else {
@@ -437,7 +438,7 @@ mod tests {
                 };
                 items.push(EventItem {
                     api: Arc::new(e),
-                    workload: choice.map(|i| shared[i].0.clone()),
+                    workload: choice.map(|i: usize| shared[i].clone()),
                 });
             }
         }
@@ -445,7 +446,7 @@ mod tests {
         items.push(EventItem {
             api: Arc::new(pb::Event {
                 seq: 9_999,
-                workload: Some(shared[1].1.clone()),
+                workload: Some(pb::Workload::from(&*shared[1])),
                 kind: kinds[5].clone(),
                 ..Default::default()
             }),
@@ -461,7 +462,7 @@ mod tests {
         }
         let ours = String::from_utf8(buf).expect("UTF-8");
         for (line, item) in ours.lines().zip(&items) {
-            let generated = serde_json::to_string(&*item.api).expect("generated");
+            let generated = serde_json::to_string(&item.wire()).expect("generated");
             assert_eq!(line, generated, "event {}", item.api.seq);
         }
         assert_eq!(ours.lines().count(), items.len());
