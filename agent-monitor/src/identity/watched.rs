@@ -67,7 +67,12 @@ pub fn kernel_dev(major: u32, minor: u32) -> u32 {
 
 /// `major:minor` of a device number in the kernel's encoding, as mountinfo prints it.
 pub fn dev_name(dev: u32) -> String {
-    format!("{}:{}", dev >> KERNEL_MINOR_BITS, dev & KERNEL_MINOR_MASK)
+    // Written without `format!`: one per open event.
+    let mut name = String::with_capacity(12);
+    name.push_str(itoa::Buffer::new().format(dev >> KERNEL_MINOR_BITS));
+    name.push(':');
+    name.push_str(itoa::Buffer::new().format(dev & KERNEL_MINOR_MASK));
+    name
 }
 
 /// The kernel encoding of a userspace `st_dev` (`new_encode_dev` in kdev_t.h turns the
@@ -520,6 +525,13 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
+
+    #[test]
+    fn device_names_are_major_colon_minor() {
+        assert_eq!(dev_name(kernel_dev(8, 1)), "8:1");
+        assert_eq!(dev_name(kernel_dev(0, 0)), "0:0");
+        assert_eq!(dev_name(kernel_dev(4095, 1_048_575)), "4095:1048575");
+    }
 
     const A: &str = "1f7c9a2e-5b3d-4c1a-9e8f-0a1b2c3d4e5f";
     const B: &str = "0a0a0a0a-1111-2222-3333-444444444444";

@@ -89,14 +89,6 @@ impl Enricher {
                 let host_path = within
                     .as_deref()
                     .and_then(|w| self.watching.host_path(ev.dev, w));
-                let resolved = if relative {
-                    self.table
-                        .resolve_relative(ev.header.tgid, ev.header.pid, ev.dirfd, &raw_path)
-                } else if no_path {
-                    None
-                } else {
-                    Some(raw_path.clone())
-                };
                 let matched = MatchKind::from_u8(ev.matched);
                 let matched_by = match matched {
                     Some(MatchKind::Volume) => "volume",
@@ -105,10 +97,21 @@ impl Enricher {
                     Some(MatchKind::ProcEnviron) => "proc_environ",
                     Some(MatchKind::Prefix) | None => "prefix",
                 };
-                let path_resolved = host_path.is_some() || resolved.is_some();
-                let path = host_path
-                    .clone()
-                    .or(resolved)
+                // The host path when the kernel's file names one; else the path as passed,
+                // made absolute (a relative one through /proc, only then).
+                let resolved = match &host_path {
+                    Some(h) => Some(h.clone()),
+                    None if relative => self.table.resolve_relative(
+                        ev.header.tgid,
+                        ev.header.pid,
+                        ev.dirfd,
+                        &raw_path,
+                    ),
+                    None if no_path => None,
+                    None => Some(raw_path.clone()),
+                };
+                let path_resolved = resolved.is_some();
+                let path = resolved
                     .or_else(|| {
                         within
                             .as_ref()
