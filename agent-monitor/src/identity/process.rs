@@ -245,7 +245,21 @@ const MAX_SYMLINKS: usize = 40;
 /// `root` sees it: absolute link targets restart at `root`, `..` never climbs above it.
 /// Each component is looked at with `lstat`, so the kernel follows no symlink itself and
 /// none can lead out of `root`. `None` when a component does not exist or cannot be read.
+///
+/// `root` is opened once and each component looked at relative to it: through
+/// `/proc/<pid>/root`, the kernel would otherwise look up the process and check the right
+/// to see its root again for every component.
 fn realpath_in(root: &Path, path: &str) -> Option<String> {
+    use nix::{
+        fcntl::readlinkat,
+        sys::stat::{fstatat, SFlag},
+    };
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(root)
+        .ok()?;
     let mut resolved = PathBuf::from("/");
     // Components still to resolve, the next one last.
     let mut pending: Vec<std::ffi::OsString> = Path::new(path)
@@ -264,9 +278,9 @@ fn realpath_in(root: &Path, path: &str) -> Option<String> {
             _ => {}
         }
         let candidate = resolved.join(&c);
-        let on_disk = root.join(candidate.strip_prefix("/").ok()?);
-        let meta = std::fs::symlink_metadata(&on_disk).ok()?;
-        if !meta.file_type().is_symlink() {
+        let relative = candidate.strip_prefix("/").ok()?;
+        let meta = fstatat(&dir, relative, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+        if SFlag::from_bits_truncate(meta.st_mode) & SFlag::S_IFMT != SFlag::S_IFLNK {
             resolved = candidate;
             continue;
         }
@@ -274,7 +288,7 @@ fn realpath_in(root: &Path, path: &str) -> Option<String> {
         if links > MAX_SYMLINKS {
             return None;
         }
-        let target = std::fs::read_link(&on_disk).ok()?;
+        let target = PathBuf::from(readlinkat(&dir, relative).ok()?);
         if target.is_absolute() {
             resolved = PathBuf::from("/");
         }
