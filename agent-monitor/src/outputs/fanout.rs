@@ -34,6 +34,9 @@ pub struct HubSink<P> {
     /// made them. Freed on a client's thread, each allocation is a cross-thread free,
     /// which costs more than the rest of the fan-out.
     released: Vec<Arc<P>>,
+    /// Events written while no event client was subscribed, counted as published at the
+    /// next flush.
+    unpublished: u64,
 }
 
 impl<P> HubSink<P> {
@@ -42,6 +45,7 @@ impl<P> HubSink<P> {
             hub,
             held: Vec::with_capacity(HUB_BATCH),
             released: Vec::with_capacity(HUB_BATCH),
+            unpublished: 0,
         }
     }
 
@@ -54,6 +58,12 @@ impl<P> HubSink<P> {
 
 impl Sink<EventItem> for HubSink<EventItem> {
     fn write(&mut self, e: &EventItem) -> std::io::Result<()> {
+        // With no event client (the usual case on a node nobody is tailing) an event is
+        // only counted: nothing would take it.
+        if !self.hub.has_event_clients() {
+            self.unpublished += 1;
+            return Ok(());
+        }
         self.held.push(Arc::new(e.clone()));
         if self.held.len() >= HUB_BATCH {
             self.flush()?;
@@ -61,6 +71,10 @@ impl Sink<EventItem> for HubSink<EventItem> {
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        if self.unpublished > 0 {
+            self.hub.count_unpublished_events(self.unpublished);
+            self.unpublished = 0;
+        }
         self.hub.publish_events(&self.held);
         self.keep_published();
         Ok(())
@@ -322,6 +336,42 @@ mod tests {
         };
         alerts.write(&origin.alert_item(anomaly)).expect("write");
         assert_eq!(hub.anomalies_published(), 1, "an anomaly is not held");
+    }
+
+    /// Without an event client the sink holds nothing and only counts what it was given;
+    /// a client that subscribes gets every event written from then on, and once it is
+    /// gone the sink holds nothing again.
+    #[tokio::test]
+    async fn events_are_held_for_the_hub_only_while_a_client_is_subscribed() {
+        let hub = Hub::new(2 * HUB_BATCH, Origin::default());
+        let mut events = HubSink::<EventItem>::new(hub.clone());
+        let origin = Origin::default();
+        assert!(!hub.has_event_clients());
+        for seq in 1..=3 {
+            events.write(&origin.event_item(lost(seq))).expect("write");
+        }
+        assert!(events.held.is_empty(), "nobody to hold them for");
+        events.flush().expect("flush");
+        assert_eq!(hub.events_published(), 3, "counted all the same");
+
+        let mut sub = hub.subscribe_events(Matcher::new(None).expect("no filter"));
+        assert!(hub.has_event_clients());
+        events.write(&origin.event_item(lost(4))).expect("write");
+        events.flush().expect("flush");
+        assert_eq!(hub.events_published(), 4);
+        match sub.next().await {
+            Some(Delivery::Item(e)) => assert_eq!(e.api.seq, 4),
+            other => panic!("expected event 4, got {other:?}"),
+        }
+        drop(sub);
+        assert!(!hub.has_event_clients(), "the client left");
+        events.write(&origin.event_item(lost(5))).expect("write");
+        assert!(events.held.is_empty());
+        // An anomaly client is no event client.
+        let _anomalies = hub.subscribe_anomalies(Matcher::new(None).expect("no filter"));
+        assert!(!hub.has_event_clients());
+        events.flush().expect("flush");
+        assert_eq!(hub.events_published(), 5);
     }
 
     /// The observer hands on what it counted at every flush and, under load that never

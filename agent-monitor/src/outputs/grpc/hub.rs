@@ -9,7 +9,7 @@
 use std::{
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, OnceLock, Weak,
     },
     task::{Context, Poll},
@@ -95,6 +95,9 @@ struct Inner {
     origin: Origin,
     next_id: AtomicU64,
     events: Mutex<Vec<Subscriber<EventItem>>>,
+    /// How many event clients `events` holds, updated under its lock whenever it changes:
+    /// read without the lock by a publisher that has nothing to do without one.
+    event_clients: AtomicUsize,
     anomalies: Mutex<Vec<Subscriber<pb::Anomaly>>>,
     counters: Counters,
     /// Set by [`Hub::shut_down`]: no new clients; the streams of the others end.
@@ -149,6 +152,7 @@ impl Hub {
                 origin,
                 next_id: AtomicU64::new(0),
                 events: Mutex::new(Vec::new()),
+                event_clients: AtomicUsize::new(0),
                 anomalies: Mutex::new(Vec::new()),
                 counters: Counters::default(),
                 shut_down: AtomicBool::new(false),
@@ -173,7 +177,11 @@ impl Hub {
     pub fn shut_down(&self) {
         self.inner.shut_down.store(true, Ordering::SeqCst);
         // Dropping the senders ends each subscription once its queue is read.
-        let events = std::mem::take(&mut *lock(&self.inner.events));
+        let events = {
+            let mut subs = lock(&self.inner.events);
+            self.inner.event_clients.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *subs)
+        };
         let anomalies = std::mem::take(&mut *lock(&self.inner.anomalies));
         let streams: Vec<Arc<Shared>> = events
             .iter()
@@ -219,6 +227,7 @@ impl Hub {
             );
         }
         wake(&mut subs);
+        self.inner.event_clients.store(subs.len(), Ordering::SeqCst);
     }
 
     fn publish_event_with(&self, record: &Record, convert: impl FnOnce() -> Arc<EventItem>) {
@@ -234,6 +243,7 @@ impl Hub {
             convert,
         );
         wake(&mut subs);
+        self.inner.event_clients.store(subs.len(), Ordering::SeqCst);
     }
 
     /// Offers an anomaly to every anomaly client whose filter matches, converted here
@@ -325,6 +335,9 @@ impl Hub {
                     due: false,
                 });
             }
+            if kind == Kind::Events {
+                self.inner.event_clients.store(subs.len(), Ordering::SeqCst);
+            }
         }
         self.inner.clients_changed();
         Subscription {
@@ -350,6 +363,20 @@ impl Hub {
     /// Items dropped for slow clients since start (summed over clients).
     pub fn missed(&self) -> u64 {
         self.inner.counters.missed.load(Ordering::Relaxed)
+    }
+
+    /// Whether any event client is subscribed now.
+    pub fn has_event_clients(&self) -> bool {
+        self.inner.event_clients.load(Ordering::SeqCst) != 0
+    }
+
+    /// Counts events published while no event client was subscribed, which were not
+    /// handed to the hub (see [`Hub::has_event_clients`]).
+    pub fn count_unpublished_events(&self, n: u64) {
+        self.inner
+            .counters
+            .events_published
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Records published since start (whether or not any client wanted them).
@@ -461,7 +488,7 @@ fn offer<T>(sub: &Subscriber<T>, item: Arc<T>, counters: &Counters) -> bool {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Events,
     Anomalies,
@@ -540,7 +567,11 @@ impl<T> Drop for Subscription<T> {
             return;
         };
         match self.kind {
-            Kind::Events => lock(&hub.events).retain(|s| s.id != self.id),
+            Kind::Events => {
+                let mut subs = lock(&hub.events);
+                subs.retain(|s| s.id != self.id);
+                hub.event_clients.store(subs.len(), Ordering::SeqCst);
+            }
             Kind::Anomalies => lock(&hub.anomalies).retain(|s| s.id != self.id),
         }
         hub.clients_changed();
