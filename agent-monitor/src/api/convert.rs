@@ -176,9 +176,7 @@ impl Origin {
     /// `r` as the wire event of this run, its strings moved into it.
     pub fn event_of(&self, r: Record) -> pb::Event {
         let (mut e, shared) = self.event_parts(r);
-        if let Some(w) = shared {
-            e.workload = Some(pb::Workload::from(&*w));
-        }
+        put_workload(&mut e, shared.as_deref());
         e
     }
 
@@ -485,10 +483,16 @@ impl From<Task> for pb::Process {
 impl From<Record> for pb::Event {
     fn from(r: Record) -> Self {
         let (mut e, shared) = split(r);
-        if let Some(w) = shared {
-            e.workload = Some(pb::Workload::from(&*w));
-        }
+        put_workload(&mut e, shared.as_deref());
         e
+    }
+}
+
+/// Puts the wire form of `shared`, the workload [`Origin::event_parts`] kept apart from
+/// `e`, into `e` (nothing for `None`: a loss report's workload is in it already).
+pub fn put_workload(e: &mut pb::Event, shared: Option<&Workload>) {
+    if let Some(w) = shared {
+        e.workload = Some(pb::Workload::from(w));
     }
 }
 

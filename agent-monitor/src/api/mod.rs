@@ -12,7 +12,8 @@ pub mod json;
 
 pub use convert::{
     event_lane, family_name, fields_from_pb, fields_to_pb, lane_name, priority_from_pb,
-    priority_name, priority_to_pb, syscall_name, timestamp, value_from_pb, Malformed, Origin,
+    priority_name, priority_to_pb, put_workload, syscall_name, timestamp, value_from_pb, Malformed,
+    Origin,
 };
 
 /// The `agent_monitor.v1` messages (agent-monitor-api) and the service generated for them.

@@ -56,9 +56,7 @@ impl EventItem {
     /// stores the message itself (a gRPC client's stream, the journal).
     pub fn wire(&self) -> pb::Event {
         let mut e = pb::Event::clone(&self.api);
-        if let Some(w) = &self.workload {
-            e.workload = Some(pb::Workload::from(&**w));
-        }
+        crate::api::put_workload(&mut e, self.workload.as_deref());
         e
     }
 }
