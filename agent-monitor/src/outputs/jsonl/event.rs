@@ -90,19 +90,13 @@ fn write_open(out: &mut Vec<u8>, v: &pb::CredentialAccess) -> io::Result<()> {
     let mut o = Object::open(out);
     o.str("path", &v.path);
     o.str("raw_path", &v.raw_path);
-    o.enumeration("syscall", v.syscall, |n| {
-        pb::Syscall::try_from(n).ok().map(|v| v.as_str_name())
-    })?;
+    o.enumeration("syscall", v.syscall, pb::Syscall::as_str_name)?;
     o.int("flags", v.flags);
     o.int("mode", v.mode);
     o.int("dirfd", v.dirfd);
     o.int_str("result", v.result);
     o.opt_str("error", v.error.as_deref());
-    o.enumeration("class", v.class, |n| {
-        pb::CredentialClass::try_from(n)
-            .ok()
-            .map(|v| v.as_str_name())
-    })?;
+    o.enumeration("class", v.class, pb::CredentialClass::as_str_name)?;
     if let Some(w) = &v.owner {
         let mut x = Object::open(o.key("owner"));
         x.opt_str("pod_uid", w.pod_uid.as_deref());
@@ -114,9 +108,7 @@ fn write_open(out: &mut Vec<u8>, v: &pb::CredentialAccess) -> io::Result<()> {
         }
         x.close();
     }
-    o.enumeration("matched_by", v.matched_by, |n| {
-        pb::MatchKind::try_from(n).ok().map(|v| v.as_str_name())
-    })?;
+    o.enumeration("matched_by", v.matched_by, pb::MatchKind::as_str_name)?;
     o.bool("path_resolved", v.path_resolved);
     o.bool("path_truncated", v.path_truncated);
     o.opt_str("host_path", v.host_path.as_deref());
@@ -131,12 +123,8 @@ fn write_open(out: &mut Vec<u8>, v: &pb::CredentialAccess) -> io::Result<()> {
 
 fn write_connect(out: &mut Vec<u8>, v: &pb::Connect) -> io::Result<()> {
     let mut o = Object::open(out);
-    o.enumeration("syscall", v.syscall, |n| {
-        pb::Syscall::try_from(n).ok().map(|v| v.as_str_name())
-    })?;
-    o.enumeration("family", v.family, |n| {
-        pb::AddressFamily::try_from(n).ok().map(|v| v.as_str_name())
-    })?;
+    o.enumeration("syscall", v.syscall, pb::Syscall::as_str_name)?;
+    o.enumeration("family", v.family, pb::AddressFamily::as_str_name)?;
     o.str("dst_addr", &v.dst_addr);
     o.int("dst_port", v.dst_port);
     o.int("fd", v.fd);
@@ -226,19 +214,19 @@ impl<'a> Object<'a> {
 
     /// An enum field by its name; a number the schema does not name is an error, as in
     /// the generated impl.
-    fn enumeration(
+    fn enumeration<E: TryFrom<i32>>(
         &mut self,
         key: &str,
         n: i32,
-        name: impl FnOnce(i32) -> Option<&'static str>,
+        name: fn(&E) -> &'static str,
     ) -> io::Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let Some(name) = name(n) else {
+        let Ok(value) = E::try_from(n) else {
             return Err(io::Error::other(format!("{key}: invalid variant {n}")));
         };
-        string(self.key(key), name);
+        string(self.key(key), name(&value));
         Ok(())
     }
 }

@@ -19,9 +19,9 @@ use serde_json::value::RawValue;
 use tracing::{info, warn};
 
 use super::{EventItem, Sink};
+use crate::{api::pb, events::Workload};
 
 mod event;
-use crate::{api::pb, events::Workload};
 
 /// Mode of the output files the daemon creates.
 pub const OUTPUT_MODE: u32 = 0o600;
