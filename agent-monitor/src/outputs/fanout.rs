@@ -120,6 +120,8 @@ pub struct Observer {
     counters: Arc<Mutex<Counters>>,
     /// Events per lane not yet handed on.
     events: Vec<(&'static str, u64)>,
+    /// How many events that is.
+    pending: usize,
     /// Kernel time stamps (CLOCK_BOOTTIME ns) of the events not yet handed on.
     stamps: Vec<u64>,
 }
@@ -131,6 +133,7 @@ impl Observer {
             health,
             counters,
             events: Vec::new(),
+            pending: 0,
             stamps: Vec::with_capacity(OBSERVE_BATCH),
         }
     }
@@ -150,6 +153,7 @@ impl Observer {
         for (lane, n) in self.events.drain(..) {
             self.metrics.record_events(lane, n);
         }
+        self.pending = 0;
         let now = crate::events::clock_ns(libc::CLOCK_BOOTTIME);
         for ts in self.stamps.drain(..) {
             let age = now - i128::from(ts);
@@ -192,11 +196,12 @@ impl Sink<EventItem> for Observer {
                 Some((_, n)) => *n += 1,
                 None => self.events.push((lane, 1)),
             }
+            self.pending += 1;
             if let Some(p) = &e.process {
                 self.stamps.push(p.ts_boot_ns);
             }
         }
-        if self.stamps.len() >= OBSERVE_BATCH {
+        if self.pending >= OBSERVE_BATCH {
             self.hand_on();
         }
         Ok(())
