@@ -349,9 +349,23 @@ mod tests {
         assert_eq!(v["total"], 2);
     }
 
+    /// What [`EventLines`] writes for `items`.
+    fn event_lines(items: &[EventItem]) -> String {
+        let mut buf = Vec::new();
+        {
+            let mut lines = EventLines::new(&mut buf);
+            for item in items {
+                lines.write(item).expect("write");
+            }
+            lines.flush().expect("flush");
+        }
+        String::from_utf8(buf).expect("UTF-8")
+    }
+
     /// The event lines' own serialization, with the workload's JSON kept per shared
-    /// workload, is byte for byte the generated one of the whole wire event: for every kind of event, with and without a
-    /// workload, for a workload seen before and for one that changed under the same key.
+    /// workload, is byte for byte the generated one of the whole wire event: for every
+    /// kind of event, with and without a workload, for a workload seen before and for one
+    /// that changed under the same key.
     #[test]
     fn event_json_is_byte_for_byte_the_generated_serialization() {
         use pb::event::Kind;
@@ -452,15 +466,7 @@ mod tests {
             }),
             workload: None,
         });
-        let mut buf = Vec::new();
-        {
-            let mut lines = EventLines::new(&mut buf);
-            for item in &items {
-                lines.write(item).expect("write");
-            }
-            lines.flush().expect("flush");
-        }
-        let ours = String::from_utf8(buf).expect("UTF-8");
+        let ours = event_lines(&items);
         for (line, item) in ours.lines().zip(&items) {
             let generated = serde_json::to_string(&item.wire()).expect("generated");
             assert_eq!(line, generated, "event {}", item.api.seq);
@@ -493,15 +499,7 @@ mod tests {
                 }))
             })
             .collect();
-        let mut buf = Vec::new();
-        {
-            let mut lines = EventLines::new(&mut buf);
-            for item in &items {
-                lines.write(item).expect("write");
-            }
-            lines.flush().expect("flush");
-        }
-        let text = String::from_utf8(buf).expect("UTF-8");
+        let text = event_lines(&items);
         let want: String = items
             .iter()
             .map(|i| serde_json::to_string(&*i.api).expect("json") + "\n")
